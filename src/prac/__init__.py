@@ -1,0 +1,8 @@
+"""prac: post-training pruning of large language models with reconstruction correction.
+
+The library is organised as pure tensor functions (``masks``, ``stats``, ``correction``,
+``sparsegpt``) and a thin layer that wires them to Hugging Face models (``blocks``,
+``pipeline``). ``prac.cli`` is the only module that parses arguments.
+"""
+
+__version__ = "0.1.0"

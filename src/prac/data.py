@@ -1,0 +1,165 @@
+"""Calibration and evaluation token sets, with the conventions of the field.
+
+Calibration
+- ``stream`` protocol (WikiText-2 and plain ``.txt``): the whole text is tokenized once and each
+  sample is a window of ``seqlen`` tokens at a start drawn by ``random.randint(0, T - seqlen - 1)``
+  after ``random.seed(seed)`` — the reference Wanda/SparseGPT sampler, token for token.
+- ``documents`` protocol (C4 and ``.jsonl`` with a ``text`` field): for each sample, draw documents
+  until one is longer than ``seqlen`` tokens, then a random window inside it (the reference C4 sampler).
+
+Evaluation: the text (WikiText-2: the test split joined with ``"\\n\\n"``) is tokenized once and cut
+into non-overlapping ``seqlen`` windows; the trailing partial window is dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from prac.errors import PracError
+
+C4_REPO = "allenai/c4"
+C4_TRAIN_FILE = "en/c4-train.00000-of-01024.json.gz"
+WIKITEXT = ("wikitext", "wikitext-2-raw-v1")
+
+
+@dataclass
+class TokenSet:
+    """Token windows with a description of how they were made (for the report)."""
+
+    input_ids: torch.Tensor  # int64 [n, seqlen]
+    protocol: dict = field(default_factory=dict)
+
+
+def _tokenize(tokenizer, text: str) -> torch.Tensor:
+    return tokenizer(text, return_tensors="pt", verbose=False).input_ids[0].to(torch.int64)
+
+
+def _read_text(path: Path) -> str:
+    if not path.is_file():
+        raise PracError(f"text file {str(path)!r} does not exist")
+    return path.read_text(encoding="utf-8")
+
+
+def _read_jsonl_texts(path: Path, key: str = "text") -> list[str]:
+    if not path.is_file():
+        raise PracError(f"calibration file {str(path)!r} does not exist")
+    texts = []
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                texts.append(json.loads(line)[key])
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise PracError(f"{path}:{lineno}: expected a JSON object with a {key!r} field") from exc
+    return texts
+
+
+def sample_stream(tokens: torch.Tensor, nsamples: int, seqlen: int, seed: int, source: str) -> torch.Tensor:
+    """Random windows of one token stream (reference sampler)."""
+    total = int(tokens.numel())
+    if total < nsamples * seqlen + 1:
+        raise PracError(
+            f"calibration text {source} is too short: it has {total} tokens, "
+            f"nsamples x seqlen needs {nsamples * seqlen + 1} ({nsamples} x {seqlen} + 1)"
+        )
+    rng = random.Random(seed)
+    starts = [rng.randint(0, total - seqlen - 1) for _ in range(nsamples)]
+    return torch.stack([tokens[s : s + seqlen] for s in starts])
+
+
+def sample_documents(texts: list[str], tokenizer, nsamples: int, seqlen: int, seed: int, source: str) -> torch.Tensor:
+    """For each sample, documents are drawn until one exceeds ``seqlen`` tokens (reference C4 sampler)."""
+    if not texts:
+        raise PracError(f"calibration source {source} has no documents")
+    lengths: dict[int, torch.Tensor] = {}
+    rng = random.Random(seed)
+    out = []
+    budget = 50 * len(texts) + 1000
+    for _ in range(nsamples):
+        while True:
+            budget -= 1
+            if budget < 0:
+                longest = max((t.numel() for t in lengths.values()), default=0)
+                raise PracError(
+                    f"calibration source {source} is too short: no document longer than seqlen={seqlen} "
+                    f"tokens (longest seen: {longest}); nsamples x seqlen needs {nsamples * seqlen} tokens"
+                )
+            i = rng.randint(0, len(texts) - 1)
+            if i not in lengths:
+                lengths[i] = _tokenize(tokenizer, texts[i])
+            enc = lengths[i]
+            if enc.numel() > seqlen:
+                break
+        start = rng.randint(0, enc.numel() - seqlen - 1)
+        out.append(enc[start : start + seqlen])
+    return torch.stack(out)
+
+
+def load_calibration(source: str, tokenizer, nsamples: int, seqlen: int, seed: int) -> TokenSet:
+    """Calibration windows from ``c4``, ``wikitext2``, a ``.txt`` file (stream) or ``.jsonl`` (documents)."""
+    if nsamples < 1 or seqlen < 2:
+        raise PracError(f"nsamples must be >= 1 and seqlen >= 2, got {nsamples} and {seqlen}")
+    proto = {"source": source, "nsamples": nsamples, "seqlen": seqlen, "seed": seed}
+    if source == "c4":
+        from datasets import load_dataset
+
+        data = load_dataset(C4_REPO, data_files={"train": C4_TRAIN_FILE}, split="train")
+        ids = sample_documents(list(data["text"]), tokenizer, nsamples, seqlen, seed, "c4")
+        return TokenSet(ids, {**proto, "protocol": "documents", "dataset": f"{C4_REPO}:{C4_TRAIN_FILE}"})
+    if source == "wikitext2":
+        from datasets import load_dataset
+
+        data = load_dataset(*WIKITEXT, split="train")
+        ids = sample_stream(_tokenize(tokenizer, " ".join(data["text"])), nsamples, seqlen, seed, "wikitext2")
+        return TokenSet(ids, {**proto, "protocol": "stream", "dataset": "wikitext-2-raw-v1 train, joined with ' '"})
+    path = Path(source).expanduser()
+    if path.suffix == ".jsonl":
+        ids = sample_documents(_read_jsonl_texts(path), tokenizer, nsamples, seqlen, seed, str(path))
+        return TokenSet(ids, {**proto, "protocol": "documents", "file": str(path)})
+    text = _read_text(path)
+    ids = sample_stream(_tokenize(tokenizer, text), nsamples, seqlen, seed, str(path))
+    return TokenSet(ids, {**proto, "protocol": "stream", "file": str(path)})
+
+
+def load_token_file(path: str | Path) -> TokenSet:
+    """Exact calibration tokens from a safetensors file holding an integer ``input_ids`` [n, seqlen]."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise PracError(f"calibration token file {str(path)!r} does not exist")
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise PracError(f"{path} is not a readable safetensors file: {exc}") from exc
+    ids = tensors.get("input_ids")
+    if ids is None or ids.dim() != 2 or ids.dtype.is_floating_point:
+        raise PracError(f"{path} must hold an integer tensor 'input_ids' of shape [n, seqlen]")
+    n, seqlen = ids.shape
+    return TokenSet(ids.to(torch.int64), {"source": "tokens", "file": str(path), "nsamples": n, "seqlen": seqlen})
+
+
+def load_eval_tokens(source: str, tokenizer) -> tuple[torch.Tensor, dict]:
+    """The evaluation text as one token stream ``[T]`` plus its description."""
+    if source == "wikitext2":
+        from datasets import load_dataset
+
+        data = load_dataset(*WIKITEXT, split="test")
+        return _tokenize(tokenizer, "\n\n".join(data["text"])), {"source": "wikitext2", "split": "test", "join": "\\n\\n"}
+    path = Path(source).expanduser()
+    return _tokenize(tokenizer, _read_text(path)), {"source": "file", "file": str(path)}
+
+
+def eval_windows(tokens: torch.Tensor, seqlen: int) -> torch.Tensor:
+    """Non-overlapping ``seqlen`` windows ``[n, seqlen]`` (trailing partial window dropped)."""
+    n = tokens.numel() // seqlen
+    if n < 1:
+        raise PracError(f"evaluation text has {tokens.numel()} tokens, fewer than one window of {seqlen}")
+    return tokens[: n * seqlen].reshape(n, seqlen)

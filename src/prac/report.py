@@ -1,0 +1,93 @@
+"""The JSON report of a run: resolved configuration, environment, per-layer records, summary."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import resource
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import prac
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    import transformers
+
+    env = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "prac": prac.__version__,
+        "platform": platform.platform(),
+        "device": str(device),
+        "cpu_threads": torch.get_num_threads(),
+    }
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+        env["cuda"] = torch.version.cuda
+    return env
+
+
+def peak_memory(device: torch.device) -> dict[str, Any]:
+    """Peak accelerator memory (bytes) on CUDA, else the process's peak resident set size."""
+    if device.type == "cuda":
+        return {"peak_memory_bytes": int(torch.cuda.max_memory_allocated(device)), "peak_memory_kind": "cuda_allocated"}
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    scale = 1 if sys.platform == "darwin" else 1024
+    return {"peak_memory_bytes": int(rss * scale), "peak_memory_kind": "process_peak_rss"}
+
+
+def jsonable(obj: Any) -> Any:
+    """Dataclasses, paths, tensors and devices made JSON-safe."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        out = {f.name: jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        if hasattr(obj, "n") and hasattr(obj, "m"):
+            out["type"] = "nm"
+        elif hasattr(obj, "sparsity") and len(out) == 1:
+            out["type"] = "unstructured"
+        return out
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, (Path, torch.device, torch.dtype)):
+        return str(obj)
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    if isinstance(obj, float) and (obj != obj or obj in (float("inf"), float("-inf"))):
+        return str(obj)
+    return obj
+
+
+def write_json_atomic(path: str | Path, data: Any) -> None:
+    """Write JSON to a temporary file beside ``path`` and rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(jsonable(data), fh, indent=1)
+            fh.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def summarize_layers(layers: list[dict]) -> dict[str, Any]:
+    """Sparsity over all pruned weights (weighted by size) and mean relative layer error."""
+    total = sum(l["shape"][0] * l["shape"][1] for l in layers)
+    pruned = sum(l["sparsity"] * l["shape"][0] * l["shape"][1] for l in layers)
+    out: dict[str, Any] = {"sparsity": pruned / total if total else 0.0, "pruned_layers": len(layers),
+                           "pruned_parameters": int(round(pruned)), "prunable_parameters": total}
+    errors = [l["relative_error"] for l in layers if "relative_error" in l]
+    if errors:
+        out["mean_relative_error"] = sum(errors) / len(errors)
+    return out
