@@ -95,11 +95,13 @@ def _add_prune(sub) -> None:
     g.add_argument("--max-activation-samples", type=_positive_int, default=8192, help="tokens stored per input for greedy (default 8192)")
     g.add_argument("--patience", type=_positive_int, default=None, help="greedy: stop a row after this many rejections in a row")
     g.add_argument("--layer-batch-size", type=int, default=0, help="distinct layer inputs whose statistics are held at once (0 = all of a block)")
-    g.add_argument("--no-measure", action="store_true", help="do not collect H for exact errors/optimum when the method itself does not need it")
+    g.add_argument("--no-measure", action="store_true", help="correction: do not collect H for exact errors and the optimal yardstick when the method itself does not need it")
+    g.add_argument("--measure", action="store_true", help="collect H for every layer to report its exact relative reconstruction error (any method)")
     g = p.add_argument_group("evaluation and output")
     g.add_argument("--eval", default=None, help="wikitext2 | FILE.txt | none (default: bundled text for the bundled model, else none)")
     g.add_argument("--eval-seqlen", type=_positive_int, default=None, help="evaluation window (default: --seqlen)")
     g.add_argument("--eval-batch-size", type=_positive_int, default=1, help="windows per evaluation forward (default: 1)")
+    g.add_argument("--no-dense-eval", action="store_true", help="evaluate only the pruned model (skip the dense baseline)")
     g.add_argument("--save", default=None, metavar="OUT_DIR", help="write the pruned model (safetensors), tokenizer and prac_report.json")
     g.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
     g.add_argument("--report", default=None, metavar="FILE", help="write the JSON report here")
@@ -114,6 +116,7 @@ def prune_job_from_args(args: argparse.Namespace):
     from prac.methods import MethodSettings
     from prac.patterns import Unstructured, parse_nm
     from prac.pipeline import PruneConfig
+    from prac.stats import StatsSpec
 
     pattern = parse_nm(args.nm) if args.nm else Unstructured(0.5 if args.sparsity is None else args.sparsity)
     correction = CorrectionConfig(
@@ -130,10 +133,11 @@ def prune_job_from_args(args: argparse.Namespace):
         correction_mod.validate(correction)
     prune = PruneConfig(method=args.method, pattern=pattern,
                         settings=MethodSettings(scope=args.scope, blocksize=args.blocksize, percdamp=args.percdamp),
-                        correction=correction, ignore=args.ignore, batch_size=args.batch_size, offload=args.offload)
+                        correction=correction, ignore=args.ignore, batch_size=args.batch_size, offload=args.offload,
+                        collect=StatsSpec(hessian=True) if args.measure else None)
     return PruneJob(model=args.model, calib=args.calib, calib_tokens=args.calib_tokens, nsamples=args.nsamples,
                     seqlen=args.seqlen, seed=args.seed, prune=prune, eval=args.eval, eval_seqlen=args.eval_seqlen,
-                    eval_batch_size=args.eval_batch_size, save=args.save, overwrite=args.overwrite,
+                    eval_batch_size=args.eval_batch_size, dense_eval=not args.no_dense_eval, save=args.save, overwrite=args.overwrite,
                     report=args.report, device=args.device, dtype=args.dtype)
 
 
@@ -152,6 +156,8 @@ def _cmd_prune(args: argparse.Namespace) -> int:
              f"in {s['prune_seconds']:.1f}s (peak memory {s['peak_memory_bytes'] / 2**20:.0f} MiB)"]
     if "dense_ppl" in s:
         lines.append(f"perplexity: dense {s['dense_ppl']:.4f} -> pruned {s['ppl']:.4f}")
+    elif "ppl" in s:
+        lines.append(f"perplexity: pruned {s['ppl']:.4f}")
     if "cosine_similarity" in s:
         lines.append(f"cosine similarity of last hidden states to dense: {s['cosine_similarity']:.6f}")
     if "mean_relative_error" in s:

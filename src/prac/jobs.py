@@ -42,6 +42,7 @@ class PruneJob:
     eval: str | None = None  # wikitext2 | FILE.txt | "none"; None: bundled text for the bundled model
     eval_seqlen: int | None = None
     eval_batch_size: int = 1
+    dense_eval: bool = True
     save: str | None = None
     overwrite: bool = False
     report: str | None = None
@@ -110,7 +111,7 @@ def run_prune(job: PruneJob, progress: Progress = no_progress) -> dict[str, Any]
     evaluator = None if job.eval == "none" else _Evaluator(model, tokenizer, job, device, progress)
 
     summary: dict[str, Any] = {}
-    if evaluator:
+    if evaluator and (job.dense_eval or not evaluator.causal):
         summary.update(evaluator.dense(model))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

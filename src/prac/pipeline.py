@@ -143,7 +143,9 @@ def _propagate(block: nn.Module, inputs: BlockInputs, device: torch.device) -> N
 
 
 def _prune_block_calibrated(block, linears, inputs, spec, cfg, method, device) -> dict:
-    groups = [g for g in group_by_input(block, linears, inputs, device)]
+    if not linears:
+        return {}
+    groups = group_by_input(block, linears, inputs, device)
     per_chunk = cfg.correction.layer_batch_size or len(groups)
     staged: dict[str, tuple[torch.Tensor, dict]] = {}
     for start in range(0, len(groups), per_chunk):

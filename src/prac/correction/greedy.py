@@ -1,0 +1,87 @@
+"""Greedy fixed-step correction on stored token samples, with early stopping.
+
+With ``H = XₛᵀXₛ / n`` from the sample and the row's current difference ``d = w - w_orig``, the
+row's error is ``E = dᵀ H d`` and its gradient-like vector is ``g = H d``. Changing weight ``j`` by
+``δ`` changes the error by exactly
+
+    ΔE = 2 δ g_j + δ² H_jj,
+
+so no ``X Wᵀ`` is ever recomputed. Each row visits its candidates in order (weakest first); at each it
+tries ``δ = -sign(g_j) · correction_magnitude · |w_orig_j|`` (the direction that lowers ``E``), keeps it
+only if ``ΔE < 0`` (then ``g += δ H[:, j]``), and stops after ``patience`` rejections in a row.
+All rows advance together: the loop is over the candidate rank, never over rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from prac.correction.selection import candidate_order
+
+_CHECK_EVERY = 16
+
+
+@dataclass
+class GreedyOutcome:
+    delta: torch.Tensor  # fp32 [out, in]
+    candidates: int  # selected (w, j) pairs over all rows
+    visited: int  # candidates tried before each row stopped
+    corrected: int  # accepted steps
+    rows_stopped_early: int  # rows that ran out of patience before their last candidate
+    trace: list[float] | None = None  # Σᵢ Eᵢ after each rank step (only when asked)
+
+
+def greedy_delta(
+    w_orig: torch.Tensor,
+    w_pruned: torch.Tensor,
+    selected: torch.Tensor,
+    scores: torch.Tensor,
+    h: torch.Tensor,
+    step: float,
+    patience: int,
+    trace: bool = False,
+) -> GreedyOutcome:
+    """Run the greedy search; ``h`` is the sample Hessian, ``step`` the relative step size."""
+    idx, valid = candidate_order(scores, selected, ascending=True)
+    rows = torch.arange(w_orig.shape[0], device=w_orig.device)
+    d = w_pruned - w_orig
+    g = d @ h
+    diag_h = torch.diagonal(h)
+    delta = torch.zeros_like(w_orig)
+    err = (g * d).sum(dim=1)
+    active = torch.ones(w_orig.shape[0], dtype=torch.bool, device=w_orig.device)
+    streak = torch.zeros(w_orig.shape[0], dtype=torch.int64, device=w_orig.device)
+    visits = torch.zeros_like(streak)
+    corrected = torch.zeros((), dtype=torch.int64, device=w_orig.device)
+    history = [float(err.sum())] if trace else None
+    for t in range(idx.shape[1]):
+        if t % _CHECK_EVERY == 0 and t and not bool(active.any()):
+            break  # every row is out of patience; the check syncs, so not on every step
+        j = idx[:, t]
+        live = valid[:, t] & active
+        g_j = g[rows, j]
+        size = step * w_orig[rows, j].abs()
+        move = -torch.sign(g_j) * size
+        change = 2.0 * move * g_j + move.square() * diag_h[j]
+        accept = live & (change < 0)
+        move = torch.where(accept, move, 0.0)
+        delta[rows, j] += move
+        g += move.unsqueeze(1) * h[j]  # H symmetric: row j is column j
+        err += torch.where(accept, change, 0.0)
+        streak = torch.where(accept, 0, streak + live.to(streak.dtype))
+        active &= streak < patience
+        visits += live.to(visits.dtype)
+        corrected += accept.sum()
+        if history is not None:
+            history.append(float(err.sum()))
+    counts = valid.sum(dim=1)
+    return GreedyOutcome(
+        delta=delta,
+        candidates=int(counts.sum()),
+        visited=int(visits.sum()),
+        corrected=int(corrected),
+        rows_stopped_early=int(((~active) & (visits < counts)).sum()),
+        trace=history,
+    )

@@ -1,0 +1,90 @@
+"""The reconstruction objective and the small pieces of math every method shares.
+
+For a layer ``y = x Wᵀ`` and calibration tokens ``X`` (N x in), the output error of a candidate
+weight ``W`` is ``‖X Wᵀ - X W_origᵀ‖² / N = Σᵢ dᵢᵀ H dᵢ`` with ``dᵢ = wᵢ - w_origᵢ`` and
+``H = XᵀX / N``. It is reported relative to the output energy ``Σᵢ w_origᵢᵀ H w_origᵢ``, so layers
+of different scale can be averaged.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from prac.errors import PracError
+from prac.stats import InputStats
+
+
+def quadratic_rows(d: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """``dᵢᵀ H dᵢ`` for every row of ``d`` (fp32 [out])."""
+    return ((d @ h) * d).sum(dim=1)
+
+
+def relative_error(w: torch.Tensor, w_orig: torch.Tensor, h: torch.Tensor) -> float:
+    """``Σᵢ (wᵢ - w_origᵢ)ᵀ H (wᵢ - w_origᵢ) / Σᵢ w_origᵢᵀ H w_origᵢ``; 0 when the output is all zero."""
+    energy = quadratic_rows(w_orig, h).sum()
+    err = quadratic_rows(w - w_orig, h).sum()
+    return float(err / energy) if float(energy) > 0 else 0.0
+
+
+def sample_hessian(samples: torch.Tensor) -> torch.Tensor:
+    """``XₛᵀXₛ / n`` of the stored token sample: the same objective, on the sample's tokens."""
+    x = samples.float()
+    return (x.T @ x) / max(x.shape[0], 1)
+
+
+def error_hessian(stats: InputStats, device: torch.device) -> tuple[torch.Tensor, str]:
+    """The matrix the layer's before/after errors are measured with, and where it came from.
+
+    The full Hessian (all calibration tokens) when it was collected, else the stored token sample.
+    Without either no method can check that it did not make the layer worse, so that is an error.
+    """
+    if stats.hessian is not None:
+        return stats.normalized_hessian().to(device), "hessian"
+    if stats.samples is not None and stats.samples.shape[0] > 0:
+        return sample_hessian(stats.samples.to(device)), "samples"
+    raise PracError(
+        "correction needs the input's Hessian or stored token samples to measure its error; "
+        "collect the statistics with prac.correction.stats_spec(config)"
+    )
+
+
+def damping_lambda(diag_h: torch.Tensor, damping: float) -> float:
+    """Absolute damping ``λ = damping · mean diag(H)``: relative, so one value fits every layer's scale."""
+    return float(damping * diag_h.float().mean()) if diag_h.numel() else 0.0
+
+
+def clamp_delta(
+    delta: torch.Tensor, w_orig: torch.Tensor, selected: torch.Tensor, max_rel: float | None
+) -> tuple[torch.Tensor, int]:
+    """Clamp ``|δ| ≤ max_rel · |w_orig|`` elementwise; returns the clamped δ and how many entries hit the bound.
+
+    ``max_rel=None`` disables the clamp. Only selected entries are counted (δ is zero elsewhere).
+    """
+    if max_rel is None:
+        return delta, 0
+    bound = max_rel * w_orig.abs()
+    hit = (delta.abs() > bound) & selected
+    return torch.maximum(torch.minimum(delta, bound), -bound), int(hit.sum())
+
+
+def james_stein_mean(stats: InputStats) -> torch.Tensor:
+    """Positive-part James–Stein estimate of the per-feature input mean, shrunk toward the grand mean.
+
+    With ``m_j = Σx_j / N`` (raw means), ``m̄`` their average, the pooled per-token variance
+    ``σ² = mean_j(Σx_j² / N - m_j²)`` and so the variance ``σ² / N`` of each ``m_j``:
+
+        c = max(0, 1 - (d - 3) · (σ² / N) / Σ_j (m_j - m̄)²),   μ = m̄ + c · (m - m̄)
+
+    ``c`` lies in [0, 1], so every ``μ_j`` lies between ``m_j`` and ``m̄``. Fewer than four features,
+    or identical means, leave the raw means unchanged (James–Stein needs ``d > 3`` to dominate).
+    """
+    n = max(stats.count, 1)
+    m = stats.sum.float() / n
+    d = m.numel()
+    grand = m.mean()
+    spread = (m - grand).square().sum()
+    if d <= 3 or float(spread) <= 0.0:
+        return m
+    pooled_var = (stats.sumsq.float() / n - m.square()).clamp(min=0).mean()
+    c = (1.0 - (d - 3) * (pooled_var / n) / spread).clamp(min=0.0, max=1.0)
+    return grand + c * (m - grand)

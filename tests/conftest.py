@@ -1,0 +1,90 @@
+"""Shared fixtures: tiny random models of several architectures saved as HF folders."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+# The suite runs on 2 cores; one intra-op thread avoids oversubscription with pytest workers.
+torch.set_num_threads(max(1, int(os.environ.get("PRAC_TEST_THREADS", "2"))))
+
+from prac import assets  # noqa: E402
+
+GOLDEN = Path(__file__).parent / "golden"
+VOCAB = 4096  # the bundled tokenizer's vocabulary, shared by every tiny model
+
+
+def _configs():
+    from transformers import (BertConfig, GPT2Config, GPTNeoXConfig, MistralConfig, OPTConfig, Qwen2Config)
+
+    common = dict(vocab_size=VOCAB)
+    return {
+        "mistral": MistralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, max_position_embeddings=256, **common),
+        "qwen2": Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True, **common),
+        "opt": OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                         word_embed_proj_dim=64, max_position_embeddings=256, **common),
+        "gpt_neox": GPTNeoXConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                  max_position_embeddings=256, **common),
+        "gpt2": GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=256, bos_token_id=1, eos_token_id=2, **common),
+        "bert": BertConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                           max_position_embeddings=256, **common),
+    }
+
+
+def make_tiny_model(arch: str, seed: int = 0):
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = _configs()[arch]
+    cls = AutoModel if arch == "bert" else AutoModelForCausalLM
+    model = cls.from_config(config)
+    if arch == "qwen2":  # random init leaves q/k/v biases at zero; make them matter
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                torch.nn.init.normal_(proj.bias, std=0.1)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(assets.DEFAULT_MODEL)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer):
+    """``tiny_model_dir(arch)`` → a folder with a saved tiny random model and the bundled tokenizer."""
+    cache: dict[str, Path] = {}
+
+    def get(arch: str) -> Path:
+        if arch not in cache:
+            path = tmp_path_factory.mktemp(f"tiny-{arch}")
+            make_tiny_model(arch).save_pretrained(path)
+            tokenizer.save_pretrained(path)
+            cache[arch] = path
+        return cache[arch]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def small_text(tmp_path_factory) -> Path:
+    """~60 kB of the bundled evaluation text, enough for small calibration and evaluation runs."""
+    path = tmp_path_factory.mktemp("text") / "small.txt"
+    path.write_text(assets.DEFAULT_EVAL.read_text(encoding="utf-8")[:60000], encoding="utf-8")
+    return path
+
+
+def state_hash(model: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

@@ -1,0 +1,155 @@
+"""The CLI: bad input gives one clear line, exit code 2, and writes nothing; good input writes reports."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from prac import assets
+from prac.blocks import find_blocks
+from prac.cli import main
+from prac.errors import PracError
+
+
+def _run(argv, capsys):
+    code = main(["prune", "--no-progress", *argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    return code, err
+
+
+def _assert_one_line_error(code, err, *needles):
+    assert code == 2
+    last = err[-1]
+    assert last.startswith("prac prune: error:") or "error:" in last
+    for n in needles:
+        assert n in last, last
+    assert not any("Traceback" in line for line in err)
+
+
+@pytest.fixture
+def small(small_text):
+    return ["--calib", str(small_text), "--nsamples", "4", "--seqlen", "32", "--eval", "none"]
+
+
+def test_missing_model_path(tmp_path, capsys):
+    code, err = _run(["--model", str(tmp_path / "nope"), "--report", str(tmp_path / "r.json")], capsys)
+    _assert_one_line_error(code, err, "does not exist")
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_folder_that_is_not_a_model(tmp_path, capsys):
+    code, err = _run(["--model", str(tmp_path)], capsys)
+    _assert_one_line_error(code, err, "no config.json")
+
+
+@pytest.mark.parametrize("value", ["1.0", "-0.1", "abc"])
+def test_sparsity_out_of_range(value, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["prune", "--sparsity", value])
+    assert exc.value.code == 2
+    assert "sparsity" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("nm,needle", [("5:4", "1 <= N < M"), ("0:4", "1 <= N < M"), ("2x4", "malformed"),
+                                       ("3:7", "does not divide in_features")])
+def test_bad_nm(nm, needle, tiny_model_dir, small, tmp_path, capsys):
+    code, err = _run(["--model", str(tiny_model_dir("mistral")), "--nm", nm, *small,
+                      "--report", str(tmp_path / "r.json")], capsys)
+    _assert_one_line_error(code, err, needle)
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_calibration_too_short(tiny_model_dir, small_text, tmp_path, capsys):
+    code, err = _run(["--model", str(tiny_model_dir("mistral")), "--calib", str(small_text), "--nsamples", "128",
+                      "--seqlen", "256", "--eval", "none", "--save", str(tmp_path / "out")], capsys)
+    _assert_one_line_error(code, err, "too short", "tokens", "needs 32769")
+    assert not (tmp_path / "out").exists()
+
+
+def test_output_folder_cannot_be_the_source(tiny_model_dir, small, capsys):
+    src = tiny_model_dir("mistral")
+    before = sorted(p.name for p in src.iterdir())
+    code, err = _run(["--model", str(src), *small, "--save", str(src)], capsys)
+    _assert_one_line_error(code, err, "would overwrite the source model")
+    assert sorted(p.name for p in src.iterdir()) == before
+
+
+def test_non_empty_output_needs_overwrite(tiny_model_dir, small, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    code, err = _run(["--model", str(tiny_model_dir("mistral")), *small, "--save", str(out)], capsys)
+    _assert_one_line_error(code, err, "not empty")
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_unknown_architecture_lists_what_was_found():
+    with pytest.raises(PracError, match=r"no repeated blocks.*ModuleLists: no ModuleList"):
+        find_blocks(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+    with pytest.raises(PracError, match=r"heads\[2 x Identity\]"):
+        model = torch.nn.Module()
+        model.heads = torch.nn.ModuleList([torch.nn.Identity(), torch.nn.Identity()])
+        find_blocks(model)
+
+
+def test_nan_statistics_name_the_layer(tiny_model_dir, small, tmp_path, capsys):
+    src = tiny_model_dir("mistral")
+    bad = tmp_path / "nan-model"
+    shutil.copytree(src, bad)
+    from safetensors.torch import load_file
+
+    state = load_file(str(bad / "model.safetensors"))
+    state["model.layers.1.mlp.up_proj.weight"][0, 0] = float("nan")
+    save_file(state, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    code, err = _run(["--model", str(bad), *small, "--report", str(tmp_path / "r.json")], capsys)
+    _assert_one_line_error(code, err, "NaN/Inf", "model.layers.1.mlp.down_proj")
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_prune_writes_report_and_model(tiny_model_dir, small_text, tmp_path, capsys):
+    out, report = tmp_path / "out", tmp_path / "run.json"
+    code = main(["prune", "--no-progress", "--model", str(tiny_model_dir("gpt2")), "--calib", str(small_text),
+                 "--nsamples", "4", "--seqlen", "32", "--eval", str(small_text), "--eval-seqlen", "64",
+                 "--sparsity", "0.6", "--save", str(out), "--report", str(report)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "perplexity: dense" in printed
+    data = json.loads(report.read_text())
+    assert set(data) == {"config", "environment", "layers", "summary"}
+    assert {"python", "torch", "transformers", "prac", "device"} <= set(data["environment"])
+    assert data["config"]["seqlen"] == 32 and data["config"]["eval_seqlen"] == 64
+    assert data["config"]["calibration"]["protocol"] == "stream"
+    assert {"name", "shape", "sparsity"} <= set(data["layers"][0])
+    s = data["summary"]
+    assert abs(s["sparsity"] - 0.6) < 0.01 and s["ppl"] > 1 and s["dense_ppl"] > 1  # random model: no order
+    assert {"prune_seconds", "peak_memory_bytes"} <= set(s)
+    assert json.loads((out / "prac_report.json").read_text())["summary"] == s
+    from prac.loading import load_model
+
+    reloaded = load_model(str(out))
+    w = reloaded.transformer.h[0].mlp.c_fc.weight
+    assert abs(float((w == 0).float().mean()) - 0.6) < 0.01
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary folders left behind"
+
+
+def test_encoder_reports_cosine_similarity(tiny_model_dir, small_text, capsys):
+    code = main(["prune", "--no-progress", "--model", str(tiny_model_dir("bert")), "--calib", str(small_text),
+                 "--nsamples", "4", "--seqlen", "32", "--eval", str(small_text)])
+    assert code == 0
+    assert "cosine similarity of last hidden states to dense" in capsys.readouterr().out
+
+
+def test_eval_command(tiny_model_dir, small_text, capsys):
+    assert main(["eval", "--no-progress", "--model", str(tiny_model_dir("mistral")), "--data", str(small_text),
+                 "--seqlen", "64"]) == 0
+    assert "perplexity" in capsys.readouterr().out
+
+
+def test_help_explains(capsys):
+    with pytest.raises(SystemExit):
+        main(["prune", "--help"])
+    text = capsys.readouterr().out
+    for flag in ("--calib-tokens", "--nm", "--correction", "--save", "--report", "--device", "calibration protocols"):
+        assert flag in text

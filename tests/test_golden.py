@@ -1,0 +1,58 @@
+"""Agreement with the reference implementations on the trained tiny-mistral fixture (tests/golden)."""
+
+import copy
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from prac import assets
+from prac.blocks import get_weight
+from prac.data import eval_windows, load_eval_tokens, load_token_file
+from prac.evaluate import perplexity
+from prac.loading import load_model
+from prac.patterns import NM, Unstructured
+from prac.pipeline import PruneConfig, prune_model
+from tests.conftest import GOLDEN
+
+CPU = torch.device("cpu")
+REFERENCE = json.loads((GOLDEN / "reference.json").read_text())["results"]
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def dense():
+    return load_model(str(assets.DEFAULT_MODEL))
+
+
+@pytest.fixture(scope="module")
+def windows(tokenizer):
+    tokens, _ = load_eval_tokens(str(assets.DEFAULT_EVAL), tokenizer)
+    return eval_windows(tokens, 256)
+
+
+@pytest.fixture(scope="module")
+def calib():
+    return load_token_file(GOLDEN / "calib_tokens.safetensors").input_ids
+
+
+def test_dense_perplexity_matches_exactly(dense, windows):
+    ppl = perplexity(dense, windows, CPU)["ppl"]
+    assert abs(ppl / REFERENCE["dense"]["ppl"] - 1) < 1e-4, ppl
+
+
+@pytest.mark.parametrize("key,pattern", [("wanda_50", Unstructured(0.5)), ("wanda_2of4", NM(2, 4))])
+def test_wanda_masks_and_perplexity_match_the_reference(key, pattern, dense, windows, calib):
+    model = copy.deepcopy(dense)
+    prune_model(model, calib, PruneConfig(method="wanda", pattern=pattern), CPU)
+    golden = load_file(str(GOLDEN / f"{key}.masks.safetensors"))
+    modules = dict(model.named_modules())
+    agree = total = 0
+    for name, ref_mask in golden.items():
+        ours = get_weight(modules[name]) == 0
+        agree += int((ours == ref_mask).sum())
+        total += ref_mask.numel()
+    assert agree / total >= 0.999, f"mask agreement {agree / total:.6f}"
+    ppl = perplexity(model, windows, CPU)["ppl"]
+    assert abs(ppl / REFERENCE[key]["ppl"] - 1) < 0.002, (ppl, REFERENCE[key]["ppl"])
