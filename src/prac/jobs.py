@@ -62,7 +62,8 @@ def resolve(job: PruneJob, model) -> PruneJob:
     return replace(job, seqlen=seqlen, calib=calib, eval=ev, eval_seqlen=job.eval_seqlen or seqlen)
 
 
-def _calibration(job: PruneJob, tokenizer) -> TokenSet:
+def calibration_tokens(job: PruneJob, tokenizer) -> TokenSet:
+    """The job's calibration windows: exact tokens from a file, or sampled from its text."""
     if job.calib_tokens:
         return load_token_file(job.calib_tokens)
     return load_calibration(job.calib, tokenizer, job.nsamples, job.seqlen, job.seed)
@@ -107,7 +108,7 @@ def run_prune(job: PruneJob, progress: Progress = no_progress) -> dict[str, Any]
     tokenizer = load_tokenizer(job.model)
     job = resolve(job, model)
     check_pattern(model, job.prune.pattern, job.prune.ignore)
-    calib = _calibration(job, tokenizer)
+    calib = calibration_tokens(job, tokenizer)
     evaluator = None if job.eval == "none" else _Evaluator(model, tokenizer, job, device, progress)
 
     summary: dict[str, Any] = {}

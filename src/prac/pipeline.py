@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -30,6 +30,7 @@ from prac.blocks import (
     set_weight,
 )
 from prac.correction.base import CorrectionConfig
+from prac.correction.objective import relative_error
 from prac.errors import PracError
 from prac.masks import wanda_scores
 from prac.methods import MethodSettings, get_method
@@ -38,6 +39,10 @@ from prac.progress import Progress, no_progress
 from prac.stats import InputStats, StatsSpec
 
 log = logging.getLogger(__name__)
+
+StatsObserver = Callable[[list[str], InputStats], None]
+"""Called with each group of linears and their collected statistics (verification, analysis)."""
+
 
 @dataclass(frozen=True)
 class PruneConfig:
@@ -103,6 +108,7 @@ def prune_model(
     device: torch.device,
     progress: Progress = no_progress,
     return_hidden: bool = False,
+    observer: StatsObserver | None = None,
 ) -> PruneOutcome:
     """Prune ``model`` in place, block by block, from calibration token ids ``[n, seqlen]``."""
     method = get_method(cfg.method)
@@ -123,7 +129,7 @@ def prune_model(
         if spec is None:
             staged = {name: _prune_linear(name, m, None, cfg, method) for name, m in linears.items()}
         else:
-            staged = _prune_block_calibrated(block, linears, inputs, spec, cfg, method, device)
+            staged = _prune_block_calibrated(block, linears, inputs, spec, cfg, method, device, observer)
         for name, (weight, record) in staged.items():
             set_weight(linears[name], weight)
             outcome.layers.append(record)
@@ -142,7 +148,7 @@ def _propagate(block: nn.Module, inputs: BlockInputs, device: torch.device) -> N
             inputs.hidden[j] = run_block(block, inputs, j, device).to(store)
 
 
-def _prune_block_calibrated(block, linears, inputs, spec, cfg, method, device) -> dict:
+def _prune_block_calibrated(block, linears, inputs, spec, cfg, method, device, observer=None) -> dict:
     if not linears:
         return {}
     groups = group_by_input(block, linears, inputs, device)
@@ -152,6 +158,8 @@ def _prune_block_calibrated(block, linears, inputs, spec, cfg, method, device) -
         chunk = groups[start : start + per_chunk]
         stats = _collect(block, chunk, linears, inputs, spec, device)
         for group, st in zip(chunk, stats):
+            if observer is not None:
+                observer(group, st)
             for name in group:
                 if st.count == 0:
                     log.warning("%s is never called in the block's forward: left dense", name)
@@ -200,14 +208,6 @@ def _prune_linear(name, module, stats, cfg: PruneConfig, method) -> tuple[torch.
     if result.info:
         record["method"] = result.info
     if stats is not None and stats.hessian is not None:
-        record["relative_error"] = relative_error(w_orig, weight, stats.hessian)
+        record["relative_error"] = relative_error(weight, w_orig, stats.hessian)
     record["seconds"] = round(time.perf_counter() - started, 6)
     return weight, record
-
-
-def relative_error(w_orig: torch.Tensor, w: torch.Tensor, hessian: torch.Tensor) -> float:
-    """‖X(W−W₀)ᵀ‖² / ‖XW₀ᵀ‖² from H = XᵀX."""
-    diff = w - w_orig
-    num = ((diff @ hessian) * diff).sum()
-    den = ((w_orig @ hessian) * w_orig).sum()
-    return float(num / den) if float(den) > 0 else 0.0

@@ -283,8 +283,9 @@ def correct(
     diagnostics["clamped_pct"] = 100.0 * diagnostics["clamped"] / max(n_selected, 1)
     if cfg.measure and source == "hessian":
         diagnostics.update(_measure_optimal(w_orig, w_pruned, mask, h_err, cfg, strategy, damping, own, before, after))
-    diagnostics["status"] = "accepted" if accepted else "reverted"
-    diagnostics["reverted"] = not accepted
+    # A layer with nothing to repair (no error before) is "unchanged", not a failed correction.
+    diagnostics["status"] = "accepted" if accepted else ("unchanged" if before <= 0 else "reverted")
+    diagnostics["reverted"] = diagnostics["status"] == "reverted"
     diagnostics["seconds"] = time.perf_counter() - start
     return CorrectionResult(weight=proposal if accepted else w_pruned.clone(), diagnostics=diagnostics)
 
