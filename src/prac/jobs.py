@@ -119,6 +119,7 @@ def run_prune(job: PruneJob, progress: Progress = no_progress) -> dict[str, Any]
     started = time.perf_counter()
     outcome = prune_model(model, calib.input_ids, job.prune, device, progress)
     summary["prune_seconds"] = round(time.perf_counter() - started, 3)
+    summary["phase_seconds"] = {k: round(v, 3) for k, v in outcome.phase_seconds.items()}
     summary.update(peak_memory(device))
     summary.update(summarize_layers(outcome.layers))
     if job.prune.correction.method != "none":

@@ -9,6 +9,7 @@ at a time; calibration activations stay on the device when they fit, else on the
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -63,7 +64,29 @@ class PruneOutcome:
     layers: list[dict[str, Any]] = field(default_factory=list)
     blocks_path: str = ""
     activation_device: str = "cpu"
+    phase_seconds: dict[str, float] = field(default_factory=dict)
     final_hidden: list[torch.Tensor] | None = None
+
+
+class PhaseTimer:
+    """Wall time per phase (capture, transfer, calibrate, prune, propagate), synchronised on CUDA."""
+
+    def __init__(self, device: torch.device, totals: dict[str, float]):
+        self.device, self.totals = device, totals
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        self._sync()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._sync()
+            self.totals[name] = self.totals.get(name, 0.0) + time.perf_counter() - start
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
 
 def check_pattern(model: nn.Module, pattern: Pattern, ignore: str | None = None) -> Blocks:
@@ -115,27 +138,33 @@ def prune_model(
     blocks = check_pattern(model, cfg.pattern, cfg.ignore)
     spec = stats_spec_for(cfg)
     outcome = PruneOutcome(blocks_path=blocks.path)
+    timer = PhaseTimer(device, outcome.phase_seconds)
     inputs: BlockInputs | None = None
     if spec is not None or return_hidden:
         hidden_size = model.get_input_embeddings().weight.shape[1]
         store = _activation_store(cfg, device, calib, hidden_size, next(model.parameters()).dtype)
         outcome.activation_device = str(store)
-        inputs = capture_block_inputs(model, blocks, calib.split(cfg.batch_size), device, store)
+        with timer("capture"):
+            inputs = capture_block_inputs(model, blocks, calib.split(cfg.batch_size), device, store)
     last = len(blocks) - 1
     for i in progress(range(len(blocks)), "blocks", len(blocks)):
         block = blocks.modules[i]
-        block.to(device)
+        with timer("transfer"):
+            block.to(device)
         linears = find_linears(block, blocks.name(i), cfg.ignore)
         if spec is None:
-            staged = {name: _prune_linear(name, m, None, cfg, method) for name, m in linears.items()}
+            with timer("prune"):
+                staged = {name: _prune_linear(name, m, None, cfg, method) for name, m in linears.items()}
         else:
-            staged = _prune_block_calibrated(block, linears, inputs, spec, cfg, method, device, observer)
+            staged = _prune_block_calibrated(block, linears, inputs, spec, cfg, method, device, observer, timer)
         for name, (weight, record) in staged.items():
             set_weight(linears[name], weight)
             outcome.layers.append(record)
         if inputs is not None and (i < last or return_hidden):
-            _propagate(block, inputs, device)
-        block.to("cpu")
+            with timer("propagate"):
+                _propagate(block, inputs, device)
+        with timer("transfer"):
+            block.to("cpu")
     if return_hidden and inputs is not None:
         outcome.final_hidden = inputs.hidden
     return outcome
@@ -148,7 +177,7 @@ def _propagate(block: nn.Module, inputs: BlockInputs, device: torch.device) -> N
             inputs.hidden[j] = run_block(block, inputs, j, device).to(store)
 
 
-def _prune_block_calibrated(block, linears, inputs, spec, cfg, method, device, observer=None) -> dict:
+def _prune_block_calibrated(block, linears, inputs, spec, cfg, method, device, observer, timer) -> dict:
     if not linears:
         return {}
     groups = group_by_input(block, linears, inputs, device)
@@ -156,7 +185,8 @@ def _prune_block_calibrated(block, linears, inputs, spec, cfg, method, device, o
     staged: dict[str, tuple[torch.Tensor, dict]] = {}
     for start in range(0, len(groups), per_chunk):
         chunk = groups[start : start + per_chunk]
-        stats = _collect(block, chunk, linears, inputs, spec, device)
+        with timer("calibrate"):
+            stats = _collect(block, chunk, linears, inputs, spec, device)
         for group, st in zip(chunk, stats):
             if observer is not None:
                 observer(group, st)
@@ -165,7 +195,8 @@ def _prune_block_calibrated(block, linears, inputs, spec, cfg, method, device, o
                     log.warning("%s is never called in the block's forward: left dense", name)
                     continue
                 st.check_finite(name)
-                staged[name] = _prune_linear(name, linears[name], st, cfg, method)
+                with timer("prune"):
+                    staged[name] = _prune_linear(name, linears[name], st, cfg, method)
         del stats
     return staged
 

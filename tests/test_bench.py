@@ -1,0 +1,34 @@
+"""The benchmark scripts run end to end in their smoke modes."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(args, tmp_path):
+    proc = subprocess.run([sys.executable, *args], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_quality_smoke(tmp_path):
+    out = _run([str(ROOT / "bench" / "quality.py"), "--smoke", "--out-dir", str(tmp_path), "--methods", "wanda",
+                "--corrections", "none", "optimal", "--patterns", "2:4", "--jobs", "2"], tmp_path)
+    rows = json.loads((tmp_path / "quality.json").read_text())["rows"]
+    assert len(rows) == 2 and all(r["ppl"] > 1 for r in rows)
+    assert (tmp_path / "quality.png").stat().st_size > 10_000 and "| 2:4 | wanda | optimal |" in out
+    for r in rows:
+        if r["correction"] == "optimal":
+            assert 0.9 < r["fraction_of_optimal"] <= 1.01
+
+
+def test_gpu_script_smoke_on_cpu(tmp_path):
+    out = _run([str(ROOT / "bench" / "gpu_prune.py"), "--smoke", "--device", "cpu", "--out", str(tmp_path / "g.json")], tmp_path)
+    rows = json.loads((tmp_path / "g.json").read_text())["rows"]
+    assert [r["run"] for r in rows] == ["wanda", "sparsegpt", "wanda+full", "wanda+optimal", "wanda"]
+    assert rows[-1]["blocks"] == 2 * rows[0]["blocks"] and "| wanda+optimal |" in out
