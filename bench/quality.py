@@ -118,6 +118,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out-dir", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--jobs", type=int, default=1, help="configurations run at once (threads are split between them)")
     ap.add_argument("--smoke", action="store_true", help="tiny calibration and evaluation: checks the harness only")
+    ap.add_argument("--resume", action="store_true", help="reuse the reports of configurations already in --out-dir")
+    ap.add_argument("--collect-only", action="store_true", help="only build the table and plot from existing reports")
     ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more arguments for every prac prune")
     args = ap.parse_args(argv)
     out = Path(args.out_dir)
@@ -129,6 +131,14 @@ def main(argv=None) -> int:
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     todo = configs(args.methods, args.corrections, args.patterns)
     rows = []
+    if args.resume or args.collect_only:
+        for c in list(todo):
+            path = out / f"{key(*c)}.json"
+            if path.exists():
+                rows.append(row(*c, json.loads(path.read_text())))
+                todo.remove(c)
+        if args.collect_only:
+            todo = []
     with cf.ThreadPoolExecutor(args.jobs) as pool:
         futures = {pool.submit(run_one, *c, out, args.smoke, threads, args.extra): c for c in todo}
         for fut in cf.as_completed(futures):

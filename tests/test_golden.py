@@ -56,3 +56,17 @@ def test_wanda_masks_and_perplexity_match_the_reference(key, pattern, dense, win
     assert agree / total >= 0.999, f"mask agreement {agree / total:.6f}"
     ppl = perplexity(model, windows, CPU)["ppl"]
     assert abs(ppl / REFERENCE[key]["ppl"] - 1) < 0.002, (ppl, REFERENCE[key]["ppl"])
+
+
+@pytest.mark.parametrize("key,pattern", [("sparsegpt_50", Unstructured(0.5)), ("sparsegpt_2of4", NM(2, 4))])
+def test_sparsegpt_reaches_the_reference_perplexity(key, pattern, dense, windows, calib):
+    model = copy.deepcopy(dense)
+    prune_model(model, calib, PruneConfig(method="sparsegpt", pattern=pattern), CPU)
+    golden = load_file(str(GOLDEN / f"{key}.masks.safetensors"))
+    modules = dict(model.named_modules())
+    agree = sum(int(((get_weight(modules[n]) == 0) == m).sum()) for n, m in golden.items())
+    total = sum(m.numel() for m in golden.values())
+    # OBS updates make masks path-dependent; fp32 differences flip a few choices downstream.
+    assert agree / total >= 0.99, f"mask agreement {agree / total:.6f}"
+    ppl = perplexity(model, windows, CPU)["ppl"]
+    assert abs(ppl / REFERENCE[key]["ppl"] - 1) < 0.01, (ppl, REFERENCE[key]["ppl"])

@@ -39,7 +39,8 @@ def _sparsity(text: str) -> float:
     return value
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
     try:
         value = int(text)
     except ValueError:
@@ -69,10 +70,10 @@ def _add_prune(sub) -> None:
     g.add_argument("--model", default=str(assets.DEFAULT_MODEL), help="model folder or hub id (default: the bundled tiny Mistral)")
     g.add_argument("--calib", default=None, help="c4 | wikitext2 | FILE.txt | FILE.jsonl (default: bundled text for the bundled model, else c4)")
     g.add_argument("--calib-tokens", default=None, metavar="FILE", help="safetensors file with integer input_ids [n, seqlen]: use exactly these tokens")
-    g.add_argument("--nsamples", type=_positive_int, default=128, help="calibration sequences (default: 128)")
-    g.add_argument("--seqlen", type=_positive_int, default=None, help="calibration length (default: 2048 capped at the model's context; 256 for the bundled model)")
+    g.add_argument("--nsamples", type=positive_int, default=128, help="calibration sequences (default: 128)")
+    g.add_argument("--seqlen", type=positive_int, default=None, help="calibration length (default: 2048 capped at the model's context; 256 for the bundled model)")
     g.add_argument("--seed", type=int, default=0, help="seed for calibration sampling and stored-token samples (default: 0)")
-    g.add_argument("--batch-size", type=_positive_int, default=8, help="sequences per calibration forward (default: 8)")
+    g.add_argument("--batch-size", type=positive_int, default=8, help="sequences per calibration forward (default: 8)")
     g.add_argument("--offload", choices=["auto", "device", "cpu"], default="auto", help="where calibration activations live (default: auto = device if they fit)")
     g = p.add_argument_group("pruning")
     pat = g.add_mutually_exclusive_group()
@@ -81,7 +82,7 @@ def _add_prune(sub) -> None:
     g.add_argument("--method", choices=list(METHODS), default="wanda", help="mask source (default: wanda)")
     g.add_argument("--scope", choices=["row", "layer"], default="row", help="comparison group for unstructured masks (default: row)")
     g.add_argument("--ignore", default=None, metavar="REGEX", help="skip layers whose full name matches this regex")
-    g.add_argument("--blocksize", type=_positive_int, default=128, help="SparseGPT column block (default: 128)")
+    g.add_argument("--blocksize", type=positive_int, default=128, help="SparseGPT column block (default: 128)")
     g.add_argument("--percdamp", type=float, default=0.01, help="SparseGPT damping, fraction of mean diag(H) (default: 0.01)")
     g = p.add_argument_group("correction (see docs/correction.md)")
     g.add_argument("--correction", choices=list(CORRECTIONS), default="none", help="weight correction after pruning (default: none)")
@@ -92,15 +93,15 @@ def _add_prune(sub) -> None:
     g.add_argument("--max-correction-magnitude", type=float, default=0.05, help="clamp |δ| <= this × |w_orig| (full, diagonal; default 0.05)")
     g.add_argument("--no-clamp", action="store_true", help="do not clamp corrections")
     g.add_argument("--correction-magnitude", type=float, default=0.01, help="greedy step, fraction of |w_orig| (default 0.01)")
-    g.add_argument("--max-activation-samples", type=_positive_int, default=8192, help="tokens stored per input for greedy (default 8192)")
-    g.add_argument("--patience", type=_positive_int, default=None, help="greedy: stop a row after this many rejections in a row")
+    g.add_argument("--max-activation-samples", type=positive_int, default=8192, help="tokens stored per input for greedy (default 8192)")
+    g.add_argument("--patience", type=positive_int, default=None, help="greedy: stop a row after this many rejections in a row")
     g.add_argument("--layer-batch-size", type=int, default=0, help="distinct layer inputs whose statistics are held at once (0 = all of a block)")
     g.add_argument("--no-measure", action="store_true", help="correction: do not collect H for exact errors and the optimal yardstick when the method itself does not need it")
     g.add_argument("--measure", action="store_true", help="collect H for every layer to report its exact relative reconstruction error (any method)")
     g = p.add_argument_group("evaluation and output")
     g.add_argument("--eval", default=None, help="wikitext2 | FILE.txt | none (default: bundled text for the bundled model, else none)")
-    g.add_argument("--eval-seqlen", type=_positive_int, default=None, help="evaluation window (default: --seqlen)")
-    g.add_argument("--eval-batch-size", type=_positive_int, default=1, help="windows per evaluation forward (default: 1)")
+    g.add_argument("--eval-seqlen", type=positive_int, default=None, help="evaluation window (default: --seqlen)")
+    g.add_argument("--eval-batch-size", type=positive_int, default=1, help="windows per evaluation forward (default: 1)")
     g.add_argument("--no-dense-eval", action="store_true", help="evaluate only the pruned model (skip the dense baseline)")
     g.add_argument("--save", default=None, metavar="OUT_DIR", help="write the pruned model (safetensors), tokenizer and prac_report.json")
     g.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
@@ -178,8 +179,8 @@ def _add_eval(sub) -> None:
                        description="Perplexity on non-overlapping seqlen windows, ppl = exp(mean NLL over all predicted tokens).")
     p.add_argument("--model", default=str(assets.DEFAULT_MODEL), help="model folder or hub id (default: bundled)")
     p.add_argument("--data", default=None, help="wikitext2 | FILE.txt (default: bundled eval text for the bundled model, else wikitext2)")
-    p.add_argument("--seqlen", type=_positive_int, default=None, help="window length (default as for prune)")
-    p.add_argument("--batch-size", type=_positive_int, default=1, help="windows per forward (default: 1)")
+    p.add_argument("--seqlen", type=positive_int, default=None, help="window length (default as for prune)")
+    p.add_argument("--batch-size", type=positive_int, default=1, help="windows per forward (default: 1)")
     p.add_argument("--report", default=None, metavar="FILE", help="write the JSON report here")
     _add_common(p)
     p.set_defaults(func=_cmd_eval)
@@ -203,12 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_prune(sub)
     _add_eval(sub)
-    for name in ("prac.verify", "prac.spectral.cli"):
-        try:
-            module = __import__(name, fromlist=["add_parser"])
-        except ImportError:
-            continue
-        module.add_parser(sub)
+    from prac import verify
+    from prac.spectral import cli as spectral_cli
+
+    verify.add_parser(sub)
+    spectral_cli.add_parser(sub)
     return parser
 
 
