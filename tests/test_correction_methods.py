@@ -1,5 +1,6 @@
 """Correction methods against float64 references and their contract (mask, clamp, revert, determinism)."""
 
+import math
 import json
 from dataclasses import replace
 
@@ -105,7 +106,7 @@ def test_none_returns_w_pruned_unchanged(x):
 
 
 def test_full_all_equals_float64_least_squares(x):
-    cfg = CorrectionConfig(method="full", selection_strategy="all", damping=1e-9, max_correction_magnitude=None)
+    cfg = CorrectionConfig(method="full", selection_strategy="all", damping=1e-9, max_correction_magnitude=math.inf)
     w, wp, mask, stats, scores = layer(x, cfg)
     result = correct(w, wp, mask, stats, scores, cfg)
     ref = lstsq_reference(x, w, ~mask)
@@ -160,7 +161,7 @@ def test_full_chunked_solve_equals_one_chunk(x):
 def test_solve_failure_falls_back_to_min_norm_lstsq_and_is_counted():
     x = correlated_inputs()
     x[:, 3] = 0.0  # a dead input feature: H_SS is exactly singular for every row keeping it
-    cfg = CorrectionConfig(method="full", selection_strategy="all", damping=0.0, max_correction_magnitude=None)
+    cfg = CorrectionConfig(method="full", selection_strategy="all", damping=0.0, max_correction_magnitude=math.inf)
     w, _, _, stats, scores = layer(x, cfg)
     mask = torch.zeros_like(w, dtype=torch.bool)
     mask[:, ::2] = True  # keep column 3 in every row
@@ -248,7 +249,7 @@ def test_james_stein_mean_lies_between_raw_and_grand_mean():
 def test_never_worse_reverts_a_harmful_correction():
     # Zero-mean inputs: the sample mean is noise, so the first-moment correction cannot help.
     x = correlated_inputs(mean=0.0)
-    cfg = CorrectionConfig(method="diagonal", selection_strategy="all", damping=0.0, max_correction_magnitude=None)
+    cfg = CorrectionConfig(method="diagonal", selection_strategy="all", damping=0.0, max_correction_magnitude=math.inf)
     w, wp, mask, stats, scores = layer(x, cfg)
     result = correct(w, wp, mask, stats, scores, cfg)
     d = result.diagnostics

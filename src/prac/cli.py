@@ -7,8 +7,8 @@ dataclasses and turns :class:`prac.errors.PracError` into a one-line message and
 from __future__ import annotations
 
 import argparse
-import json
 import logging
+import math
 import sys
 from typing import Sequence
 
@@ -88,9 +88,9 @@ def _add_prune(sub) -> None:
     g.add_argument("--correction", choices=list(CORRECTIONS), default="none", help="weight correction after pruning (default: none)")
     g.add_argument("--no-correction", action="store_true", help="same as --correction none")
     g.add_argument("--selection-strategy", choices=list(STRATEGIES), default=None, help="which survivors to correct (default: the method's own)")
-    g.add_argument("--percent-change", type=float, default=0.05, help="fraction of each row's survivors to correct (default: 0.05)")
+    g.add_argument("--percent-change", type=float, default=None, help="fraction of each row's survivors to correct (default: full 0.2, others 0.05)")
     g.add_argument("--damping", type=float, default=None, help="damping, relative to mean diag(H) (default: the method's own)")
-    g.add_argument("--max-correction-magnitude", type=float, default=0.05, help="clamp |δ| <= this × |w_orig| (full, diagonal; default 0.05)")
+    g.add_argument("--max-correction-magnitude", type=float, default=None, help="clamp |δ| <= this × |w_orig| (default: full 0.2, diagonal 0.05)")
     g.add_argument("--no-clamp", action="store_true", help="do not clamp corrections")
     g.add_argument("--correction-magnitude", type=float, default=0.01, help="greedy step, fraction of |w_orig| (default 0.01)")
     g.add_argument("--max-activation-samples", type=positive_int, default=8192, help="tokens stored per input for greedy (default 8192)")
@@ -123,7 +123,7 @@ def prune_job_from_args(args: argparse.Namespace):
     correction = CorrectionConfig(
         method="none" if args.no_correction else args.correction,
         selection_strategy=args.selection_strategy, percent_change=args.percent_change, damping=args.damping,
-        max_correction_magnitude=None if args.no_clamp else args.max_correction_magnitude,
+        max_correction_magnitude=math.inf if args.no_clamp else args.max_correction_magnitude,
         correction_magnitude=args.correction_magnitude, max_activation_samples=args.max_activation_samples,
         layer_batch_size=args.layer_batch_size, measure=not args.no_measure, seed=args.seed,
         **({"patience": args.patience} if args.patience else {}),
@@ -131,7 +131,7 @@ def prune_job_from_args(args: argparse.Namespace):
     if correction.method != "none":
         from prac import correction as correction_mod
 
-        correction_mod.validate(correction)
+        correction = correction_mod.resolve(correction)
     prune = PruneConfig(method=args.method, pattern=pattern,
                         settings=MethodSettings(scope=args.scope, blocksize=args.blocksize, percdamp=args.percdamp),
                         correction=correction, ignore=args.ignore, batch_size=args.batch_size, offload=args.offload,

@@ -29,9 +29,9 @@ class CorrectionConfig:
 
     method: str = "none"
     selection_strategy: str | None = None  # None: the method's own default
-    percent_change: float = 0.05
+    percent_change: float | None = None  # None: the method's own (full 0.2, others 0.05)
     damping: float | None = None  # None: the method's own default (relative to mean diag(H))
-    max_correction_magnitude: float | None = 0.05  # None: no clamping
+    max_correction_magnitude: float | None = None  # None: the method's own (full 0.2, diagonal 0.05); inf: no clamp
     correction_magnitude: float = 0.01
     max_activation_samples: int = 8192
     patience: int = 8

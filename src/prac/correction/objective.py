@@ -8,6 +8,8 @@ of different scale can be averaged.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from prac.errors import PracError
@@ -58,9 +60,9 @@ def clamp_delta(
 ) -> tuple[torch.Tensor, int]:
     """Clamp ``|δ| ≤ max_rel · |w_orig|`` elementwise; returns the clamped δ and how many entries hit the bound.
 
-    ``max_rel=None`` disables the clamp. Only selected entries are counted (δ is zero elsewhere).
+    ``max_rel=None`` or ``inf`` disables the clamp. Only selected entries are counted (δ is zero elsewhere).
     """
-    if max_rel is None:
+    if max_rel is None or math.isinf(max_rel):
         return delta, 0
     bound = max_rel * w_orig.abs()
     hit = (delta.abs() > bound) & selected
