@@ -35,6 +35,19 @@ class TokenSet:
     protocol: dict = field(default_factory=dict)
 
 
+def _load_dataset(*args, **kwargs):
+    """``datasets.load_dataset`` with one-line errors for a missing package or an unreachable hub."""
+    try:
+        from datasets import load_dataset
+    except ImportError as exc:
+        raise PracError("the c4 and wikitext2 loaders need the 'datasets' package: pip install 'prac[hub]'") from exc
+    try:
+        return load_dataset(*args, **kwargs)
+    except (OSError, ConnectionError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PracError(f"could not load dataset {args[0]!r} from the hub: {first}") from exc
+
+
 def _tokenize(tokenizer, text: str) -> torch.Tensor:
     return tokenizer(text, return_tensors="pt", verbose=False).input_ids[0].to(torch.int64)
 
@@ -107,15 +120,11 @@ def load_calibration(source: str, tokenizer, nsamples: int, seqlen: int, seed: i
         raise PracError(f"nsamples must be >= 1 and seqlen >= 2, got {nsamples} and {seqlen}")
     proto = {"source": source, "nsamples": nsamples, "seqlen": seqlen, "seed": seed}
     if source == "c4":
-        from datasets import load_dataset
-
-        data = load_dataset(C4_REPO, data_files={"train": C4_TRAIN_FILE}, split="train")
+        data = _load_dataset(C4_REPO, data_files={"train": C4_TRAIN_FILE}, split="train")
         ids = sample_documents(list(data["text"]), tokenizer, nsamples, seqlen, seed, "c4")
         return TokenSet(ids, {**proto, "protocol": "documents", "dataset": f"{C4_REPO}:{C4_TRAIN_FILE}"})
     if source == "wikitext2":
-        from datasets import load_dataset
-
-        data = load_dataset(*WIKITEXT, split="train")
+        data = _load_dataset(*WIKITEXT, split="train")
         ids = sample_stream(_tokenize(tokenizer, " ".join(data["text"])), nsamples, seqlen, seed, "wikitext2")
         return TokenSet(ids, {**proto, "protocol": "stream", "dataset": "wikitext-2-raw-v1 train, joined with ' '"})
     path = Path(source).expanduser()
@@ -149,9 +158,7 @@ def load_token_file(path: str | Path) -> TokenSet:
 def load_eval_tokens(source: str, tokenizer) -> tuple[torch.Tensor, dict]:
     """The evaluation text as one token stream ``[T]`` plus its description."""
     if source == "wikitext2":
-        from datasets import load_dataset
-
-        data = load_dataset(*WIKITEXT, split="test")
+        data = _load_dataset(*WIKITEXT, split="test")
         return _tokenize(tokenizer, "\n\n".join(data["text"])), {"source": "wikitext2", "split": "test", "join": "\\n\\n"}
     path = Path(source).expanduser()
     return _tokenize(tokenizer, _read_text(path)), {"source": "file", "file": str(path)}
