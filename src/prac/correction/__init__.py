@@ -206,6 +206,8 @@ def _propose(
                 solver_iterations=outcome.iterations,
                 solver_residual=outcome.residual,
                 solver_converged=outcome.converged,
+                solver=outcome.solver,
+                solver_fallback=outcome.fallback,
             )
     elif method == "diagonal":
         mu = james_stein_mean(stats).to(device)
@@ -338,6 +340,8 @@ def _measure_optimal(
         "optimal_iterations": best.iterations,
         "optimal_residual": best.residual,
         "optimal_converged": best.converged,
+        "optimal_solver": best.solver,
+        "optimal_fallback": best.fallback,
     }
 
 
