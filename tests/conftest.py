@@ -51,6 +51,15 @@ def make_tiny_model(arch: str, seed: int = 0):
     return model.eval()
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny float64 models: intra-op threads are pure overhead (and thrash on a busy machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     from transformers import AutoTokenizer

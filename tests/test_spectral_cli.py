@@ -22,13 +22,7 @@ from prac.spectral.plot import draw, heatmap_table, parse_key, save_plot
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny float64 models: intra-op threads are pure overhead (and thrash on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
