@@ -92,15 +92,19 @@ def plot(rows: list[dict], dense_ppl: float | None, path: Path) -> None:
     series: dict[str, list] = {}
     for r in rows:
         series.setdefault(f"{r['method']}+{r['correction']}" if r["correction"] != "none" else r["method"], []).append(r)
-    for label, rs in sorted(series.items()):
+    colors = plt.cm.tab20.colors
+    for k, (label, rs) in enumerate(sorted(series.items())):
         un = sorted((r for r in rs if ":" not in r["pattern"]), key=lambda r: r["sparsity"])
-        line, = ax.plot([r["sparsity"] for r in un], [r["ppl"] for r in un], marker="o", label=label)
+        style = "--" if label.startswith("sparsegpt") else "-"
+        line, = ax.plot([r["sparsity"] for r in un], [r["ppl"] for r in un], marker="o", ls=style,
+                        color=colors[(2 * k) % 20 if k < 10 else (2 * k + 1) % 20], label=label)
         for r in rs:
             if ":" in r["pattern"]:
                 ax.scatter([0.5 + (0.01 if r["pattern"] == "4:8" else 0.02)], [r["ppl"]], marker="s" if r["pattern"] == "2:4" else "^",
                            color=line.get_color())
     if dense_ppl:
-        ax.axhline(dense_ppl, color="black", lw=0.8, ls="--", label="dense")
+        ax.axhline(dense_ppl, color="black", lw=0.8, ls=":", label="dense")
+        ax.set_ylim(bottom=min(dense_ppl, ax.get_ylim()[0]) - 0.5)
     ax.set_xlabel("sparsity (squares: 2:4, triangles: 4:8, drawn just right of 0.5)")
     ax.set_ylabel("perplexity (bundled eval text, 256-token windows)")
     ax.set_title("tiny-mistral: perplexity vs sparsity")
