@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import torch
 torch.set_num_threads(max(1, int(os.environ.get("PRAC_TEST_THREADS", "2"))))
 
 from prac import assets  # noqa: E402
+from prac.verify import weights_hash as state_hash  # noqa: E402,F401  (bit-identity of a model's weights)
 
 GOLDEN = Path(__file__).parent / "golden"
 VOCAB = 4096  # the bundled tokenizer's vocabulary, shared by every tiny model
@@ -89,11 +89,3 @@ def small_text(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("text") / "small.txt"
     path.write_text(assets.DEFAULT_EVAL.read_text(encoding="utf-8")[:60000], encoding="utf-8")
     return path
-
-
-def state_hash(model: torch.nn.Module) -> str:
-    h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
