@@ -65,7 +65,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tokens", type=int, default=8192, help="calibration tokens per layer")
     p.add_argument("--rank", type=int, default=128, help="rank of the shared mixing of the activations")
     p.add_argument("--patterns", default="0.5,2:4", help="comma list: unstructured fractions and/or N:M")
-    p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="comma list of correction methods")
+    p.add_argument(
+        "--methods", default=",".join(DEFAULT_METHODS),
+        help="comma list of correction methods; optimal@TOL runs optimal with that tolerance (e.g. optimal@1e-2)",
+    )
     p.add_argument("--blocksize", type=int, default=128, help="SparseGPT column block")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--seed", type=int, default=0)
@@ -156,7 +159,7 @@ def bench_layer(
     spec = StatsSpec(hessian=True, seed=args.seed)
     if correction is not None:
         for m in methods:
-            spec = spec.union(correction.stats_spec(correction.CorrectionConfig(method=m)))
+            spec = spec.union(correction.stats_spec(method_config(m)))
     stats = collect_stats(x, spec, args.batch_tokens)
     del x
     h = stats.hessian
@@ -194,7 +197,7 @@ def bench_layer(
     if correction is None:
         return rows
     for method in methods:
-        cfg = correction.CorrectionConfig(method=method, measure=False)
+        cfg = method_config(method)
         row: dict[str, Any] = {**base, "method": method, "wanda_relative_error": wanda_error}
         try:
             result, seconds = timed(lambda: correction.correct(w, w_pruned, mask, stats, scores, cfg), device)
@@ -214,6 +217,13 @@ def bench_layer(
         )
         rows.append(row)
     return rows
+
+
+def method_config(name: str) -> "correction.CorrectionConfig":
+    """``full`` -> that method's defaults; ``optimal@1e-2`` -> optimal with ``optimal_tol=1e-2``."""
+    method, _, tol = name.partition("@")
+    extra = {"optimal_tol": float(tol)} if tol else {}
+    return correction.CorrectionConfig(method=method, measure=False, **extra)
 
 
 def optimal_error(

@@ -23,6 +23,8 @@ def test_explicit_settings_win_and_cli_resolves():
     args = build_parser().parse_args(["prune", "--correction", "diagonal", "--no-clamp"])
     resolved = prune_job_from_args(args).prune.correction
     assert resolved.max_correction_magnitude == math.inf and resolved.selection_strategy == "moderate"
+    args = build_parser().parse_args(["prune", "--correction", "optimal", "--optimal-tol", "0.01"])
+    assert prune_job_from_args(args).prune.correction.optimal_tol == 0.01
 
 
 def test_bad_settings_are_one_line_errors():
@@ -30,4 +32,7 @@ def test_bad_settings_are_one_line_errors():
         resolve(CorrectionConfig(method="full", max_correction_magnitude=-1.0))
     args = build_parser().parse_args(["prune", "--correction", "full", "--percent-change", "1.5"])
     with pytest.raises(PracError, match="percent-change"):
+        prune_job_from_args(args)
+    args = build_parser().parse_args(["prune", "--correction", "optimal", "--optimal-tol", "0"])
+    with pytest.raises(PracError, match="optimal tolerance"):
         prune_job_from_args(args)

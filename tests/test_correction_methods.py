@@ -18,7 +18,13 @@ from prac.correction import (
 from prac.correction.diagonal import diagonal_delta
 from prac.correction.full import full_delta, solve_rows
 from prac.correction.greedy import greedy_delta
-from prac.correction.objective import james_stein_mean, relative_error, sample_hessian
+from prac.correction.objective import (
+    james_stein_mean,
+    relative_error,
+    sample_hessian,
+    sorted_support,
+    sparse_quadratic_rows,
+)
 from prac.correction.optimal import masked_pcg
 from prac.correction.selection import select
 from prac.errors import PracError
@@ -151,9 +157,11 @@ def test_full_chunked_solve_equals_one_chunk(x):
     h = stats.normalized_hessian()
     rhs = (w - wp) @ h
     sel = ~mask
-    one, _ = solve_rows(h, rhs, sel, scores, 1e-3, 1 << 30)
-    many, _ = solve_rows(h, rhs, sel, scores, 1e-3, 24 * 24 * 32 * 5)  # 5 rows per chunk
-    assert torch.allclose(one, many, rtol=1e-5, atol=1e-6)
+    one = solve_rows(h, rhs, sel, 1e-3, 1 << 30)
+    many = solve_rows(h, rhs, sel, 1e-3, 24 * 24 * 32 * 5)  # 5 rows per chunk
+    assert torch.allclose(one.delta, many.delta, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(one.quad, many.quad, rtol=1e-5, atol=1e-7)
+    many = many.delta
     ref = lstsq_reference(x, w, sel) - wp.double()  # δ at damping ~0 for comparison of scale only
     assert (many - ref.float()).norm() / ref.norm() < 0.05
 
@@ -193,7 +201,8 @@ def test_clamp_bound_respected_and_counted(x, method):
     assert d["clamped"] > 0 and d["clamped_pct"] == pytest.approx(100 * d["clamped"] / d["selected"])
     sel = ~mask
     if method == "full":
-        proposal, _ = full_delta(w, wp, sel, scores, stats.normalized_hessian(), d["lambda"], 1 << 30)
+        h = stats.normalized_hessian()
+        proposal = full_delta((w - wp) @ h, w, sel, h, d["lambda"], 1 << 30).delta
     else:
         proposal = diagonal_delta(w, wp, sel, james_stein_mean(stats), d["lambda"])
     assert d["clamped"] == int((proposal.abs() > 0.01 * w.abs()).sum())
@@ -284,3 +293,47 @@ def test_summarize_rolls_up(x):
     json.dumps(s, allow_nan=False)
     text = format_diagnostics("model.layers.0.self_attn.q_proj", diags[0])
     assert "Error before (full H):" in text and "Fraction of optimal:" in text and "Clamped:" in text
+
+
+def _direct_relative_error(w: torch.Tensor, w_orig: torch.Tensor, h: torch.Tensor) -> float:
+    """‖X(W − W₀)ᵀ‖² / ‖XW₀ᵀ‖² in float64, straight from the definition."""
+    h, w, w_orig = h.double(), w.double(), w_orig.double()
+    return float(relative_error(w, w_orig, h))
+
+
+@pytest.mark.parametrize("source", ["hessian", "samples"])
+@pytest.mark.parametrize("method", list(CONFIGS))
+def test_reported_errors_equal_the_direct_computation(x, method, source):
+    # correct() measures errors from H d and each method's own δᵀHδ instead of recomputing X W.
+    cfg = CONFIGS[method]
+    if source == "samples":
+        if method in ("full", "optimal"):
+            pytest.skip("full and optimal need the Hessian")
+        cfg = replace(cfg, measure=False, max_activation_samples=512)
+    w, wp, mask, stats, scores = layer(x, cfg)
+    d = correct(w, wp, mask, stats, scores, cfg).diagnostics
+    assert d["error_source"] == source
+    h = stats.normalized_hessian() if source == "hessian" else sample_hessian(stats.samples)
+    result = correct(w, wp, mask, stats, scores, cfg)  # deterministic: the weight d describes
+    assert d["error_before"] == pytest.approx(_direct_relative_error(wp, w, h), rel=1e-5)
+    assert d["error_after"] == pytest.approx(_direct_relative_error(result.weight, w, h), rel=1e-4, abs=1e-9)
+    if "optimal_error" in d:
+        ref = lstsq_reference(x, w, ~mask)  # the undamped optimum over all survivors
+        assert d["optimal_error"] == pytest.approx(_direct_relative_error(ref.float(), w, h), rel=1e-3)
+
+
+def test_sparse_quadratic_rows_equals_dense():
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(64, 64, generator=g, dtype=torch.float64)
+    h = (a @ a.T / 64).float()
+    support = torch.rand(10, 64, generator=g) < 0.1  # small supports: the gather path
+    support[0] = False  # an empty row
+    delta = torch.randn(10, 64, generator=g) * support
+    got = sparse_quadratic_rows(delta, h, support)
+    want = ((delta.double() @ h.double()) * delta.double()).sum(dim=1)
+    assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-6)
+    assert got[0] == 0
+    wide = torch.ones_like(support)  # large supports: the dense path
+    assert torch.allclose(sparse_quadratic_rows(delta, h, wide).double(), want, rtol=1e-5, atol=1e-6)
+    idx, valid = sorted_support(support)
+    assert valid.sum() == support.sum() and (idx.diff(dim=1)[valid[:, 1:]] > 0).all()

@@ -95,6 +95,7 @@ def _add_prune(sub) -> None:
     g.add_argument("--correction-magnitude", type=float, default=0.01, help="greedy step, fraction of |w_orig| (default 0.01)")
     g.add_argument("--max-activation-samples", type=positive_int, default=8192, help="tokens stored per input for greedy (default 8192)")
     g.add_argument("--patience", type=positive_int, default=None, help="greedy: stop a row after this many rejections in a row")
+    g.add_argument("--optimal-tol", type=float, default=1e-4, help="optimal: relative residual at which a row's solve stops (default 1e-4; 1e-2 keeps about 99.7%% of the reduction in about half the iterations)")
     g.add_argument("--layer-batch-size", type=int, default=0, help="distinct layer inputs whose statistics are held at once (0 = all of a block)")
     g.add_argument("--no-measure", action="store_true", help="correction: do not collect H for exact errors and the optimal yardstick when the method itself does not need it")
     g.add_argument("--measure", action="store_true", help="collect H for every layer to report its exact relative reconstruction error (any method)")
@@ -126,6 +127,7 @@ def prune_job_from_args(args: argparse.Namespace):
         max_correction_magnitude=math.inf if args.no_clamp else args.max_correction_magnitude,
         correction_magnitude=args.correction_magnitude, max_activation_samples=args.max_activation_samples,
         layer_batch_size=args.layer_batch_size, measure=not args.no_measure, seed=args.seed,
+        optimal_tol=args.optimal_tol,
         **({"patience": args.patience} if args.patience else {}),
     )
     if correction.method != "none":

@@ -238,7 +238,10 @@ def _prune_linear(name, module, stats, cfg: PruneConfig, method) -> tuple[torch.
     record["sparsity"] = float(result.mask.float().mean())
     if result.info:
         record["method"] = result.info
-    if stats is not None and stats.hessian is not None:
+    diagnostics = record.get("correction", {})
+    if diagnostics.get("error_source") == "hessian":  # measured already, on the same H
+        record["relative_error"] = diagnostics["error_after"]
+    elif stats is not None and stats.hessian is not None:
         record["relative_error"] = relative_error(weight, w_orig, stats.hessian)
     record["seconds"] = round(time.perf_counter() - started, 6)
     return weight, record

@@ -45,12 +45,13 @@ from prac.correction.diagonal import diagonal_delta
 from prac.correction.full import FALLBACK, full_delta
 from prac.correction.greedy import greedy_delta
 from prac.correction.objective import (
+    LayerError,
     clamp_delta,
     damping_lambda,
     error_hessian,
     james_stein_mean,
-    relative_error,
     sample_hessian,
+    sparse_quadratic_rows,
 )
 from prac.correction.optimal import PCGOutcome, optimal_delta
 from prac.correction.selection import select
@@ -180,28 +181,31 @@ def _propose(
     selected: torch.Tensor,
     scores: torch.Tensor,
     stats: InputStats,
-    h_err: torch.Tensor,
+    meter: LayerError,
     error_source: str,
     damping: float,
     cfg: CorrectionConfig,
-) -> tuple[torch.Tensor, dict[str, Any], PCGOutcome | None]:
-    """The method's δ (before the never-worse check) and its method-specific diagnostics."""
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any], PCGOutcome | None]:
+    """The method's δ (before the never-worse check), its ``δᵢᵀ H δᵢ`` per row (H: the error
+    matrix) and its method-specific diagnostics."""
     device = w_orig.device
     info: dict[str, Any] = {}
     outcome = None
     if method in ("full", "optimal"):
-        h = h_err if error_source == "hessian" else _require_hessian(stats, method, device)
+        h = meter.h if error_source == "hessian" else _require_hessian(stats, method, device)
         lam = damping_lambda(torch.diagonal(h), damping)
         info["lambda"] = lam
+        hd = meter.dh if error_source == "hessian" else None
         if method == "full":
-            delta, failures = full_delta(
-                w_orig, w_pruned, selected, scores, h, lam, cfg.solve_memory_mb << 20
-            )
-            delta, clamped = clamp_delta(delta, w_orig, selected, cfg.max_correction_magnitude)
-            info.update(solve_failures=failures, solve_fallback=FALLBACK, clamped=clamped)
+            rhs = meter.d @ h if hd is None else hd
+            solve = full_delta(rhs, w_orig, selected, h, lam, cfg.solve_memory_mb << 20, cfg.max_correction_magnitude)
+            delta, quad = solve.delta, solve.quad
+            info.update(solve_failures=solve.failures, solve_fallback=FALLBACK, clamped=solve.clamped)
         else:
-            outcome = optimal_delta(w_orig, w_pruned, selected, h, lam, cfg.optimal_tol, cfg.optimal_max_iter)
-            delta = outcome.delta
+            outcome = optimal_delta(
+                w_orig, w_pruned, selected, h, lam, cfg.optimal_tol, cfg.optimal_max_iter, hd=hd
+            )
+            delta, quad = outcome.delta, outcome.quad
             info.update(
                 solver_iterations=outcome.iterations,
                 solver_residual=outcome.residual,
@@ -209,20 +213,30 @@ def _propose(
                 solver=outcome.solver,
                 solver_fallback=outcome.fallback,
             )
+        if error_source != "hessian":  # solved with H, measured on the sample: not the same quadratic
+            quad = None
     elif method == "diagonal":
         mu = james_stein_mean(stats).to(device)
         lam = damping_lambda(stats.sumsq.to(device) / max(stats.count, 1), damping)
         delta = diagonal_delta(w_orig, w_pruned, selected, mu, lam)
         delta, clamped = clamp_delta(delta, w_orig, selected, cfg.max_correction_magnitude)
+        quad = sparse_quadratic_rows(delta, meter.h, selected)
         info.update({"lambda": lam, "clamped": clamped})
     elif method == "greedy":
         if stats.samples is None or stats.samples.shape[0] == 0:
             raise PracError(
                 "correction method 'greedy' needs stored token samples; collect stats with stats_spec(config)"
             )
-        hs = sample_hessian(stats.samples.to(device))
-        run = greedy_delta(w_orig, w_pruned, selected, scores, hs, cfg.correction_magnitude, cfg.patience)
+        # The meter's matrix (and its H d) is the sample's when errors are measured on the sample, or
+        # when the sample holds every calibration token (then it is H itself, up to rounding).
+        own = error_source == "samples" or int(stats.samples.shape[0]) == stats.count
+        hs = meter.h if own else sample_hessian(stats.samples.to(device))
+        run = greedy_delta(
+            w_orig, w_pruned, selected, scores, hs, cfg.correction_magnitude, cfg.patience,
+            hd=meter.dh if own else None,
+        )
         delta = run.delta
+        quad = sparse_quadratic_rows(delta, meter.h, selected)
         info.update(
             candidates=run.candidates,
             positions_visited=run.visited,
@@ -233,18 +247,13 @@ def _propose(
         )
     else:  # validate() rules this out; kept so a new METHODS entry cannot fall through silently
         raise PracError(f"correction method {method!r} is not implemented")
-    return delta, info, outcome
+    return delta, quad, info, outcome
 
 
-def _yardstick(
-    w_orig: torch.Tensor,
-    w_pruned: torch.Tensor,
-    mask: torch.Tensor,
-    h: torch.Tensor,
-    cfg: CorrectionConfig,
-) -> PCGOutcome:
-    lam = damping_lambda(torch.diagonal(h), YARDSTICK_DAMPING)
-    return optimal_delta(w_orig, w_pruned, ~mask, h, lam, cfg.optimal_tol, cfg.optimal_max_iter)
+def _yardstick(mask: torch.Tensor, meter: LayerError, cfg: CorrectionConfig) -> PCGOutcome:
+    lam = damping_lambda(torch.diagonal(meter.h), YARDSTICK_DAMPING)
+    # optimal_delta only uses the difference w_orig - w_pruned, which is the meter's d.
+    return optimal_delta(meter.d, torch.zeros_like(meter.d), ~mask, meter.h, lam, cfg.optimal_tol, cfg.optimal_max_iter, hd=meter.dh)
 
 
 def correct(
@@ -275,14 +284,18 @@ def correct(
     strategy, damping = cfg.selection_strategy, cfg.damping
 
     h_err, source = error_hessian(stats, device)
+    meter = LayerError.of(w_orig, w_pruned, h_err)
     selected = select(scores, mask, strategy, cfg.percent_change)
-    delta, info, own = _propose(cfg.method, w_orig, w_pruned, selected, scores, stats, h_err, source, damping, cfg)
+    delta, quad, info, own = _propose(
+        cfg.method, w_orig, w_pruned, selected, scores, stats, meter, source, damping, cfg
+    )
     delta = delta.masked_fill(~selected, 0.0)
     proposal = (w_pruned + delta).masked_fill(mask, 0.0)
 
-    before = relative_error(w_pruned, w_orig, h_err)
-    proposed = relative_error(proposal, w_orig, h_err)
-    accepted = math.isfinite(proposed) and proposed < before
+    gain = meter.reduction(delta, quad)
+    before = meter.relative(meter.before)
+    proposed = meter.relative(meter.before - gain)
+    accepted = math.isfinite(gain) and gain > 0
     after = proposed if accepted else before
     n_selected = int(selected.sum())
     magnitude = delta.abs()
@@ -307,19 +320,17 @@ def correct(
         diagnostics["damping"] = float(damping)
     diagnostics["clamped_pct"] = 100.0 * diagnostics["clamped"] / max(n_selected, 1)
     if cfg.measure and source == "hessian":
-        diagnostics.update(_measure_optimal(w_orig, w_pruned, mask, h_err, cfg, strategy, damping, own, before, after))
+        diagnostics.update(_measure_optimal(mask, meter, cfg, strategy, damping, own, before, after))
     # A layer with nothing to repair (no error before) is "unchanged", not a failed correction.
-    diagnostics["status"] = "accepted" if accepted else ("unchanged" if before <= 0 else "reverted")
+    diagnostics["status"] = "accepted" if accepted else ("unchanged" if meter.before <= 0 else "reverted")
     diagnostics["reverted"] = diagnostics["status"] == "reverted"
     diagnostics["seconds"] = time.perf_counter() - start
     return CorrectionResult(weight=proposal if accepted else w_pruned.clone(), diagnostics=diagnostics)
 
 
 def _measure_optimal(
-    w_orig: torch.Tensor,
-    w_pruned: torch.Tensor,
     mask: torch.Tensor,
-    h: torch.Tensor,
+    meter: LayerError,
     cfg: CorrectionConfig,
     strategy: str,
     damping: float,
@@ -329,8 +340,8 @@ def _measure_optimal(
 ) -> dict[str, Any]:
     """The yardstick: the optimum over all survivors, and the fraction of its reduction reached."""
     reuse = own is not None and strategy == "all" and damping == YARDSTICK_DAMPING
-    best = own if reuse else _yardstick(w_orig, w_pruned, mask, h, cfg)
-    optimum = relative_error((w_pruned + best.delta).masked_fill(mask, 0.0), w_orig, h)
+    best = own if reuse else _yardstick(mask, meter, cfg)
+    optimum = meter.relative(meter.before - meter.reduction(best.delta.masked_fill(mask, 0.0), best.quad))
     achievable = before - optimum
     # Nothing achievable (no pruned weight, or an optimum no better than w_pruned): nothing was missed.
     fraction = (before - after) / achievable if achievable > 0 else 1.0

@@ -9,17 +9,30 @@ ridge on the change itself. Rows have different ``S`` (masks differ per row), so
 is padded to the largest ``k`` with identity rows and zero right-hand side (the padding solves to
 exactly 0) and all rows of a chunk are solved by one batched Cholesky. ``cholesky_ex`` reports
 each failing row, which is re-solved by minimum-norm least squares and counted.
+
+The clamp ``|δ| ≤ bound`` is applied inside the chunk loop, where the gathered ``H_SS`` is still at
+hand, so ``δᵀ H δ`` of the clamped change (what the caller's error check needs) costs a batched
+matrix-vector product instead of an [out, in] x [in, in] product.
+
+Cost (CPU, 1 thread, out 4096, in 4096, top 20% of 50% survivors so ``k`` = 410): the gather of
+the ``H_SS`` blocks is memory-bound (each block reads most cache lines of ``k`` rows of ``H``), and
+reading them in ascending column order made it 3x faster than in score order (6.3 s vs 21 s for
+all rows); the batched Cholesky takes about 4 s. Both scale as ``out·k²`` and ``out·k³``.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
 
-from prac.correction.selection import candidate_order
+from prac.correction.objective import sorted_support
 
 FALLBACK = "min-norm lstsq (pseudo-inverse by eigh)"
-# Bytes per padded K x K entry: the gathered block (4), its linear gather index (8), the Cholesky
-# factor (4), the where/eye temporaries (8), rounded up for the fallback's eigendecomposition.
+# Bytes per padded K x K entry: the gathered block (4), its gather indices (8 + 8 before broadcast
+# are small; the kernel's index buffer is 8), the Cholesky factor (4), the padding mask (4), rounded
+# up for the fallback's eigendecomposition.
 _BYTES_PER_ENTRY = 32
 
 
@@ -34,59 +47,88 @@ def _lstsq(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     ``torch.linalg.lstsq`` only has the full-rank ``gels`` driver on CUDA, which is exactly the
     case that fails here, so the pseudo-inverse of the symmetric matrix is used instead.
     """
-    return (torch.linalg.pinv(a, hermitian=True) @ b.unsqueeze(-1)).squeeze(-1)
+    # A dead input (zero row and column, so zero right-hand side too) has x_j = 0 in the minimum-norm
+    # solution; a unit diagonal there gives exactly that instead of eigh's rounding noise.
+    a = a.clone()
+    diag = a.diagonal(dim1=-2, dim2=-1)
+    dead = diag == 0
+    diag.add_(dead.to(a.dtype))
+    x = (torch.linalg.pinv(a, hermitian=True) @ b.unsqueeze(-1)).squeeze(-1)
+    return x.masked_fill(dead, 0.0)
+
+
+@dataclass
+class FullSolve:
+    delta: torch.Tensor  # fp32 [out, in], zero outside the selected set, clamped when a bound was given
+    failures: int  # rows whose Cholesky failed or gave non-finite values (re-solved by lstsq)
+    clamped: int  # selected entries that hit the bound
+    quad: torch.Tensor  # δᵢᵀ H δᵢ per row (fp32 [out]) of the returned δ
 
 
 def solve_rows(
     h: torch.Tensor,
     rhs: torch.Tensor,
     selected: torch.Tensor,
-    scores: torch.Tensor,
     lam: float,
     memory_bytes: int,
-) -> tuple[torch.Tensor, int]:
-    """Solve ``(H_SS + λI) δ_S = rhs_S`` for every row's selected set ``S``.
+    bound: torch.Tensor | None = None,
+) -> FullSolve:
+    """Solve ``(H_SS + λI) δ_S = rhs_S`` for every row's selected set ``S``, then clamp to ``±bound``.
 
-    ``rhs`` is fp32 [out, in] (``d @ H`` for the full method). Returns δ [out, in] (zero outside
-    ``selected``) and the number of rows whose Cholesky failed or gave non-finite values.
+    ``rhs`` is fp32 [out, in] (``H d`` for the full method); ``bound`` [out, in] (or None: no clamp).
     Rows whose fallback is still non-finite (NaN statistics) get δ = 0.
     """
     out_features = selected.shape[0]
-    idx, valid = candidate_order(scores, selected, ascending=False)
+    idx, valid = sorted_support(selected)
     delta = torch.zeros_like(rhs)
+    quad = torch.zeros(out_features, dtype=torch.float32, device=rhs.device)
     k_max = idx.shape[1]
     if k_max == 0:
-        return delta, 0
+        return FullSolve(delta, 0, 0, quad)
     failures = torch.zeros((), dtype=torch.int64, device=rhs.device)
+    clamped = torch.zeros((), dtype=torch.int64, device=rhs.device)
     step = rows_per_chunk(k_max, memory_bytes)
-    eye = torch.eye(k_max, dtype=rhs.dtype, device=rhs.device)
     for start in range(0, out_features, step):  # chunks bound memory; rows inside are batched
-        ii, vv = idx[start : start + step], valid[start : start + step]
-        pair = vv.unsqueeze(2) & vv.unsqueeze(1)
-        a = torch.where(pair, h[ii.unsqueeze(2), ii.unsqueeze(1)], 0.0)
-        # λ on real entries, 1 on padding: padded rows become identity rows with zero RHS.
-        a = a + eye * torch.where(vv, lam, 1.0).to(a.dtype).unsqueeze(2)
-        b = rhs[start : start + step].gather(1, ii) * vv
+        rows = slice(start, start + step)
+        ii, vv = idx[rows], valid[rows]
+        a = h[ii.unsqueeze(2), ii.unsqueeze(1)]
+        padded = not bool(vv.all())
+        if padded:  # padding slots become identity rows and columns with zero right-hand side
+            a.mul_((vv.unsqueeze(2) & vv.unsqueeze(1)).to(a.dtype))
+        a.diagonal(dim1=1, dim2=2).add_(torch.where(vv, lam, 1.0).to(a.dtype))
+        b = rhs[rows].gather(1, ii) * vv
         factor, info = torch.linalg.cholesky_ex(a)
-        x = torch.cholesky_solve(b.unsqueeze(-1), factor).squeeze(-1)
+        # Two triangular solves: the same numbers as cholesky_solve, 2.5x faster batched on a CPU.
+        y = torch.linalg.solve_triangular(factor, b.unsqueeze(-1), upper=False)
+        x = torch.linalg.solve_triangular(factor.mT, y, upper=True).squeeze(-1)
+        del factor
         bad = (info != 0) | ~torch.isfinite(x).all(dim=1)
         if bool(bad.any()):
             fixed = _lstsq(a[bad], b[bad])
             x[bad] = torch.where(torch.isfinite(fixed).all(dim=1, keepdim=True), fixed, 0.0)
             failures += bad.sum()
-        delta[start : start + step].scatter_(1, ii, x * vv)
-    return delta, int(failures)
+        x = x * vv
+        if bound is not None:
+            bb = bound[rows].gather(1, ii)
+            clamped += ((x.abs() > bb) & vv).sum()
+            x = torch.maximum(torch.minimum(x, bb), -bb)
+        # xᵀ H_SS x = xᵀ (a - λI) x on the real slots (x is zero on padding).
+        ax = (a @ x.unsqueeze(2)).squeeze(2)
+        quad[rows] = torch.linalg.vecdot(x, ax) - lam * x.square().sum(dim=1)
+        delta[rows].scatter_(1, ii, x)
+    return FullSolve(delta, int(failures), int(clamped), quad)
 
 
 def full_delta(
+    rhs: torch.Tensor,
     w_orig: torch.Tensor,
-    w_pruned: torch.Tensor,
     selected: torch.Tensor,
-    scores: torch.Tensor,
     h: torch.Tensor,
     lam: float,
     memory_bytes: int,
-) -> tuple[torch.Tensor, int]:
-    """The full method's unclamped δ [out, in] and its solve-failure count."""
-    rhs = (w_orig - w_pruned) @ h
-    return solve_rows(h, rhs, selected, scores, lam, memory_bytes)
+    max_rel: float | None = None,
+) -> FullSolve:
+    """The full method's δ for right-hand side ``rhs = (w_orig - w_pruned) @ H``, clamped to
+    ``|δ| ≤ max_rel · |w_orig|`` (None or inf: unclamped)."""
+    bound = None if max_rel is None or math.isinf(max_rel) else max_rel * w_orig.abs()
+    return solve_rows(h, rhs, selected, lam, memory_bytes, bound)

@@ -42,12 +42,16 @@ def greedy_delta(
     step: float,
     patience: int,
     trace: bool = False,
+    hd: torch.Tensor | None = None,
 ) -> GreedyOutcome:
-    """Run the greedy search; ``h`` is the sample Hessian, ``step`` the relative step size."""
+    """Run the greedy search; ``h`` is the sample Hessian, ``step`` the relative step size.
+
+    ``hd`` is ``(w_orig - w_pruned) @ h`` when the caller already has it (saves one product).
+    """
     idx, valid = candidate_order(scores, selected, ascending=True)
     rows = torch.arange(w_orig.shape[0], device=w_orig.device)
     d = w_pruned - w_orig
-    g = d @ h
+    g = d @ h if hd is None else -hd
     diag_h = torch.diagonal(h)
     delta = torch.zeros_like(w_orig)
     err = (g * d).sum(dim=1)

@@ -9,6 +9,7 @@ of different scale can be averaged.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -26,6 +27,84 @@ def relative_error(w: torch.Tensor, w_orig: torch.Tensor, h: torch.Tensor) -> fl
     energy = quadratic_rows(w_orig, h).sum()
     err = quadratic_rows(w - w_orig, h).sum()
     return float(err / energy) if float(energy) > 0 else 0.0
+
+
+def sorted_support(support: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's True columns in ascending order, padded: (idx int64 [out, K], valid bool [out, K]).
+
+    ``K`` is the largest row count; padding slots point at column 0 (callers zero them with ``valid``).
+    Ascending columns make gathers from ``H`` read each of its rows front to back, which is 3x faster
+    on a CPU than the same gather in random order (memory-bound).
+    """
+    counts = support.sum(dim=1)
+    width = int(counts.max()) if counts.numel() else 0
+    order = torch.sort((~support).to(torch.int8), dim=1, stable=True).indices[:, :width]
+    valid = torch.arange(width, device=support.device).unsqueeze(0) < counts.unsqueeze(1)
+    return order.masked_fill(~valid, 0), valid
+
+
+def sparse_quadratic_rows(delta: torch.Tensor, h: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
+    """``δᵢᵀ H δᵢ`` for every row of ``δ`` that is zero outside ``support`` (fp32 [out]).
+
+    Gathers each row's ``H_SS`` when the supports are small (a few percent of the columns, as the
+    5% selections of ``diagonal``/``greedy``), which is much cheaper than the dense ``δ @ H``;
+    otherwise falls back to the dense product.
+    """
+    idx, valid = sorted_support(support)
+    k = idx.shape[1]
+    if k == 0:
+        return torch.zeros(delta.shape[0], dtype=torch.float32, device=delta.device)
+    if 4 * k > h.shape[0]:
+        return quadratic_rows(delta.float(), h)
+    x = delta.float().gather(1, idx) * valid
+    step = max(1, (64 << 20) // (k * k))  # rows per chunk: a 256 MB gathered block at most
+    parts = []
+    for start in range(0, x.shape[0], step):
+        ii, xx = idx[start : start + step], x[start : start + step]
+        block = h[ii.unsqueeze(2), ii.unsqueeze(1)]
+        parts.append(torch.linalg.vecdot(xx, (block @ xx.unsqueeze(2)).squeeze(2)))
+    return torch.cat(parts)
+
+
+@dataclass
+class LayerError:
+    """The output error of one pruned layer and of corrections to it, from products computed once.
+
+    With ``d = w_orig - w_pruned``, the error of ``w_pruned + δ`` is ``(d - δ)ᵀ H (d - δ)`` per row, so
+
+        error(δ) = error_before - (2 δ·(H d) - δᵀ H δ),
+
+    and the reduction in brackets needs only ``H d`` (computed here once, and reused by the methods
+    as their right-hand side) and ``δᵀ H δ``, which every method gets cheaply from its own solve.
+    The reduction is summed directly, not as a difference of two large errors, so a tiny
+    improvement is measured as precisely as a large one (what the never-worse check needs).
+    Two products per layer in all: ``w_orig @ H`` (the output energy) and ``d @ H``.
+    """
+
+    h: torch.Tensor
+    d: torch.Tensor  # w_orig - w_pruned, fp32 [out, in]
+    dh: torch.Tensor  # d @ H
+    energy: float  # Σᵢ w_origᵢᵀ H w_origᵢ
+    before: float  # Σᵢ dᵢᵀ H dᵢ
+
+    @classmethod
+    def of(cls, w_orig: torch.Tensor, w_pruned: torch.Tensor, h: torch.Tensor) -> "LayerError":
+        d = w_orig.float() - w_pruned.float()
+        dh = d @ h
+        energy = float(quadratic_rows(w_orig.float(), h).double().sum())
+        before = float(torch.linalg.vecdot(d, dh).double().sum())
+        return cls(h=h, d=d, dh=dh, energy=energy, before=before)
+
+    def relative(self, absolute: float) -> float:
+        """An absolute error as a fraction of the output energy (0 when the output is all zero)."""
+        return absolute / self.energy if self.energy > 0 else 0.0
+
+    def reduction(self, delta: torch.Tensor, quad_rows: torch.Tensor | None = None) -> float:
+        """``error_before - error(δ)``; ``quad_rows`` (``δᵢᵀ H δᵢ``) is computed densely when not given."""
+        if quad_rows is None:
+            quad_rows = quadratic_rows(delta, self.h)
+        linear = torch.linalg.vecdot(delta, self.dh).double().sum()
+        return float(2.0 * linear - quad_rows.double().sum())
 
 
 def sample_hessian(samples: torch.Tensor) -> torch.Tensor:

@@ -109,6 +109,7 @@ class PCGOutcome:
     converged: bool  # every row reached tol before max_iter
     solver: str = "jacobi-pcg"  # "schur-pcg", "schur-pcg+jacobi-pcg" (some rows polished), "jacobi-pcg"
     fallback: str = ""  # why a fallback ran ("" when none did)
+    quad: torch.Tensor | None = None  # δᵢᵀ H δᵢ per row (fp32 [out]), from the solver's last product
 
 
 def _safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
@@ -163,10 +164,12 @@ def masked_pcg(
         active &= _safe_div(r.norm(dim=1), b_norm) > tol
         iterations = it + 1
     # Report the true residual, not the recursively updated one, which drifts in fp32.
-    true_rel = _safe_div((b - apply(x)).norm(dim=1), b_norm)
+    ax = apply(x)
+    true_rel = _safe_div((b - ax).norm(dim=1), b_norm)
     residual = float(true_rel.max()) if true_rel.numel() else 0.0
     converged = not bool(active.any())  # by the solver's own (recursive) criterion
-    return PCGOutcome(delta=x, iterations=iterations, residual=residual, converged=converged)
+    quad = torch.linalg.vecdot(x, ax - lam * x)  # x is zero outside F, so xᵀ(F ⊙ xH) = xᵀHx
+    return PCGOutcome(delta=x, iterations=iterations, residual=residual, converged=converged, quad=quad)
 
 
 def _inverse(h: torch.Tensor, lam: float) -> tuple[torch.Tensor | None, float, str]:
@@ -195,6 +198,7 @@ def _schur_pcg(
     h: torch.Tensor,
     g: torch.Tensor,
     cond: float,
+    d: torch.Tensor,
     hd: torch.Tensor,
     free: torch.Tensor,
     lam: float,
@@ -204,17 +208,26 @@ def _schur_pcg(
     """Schur-complement CG (see the module docstring), with Jacobi-PCG polishing of stalled rows."""
     keep_all = free.to(hd.dtype)
     b_norm_all = (hd * keep_all).norm(dim=1)
-    u_all = hd @ g  # the unconstrained optimum G H d
+    if bool(((d != 0) & free).any()):
+        u_all = hd @ g  # the unconstrained optimum G H d
+    else:  # d lives on the fixed set: u = d gives the same δ_F (see the module docstring), no product
+        u_all = d
     delta = torch.zeros_like(hd)
     rel = torch.zeros_like(b_norm_all)  # the true relative residual of every finished row
+    quad = torch.zeros_like(b_norm_all)  # δᵢᵀ H δᵢ of every finished row
     rho0_all = (u_all * (1.0 - keep_all)).norm(dim=1)
     # b = 0: δ = 0 is exact. Nothing fixed (ρ₀ = 0): δ = u_F is exact, μ = 0.
     trivial = (b_norm_all > 0) & (rho0_all == 0)
     idx = ((b_norm_all > 0) & (rho0_all > 0)).nonzero().flatten()
     inv_diag = _safe_div(torch.ones_like(torch.diagonal(g)), torch.diagonal(g)).unsqueeze(0)
 
-    def true_residual(x: torch.Tensor, hd_: torch.Tensor, keep: torch.Tensor, b_norm: torch.Tensor) -> torch.Tensor:
-        return _safe_div((hd_ * keep - (x @ h) * keep - lam * x).norm(dim=1), b_norm)
+    def true_residual(
+        x: torch.Tensor, hd_: torch.Tensor, keep: torch.Tensor, b_norm: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The relative residual of the original system and xᵀHx, per row, from one product."""
+        xh = x @ h
+        res = _safe_div(((hd_ - xh) * keep - lam * x).norm(dim=1), b_norm)
+        return res, torch.linalg.vecdot(x, xh)
 
     def take(rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
         everything = (u_all, keep_all, hd, b_norm_all, rho0_all)
@@ -224,7 +237,9 @@ def _schur_pcg(
 
     if bool(trivial.any()):
         delta[trivial] = (u_all * keep_all)[trivial]
-        rel[trivial] = true_residual(delta[trivial], hd[trivial], keep_all[trivial], b_norm_all[trivial])
+        rel[trivial], quad[trivial] = true_residual(
+            delta[trivial], hd[trivial], keep_all[trivial], b_norm_all[trivial]
+        )
     iterations = 0
     stalled = torch.zeros(0, dtype=torch.long, device=hd.device)
     if idx.numel():
@@ -258,7 +273,7 @@ def _schur_pcg(
             if not (asked or progress or out_of_budget):
                 continue
             x = (u - y) * keep
-            res = true_residual(x, hd_a, keep, b_norm)
+            res, xhx = true_residual(x, hd_a, keep, b_norm)
             done = res <= tol
             stuck = torch.zeros_like(done)
             if progress:
@@ -272,6 +287,7 @@ def _schur_pcg(
             finished = done | stuck | out_of_budget
             delta[idx[finished]] = x[finished]
             rel[idx[finished]] = res[finished]
+            quad[idx[finished]] = xhx[finished]
             stalled = torch.cat([stalled, idx[stuck]])
             if bool(finished.all()):
                 break
@@ -295,7 +311,9 @@ def _schur_pcg(
         start = delta[stalled] * (rel[stalled] < 1.0).to(delta.dtype).unsqueeze(1)
         polish = masked_pcg(h, hd[stalled], free[stalled], lam, tol, max(max_iter - iterations, 1), x0=start)
         delta[stalled] = polish.delta
-        rel[stalled] = true_residual(polish.delta, hd[stalled], keep_all[stalled], b_norm_all[stalled])
+        rel[stalled], quad[stalled] = true_residual(
+            polish.delta, hd[stalled], keep_all[stalled], b_norm_all[stalled]
+        )
         iterations += polish.iterations
         converged = converged and polish.converged
         solver = "schur-pcg+jacobi-pcg"
@@ -307,6 +325,7 @@ def _schur_pcg(
         converged=converged,
         solver=solver,
         fallback=fallback,
+        quad=quad,
     )
 
 
@@ -318,13 +337,19 @@ def optimal_delta(
     lam: float,
     tol: float,
     max_iter: int,
+    hd: torch.Tensor | None = None,
 ) -> PCGOutcome:
-    """δ of the exact (ridge-``λ``) optimum over ``free`` for every row (see the module docstring)."""
-    hd = (w_orig - w_pruned) @ h
+    """δ of the exact (ridge-``λ``) optimum over ``free`` for every row (see the module docstring).
+
+    ``hd`` is ``(w_orig - w_pruned) @ H`` when the caller already has it (saves one product).
+    """
+    d = w_orig - w_pruned
+    if hd is None:
+        hd = d @ h
     g, cond, why = _inverse(h, lam)
     if g is None:
         log.warning("optimal correction: %s; solving with Jacobi-PCG on the original system instead", why)
         outcome = masked_pcg(h, hd, free, lam, tol, max_iter)
         outcome.fallback = why
         return outcome
-    return _schur_pcg(h, g, cond, hd, free, lam, tol, max_iter)
+    return _schur_pcg(h, g, cond, d, hd, free, lam, tol, max_iter)
