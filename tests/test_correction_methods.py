@@ -220,6 +220,9 @@ def test_greedy_closed_form_monotone_and_patience(x):
     d = wp + run.delta - w
     direct = ((stats.samples @ d.T).square().sum() / stats.samples.shape[0]).item()
     assert run.trace[-1] == pytest.approx(direct, rel=1e-4)
+    # ... and so does the tracked δᵀHδ of every row.
+    dense = ((run.delta.double() @ hs.double()) * run.delta.double()).sum(dim=1)
+    assert torch.allclose(run.quad.double(), dense, rtol=1e-4, atol=1e-6 * float(dense.abs().max()))
     assert run.visited == run.candidates and run.rows_stopped_early == 0
     # Every accepted step is exactly ±step·|w_orig|.
     moved = run.delta != 0

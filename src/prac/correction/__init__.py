@@ -236,7 +236,7 @@ def _propose(
             hd=meter.dh if own else None,
         )
         delta = run.delta
-        quad = sparse_quadratic_rows(delta, meter.h, selected)
+        quad = run.quad if own else sparse_quadratic_rows(delta, meter.h, selected)
         info.update(
             candidates=run.candidates,
             positions_visited=run.visited,

@@ -30,6 +30,7 @@ class GreedyOutcome:
     visited: int  # candidates tried before each row stopped
     corrected: int  # accepted steps
     rows_stopped_early: int  # rows that ran out of patience before their last candidate
+    quad: torch.Tensor  # δᵢᵀ H δᵢ per row (fp32 [out]) for the ``h`` the search ran on
     trace: list[float] | None = None  # Σᵢ Eᵢ after each rank step (only when asked)
 
 
@@ -47,14 +48,21 @@ def greedy_delta(
     """Run the greedy search; ``h`` is the sample Hessian, ``step`` the relative step size.
 
     ``hd`` is ``(w_orig - w_pruned) @ h`` when the caller already has it (saves one product).
+    Only ``g`` at each row's own candidates is ever read, so only those K entries per row are kept
+    and updated (``g_S += δ H[j, S]``: a gather of [out, K] per step instead of an [out, in] update).
+    ``δᵀ H δ`` is tracked alongside (``+= 2 δ (Hδ)_j + δ² H_jj``, with ``Hδ = g + H d``).
     """
     idx, valid = candidate_order(scores, selected, ascending=True)
     rows = torch.arange(w_orig.shape[0], device=w_orig.device)
     d = w_pruned - w_orig
-    g = d @ h if hd is None else -hd
+    g_full = d @ h if hd is None else -hd
+    err = torch.linalg.vecdot(g_full, d)
+    g = g_full.gather(1, idx)  # g at each row's candidates, in visiting order
+    hd_s = -g  # (H (w_orig - w_pruned)) at the candidates: Hδ = g + H(w_orig - w_pruned)
+    del g_full
     diag_h = torch.diagonal(h)
     delta = torch.zeros_like(w_orig)
-    err = (g * d).sum(dim=1)
+    quad = torch.zeros_like(err)
     active = torch.ones(w_orig.shape[0], dtype=torch.bool, device=w_orig.device)
     streak = torch.zeros(w_orig.shape[0], dtype=torch.int64, device=w_orig.device)
     visits = torch.zeros_like(streak)
@@ -65,14 +73,16 @@ def greedy_delta(
             break  # every row is out of patience; the check syncs, so not on every step
         j = idx[:, t]
         live = valid[:, t] & active
-        g_j = g[rows, j]
+        g_j = g[:, t]
         size = step * w_orig[rows, j].abs()
         move = -torch.sign(g_j) * size
-        change = 2.0 * move * g_j + move.square() * diag_h[j]
+        h_jj = diag_h[j]
+        change = 2.0 * move * g_j + move.square() * h_jj
         accept = live & (change < 0)
         move = torch.where(accept, move, 0.0)
+        quad += 2.0 * move * (g_j + hd_s[:, t]) + move.square() * h_jj
         delta[rows, j] += move
-        g += move.unsqueeze(1) * h[j]  # H symmetric: row j is column j
+        g += move.unsqueeze(1) * h[j.unsqueeze(1), idx]  # H symmetric: row j is column j
         err += torch.where(accept, change, 0.0)
         streak = torch.where(accept, 0, streak + live.to(streak.dtype))
         active &= streak < patience
@@ -87,5 +97,6 @@ def greedy_delta(
         visited=int(visits.sum()),
         corrected=int(corrected),
         rows_stopped_early=int(((~active) & (visits < counts)).sum()),
+        quad=quad,
         trace=history,
     )

@@ -38,9 +38,13 @@ def sorted_support(support: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """
     counts = support.sum(dim=1)
     width = int(counts.max()) if counts.numel() else 0
-    order = torch.sort((~support).to(torch.int8), dim=1, stable=True).indices[:, :width]
+    # No sort: the j-th True of a row goes to slot j (its running count), the rest to a spare slot.
+    slot = torch.where(support, support.cumsum(dim=1) - 1, width)
+    cols = torch.arange(support.shape[1], device=support.device).expand_as(slot)
+    idx = torch.zeros(support.shape[0], width + 1, dtype=torch.int64, device=support.device)
+    idx.scatter_(1, slot, cols)
     valid = torch.arange(width, device=support.device).unsqueeze(0) < counts.unsqueeze(1)
-    return order.masked_fill(~valid, 0), valid
+    return idx[:, :width].masked_fill(~valid, 0), valid
 
 
 def sparse_quadratic_rows(delta: torch.Tensor, h: torch.Tensor, support: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,10 @@ one is
 
     δ = u - G μ   (restricted to F),      G_QQ μ = u_Q,
 
-with ``μ`` the multipliers of the constraints ``δ_Q = 0``. The ``Q x Q`` systems (a different ``Q``
+with ``μ`` the multipliers of the constraints ``δ_Q = 0``. When ``d`` vanishes on ``F`` (always for a
+correction: ``d`` lives on the pruned weights, which are never free), ``H d = A d - λ d`` and the
+``-λ d`` term, supported on ``Q``, only shifts the multipliers, so ``u = d`` gives the same ``δ_F``
+without the product ``G H d``; the general ``u`` is kept for free sets that overlap ``d``. The ``Q x Q`` systems (a different ``Q``
 for every row) are solved together by conjugate gradients on ``μ ↦ Q ⊙ (μ @ G)``: one
 [out, in] x [in, in] matmul per iteration for every row at once, with ``G μ`` accumulated alongside
 so δ costs nothing extra. Preconditioner: Jacobi, ``1 / G_qq`` (the OBS denominators). Start:
@@ -52,8 +55,9 @@ Fallbacks, never silent (``PCGOutcome.solver`` / ``.fallback``, and a logged war
   ``tol`` at fp32's floor for that row) are finished by the same Jacobi-PCG, warm-started from their
   current δ. ``iterations`` then counts both.
 
-Cost: the inverse of ``H + λI`` (about in³ flops), two setup matmuls (``H d``, ``u``), one matmul per
-iteration and one per residual check (usually one or two), each ``2·out·in²`` flops.
+Cost: the inverse of ``H + λI`` (about in³ flops), one matmul per iteration and one per residual
+check (usually one or two), each ``2·out·in²`` flops; ``H d`` comes from the caller, whose error
+bookkeeping needs it anyway, and each residual check also yields ``δᵀ H δ`` for that bookkeeping.
 
 Measured with bench/layer_speed.py (out 4096, 8192 tokens, Wanda masks, default damping 1e-2 and
 tol 1e-4), 1 CPU thread on a shared machine, single runs (expect ±30%). Times go through
