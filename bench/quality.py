@@ -121,6 +121,7 @@ def main(argv=None) -> int:
     ap.add_argument("--patterns", nargs="+", default=PATTERNS)
     ap.add_argument("--out-dir", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--jobs", type=int, default=1, help="configurations run at once (threads are split between them)")
+    ap.add_argument("--threads", type=int, default=None, help="threads per configuration (default: CPUs / jobs)")
     ap.add_argument("--smoke", action="store_true", help="tiny calibration and evaluation: checks the harness only")
     ap.add_argument("--resume", action="store_true", help="reuse the reports of configurations already in --out-dir")
     ap.add_argument("--collect-only", action="store_true", help="only build the table and plot from existing reports")
@@ -132,7 +133,7 @@ def main(argv=None) -> int:
         from prac import assets
 
         (out / "smoke_eval.txt").write_text(assets.DEFAULT_EVAL.read_text(encoding="utf-8")[:20000], encoding="utf-8")
-    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     todo = configs(args.methods, args.corrections, args.patterns)
     rows = []
     if args.resume or args.collect_only:

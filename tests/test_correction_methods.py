@@ -9,6 +9,7 @@ import torch
 
 from prac.correction import (
     YARDSTICK_DAMPING,
+    YARDSTICK_TOL,
     CorrectionConfig,
     correct,
     format_diagnostics,
@@ -94,7 +95,7 @@ def test_contract_mask_zeros_inputs_untouched_deterministic(x, method):
     assert d["error_after"] < d["error_before"]
     assert d["error_source"] == "hessian"
     assert -1e-6 <= d["fraction_of_optimal"] <= 1 + 1e-3
-    assert d["optimal_residual"] <= cfg.optimal_tol * 1.5
+    assert d["optimal_residual"] <= YARDSTICK_TOL * 1.5
     json.dumps(d, allow_nan=False)  # flat and JSON-serialisable
     assert all(isinstance(v, (int, float, str, bool)) for v in d.values())
     if method != "optimal":
@@ -340,3 +341,12 @@ def test_sparse_quadratic_rows_equals_dense():
     assert torch.allclose(sparse_quadratic_rows(delta, h, wide).double(), want, rtol=1e-5, atol=1e-6)
     idx, valid = sorted_support(support)
     assert valid.sum() == support.sum() and (idx.diff(dim=1)[valid[:, 1:]] > 0).all()
+
+
+def test_yardstick_is_solved_tightly_whatever_the_method_tolerance(x):
+    cfg = CorrectionConfig(method="optimal", optimal_tol=0.3, damping=YARDSTICK_DAMPING)
+    w, wp, mask, stats, scores = layer(x, cfg)
+    d = correct(w, wp, mask, stats, scores, cfg).diagnostics
+    assert YARDSTICK_TOL < d["solver_residual"] <= 0.3  # the loose solve stopped early ...
+    assert d["optimal_residual"] <= 1.5 * YARDSTICK_TOL  # ... and was not reused as the yardstick
+    assert d["fraction_of_optimal"] < 1.0

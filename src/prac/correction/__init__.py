@@ -65,6 +65,7 @@ __all__ = [
     "STRATEGIES",
     "DEFAULT_DAMPING",
     "YARDSTICK_DAMPING",
+    "YARDSTICK_TOL",
     "correct",
     "default_damping",
     "default_strategy",
@@ -90,6 +91,8 @@ DEFAULT_CLAMP = {"full": 0.2, "diagonal": 0.05}
 
 #: The yardstick is the (nearly) undamped optimum: λ only keeps dead input features solvable.
 YARDSTICK_DAMPING = 1e-6
+#: ... solved tightly whatever the method's own tolerance (relative residual of each row's system).
+YARDSTICK_TOL = 1e-4
 
 
 def default_strategy(method: str) -> str:
@@ -253,7 +256,9 @@ def _propose(
 def _yardstick(mask: torch.Tensor, meter: LayerError, cfg: CorrectionConfig) -> PCGOutcome:
     lam = damping_lambda(torch.diagonal(meter.h), YARDSTICK_DAMPING)
     # optimal_delta only uses the difference w_orig - w_pruned, which is the meter's d.
-    return optimal_delta(meter.d, torch.zeros_like(meter.d), ~mask, meter.h, lam, cfg.optimal_tol, cfg.optimal_max_iter, hd=meter.dh)
+    return optimal_delta(
+        meter.d, torch.zeros_like(meter.d), ~mask, meter.h, lam, YARDSTICK_TOL, cfg.optimal_max_iter, hd=meter.dh
+    )
 
 
 def correct(
@@ -339,7 +344,9 @@ def _measure_optimal(
     after: float,
 ) -> dict[str, Any]:
     """The yardstick: the optimum over all survivors, and the fraction of its reduction reached."""
-    reuse = own is not None and strategy == "all" and damping == YARDSTICK_DAMPING
+    reuse = (
+        own is not None and strategy == "all" and damping == YARDSTICK_DAMPING and cfg.optimal_tol <= YARDSTICK_TOL
+    )
     best = own if reuse else _yardstick(mask, meter, cfg)
     optimum = meter.relative(meter.before - meter.reduction(best.delta.masked_fill(mask, 0.0), best.quad))
     achievable = before - optimum
