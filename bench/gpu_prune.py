@@ -8,6 +8,10 @@ show that peak memory is one block plus activations, independent of depth.
 
     bash bench/gpu.sh                       # on a CUDA machine
     python bench/gpu_prune.py --smoke       # tiny configuration, any device, seconds
+
+Each finished run is written to ``--out`` at once; ``--resume`` keeps the runs already there and
+does only the missing ones, so the suite can be split over several shorter sessions (e.g. a
+10-minute limit per command: ``--runs wanda sparsegpt --no-depth-check``, then ``--resume``).
 """
 
 from __future__ import annotations
@@ -96,6 +100,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--out", default="bench/results/gpu.json")
+    ap.add_argument("--resume", action="store_true", help="keep the runs already in --out; do the missing ones")
     args = ap.parse_args(argv)
     device = resolve_device(args.device)
     config = SMOKE if args.smoke else MISTRAL_7B
@@ -104,24 +109,36 @@ def main(argv=None) -> int:
     dtype = getattr(torch, args.dtype)
     calib = torch.randint(0, config["vocab_size"], (args.nsamples, args.seqlen), generator=torch.Generator().manual_seed(0))
     layers = config["num_hidden_layers"]
-    rows = []
-    model = build(config, layers, dtype)
-    pristine = {k: v.clone() for k, v in model.state_dict().items()}
-    for name in args.runs:
-        model.load_state_dict(pristine)
-        rows.append(run(model, calib, name, device, args.batch_size))
-        print(f"{name}: {rows[-1]['seconds']:.1f}s", file=sys.stderr, flush=True)
-    del model, pristine
-    if args.depth_check:
-        deep = build(config, 2 * layers, dtype)
-        rows.append(run(deep, calib, "wanda", device, args.batch_size))
-        del deep
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "none"
     meta = {"date": dt.date.today().isoformat(), "device": str(device), "gpu": gpu, "dtype": args.dtype,
             "calibration": f"{args.nsamples} x {args.seqlen} random tokens", "config": config,
             "torch": torch.__version__}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({**meta, "rows": rows}, indent=1))
+    out = Path(args.out)
+    rows = json.loads(out.read_text())["rows"] if args.resume and out.exists() else []
+    done = {(r["run"], r["blocks"]) for r in rows}
+
+    def save() -> None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps({**meta, "rows": rows}, indent=1))
+        tmp.replace(out)
+
+    todo = [name for name in args.runs if (name, layers) not in done]
+    if todo:
+        model = build(config, layers, dtype)
+        pristine = {k: v.clone() for k, v in model.state_dict().items()}
+        for name in todo:
+            model.load_state_dict(pristine)
+            rows.append(run(model, calib, name, device, args.batch_size))
+            save()
+            print(f"{name}: {rows[-1]['seconds']:.1f}s", file=sys.stderr, flush=True)
+        del model, pristine
+    if args.depth_check and ("wanda", 2 * layers) not in done:
+        deep = build(config, 2 * layers, dtype)
+        rows.append(run(deep, calib, "wanda", device, args.batch_size))
+        save()
+        del deep
+    save()
     print(f"{meta['date']}, {gpu}, {args.dtype}, {meta['calibration']}\n")
     print(table(rows))
     return 0

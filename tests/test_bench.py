@@ -32,3 +32,13 @@ def test_gpu_script_smoke_on_cpu(tmp_path):
     rows = json.loads((tmp_path / "g.json").read_text())["rows"]
     assert [r["run"] for r in rows] == ["wanda", "sparsegpt", "wanda+full", "wanda+optimal", "wanda"]
     assert rows[-1]["blocks"] == 2 * rows[0]["blocks"] and "| wanda+optimal |" in out
+
+
+def test_gpu_script_resumes_in_parts(tmp_path):
+    script, out = str(ROOT / "bench" / "gpu_prune.py"), str(tmp_path / "g.json")
+    _run([script, "--smoke", "--device", "cpu", "--out", out, "--runs", "wanda", "--no-depth-check"], tmp_path)
+    first = json.loads((tmp_path / "g.json").read_text())["rows"]
+    _run([script, "--smoke", "--device", "cpu", "--out", out, "--runs", "wanda", "sparsegpt", "--resume"], tmp_path)
+    rows = json.loads((tmp_path / "g.json").read_text())["rows"]
+    assert rows[0] == first[0]  # kept, not re-run
+    assert [(r["run"], r["blocks"]) for r in rows] == [("wanda", 2), ("sparsegpt", 2), ("wanda", 4)]
