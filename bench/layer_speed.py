@@ -62,7 +62,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--in-features", type=int, nargs="+", default=[1024, 2048, 4096, 14336])
     p.add_argument("--out-features", type=int, default=4096)
-    p.add_argument("--tokens", type=int, default=8192, help="calibration tokens per layer")
+    p.add_argument(
+        "--tokens", type=int, default=None,
+        help="calibration tokens per layer (default: max(8192, 2 x in): fewer tokens than inputs leave H singular)",
+    )
     p.add_argument("--rank", type=int, default=128, help="rank of the shared mixing of the activations")
     p.add_argument("--patterns", default="0.5,2:4", help="comma list: unstructured fractions and/or N:M")
     p.add_argument(
@@ -155,7 +158,8 @@ def bench_layer(
     in_features: int, pattern: Pattern, methods: list[str], args: argparse.Namespace, device: torch.device
 ) -> list[dict[str, Any]]:
     """All rows (SparseGPT first, then each correction method) for one layer and pattern."""
-    x, w = synthetic_layer(in_features, args.out_features, args.tokens, args.rank, args.seed, device)
+    tokens = args.tokens or max(8192, 2 * in_features)
+    x, w = synthetic_layer(in_features, args.out_features, tokens, args.rank, args.seed, device)
     spec = StatsSpec(hessian=True, seed=args.seed)
     if correction is not None:
         for m in methods:
@@ -163,7 +167,7 @@ def bench_layer(
     stats = collect_stats(x, spec, args.batch_tokens)
     del x
     h = stats.hessian
-    base = {"in_features": in_features, "out_features": args.out_features, "pattern": str(pattern)}
+    base = {"in_features": in_features, "out_features": args.out_features, "pattern": str(pattern), "tokens": tokens}
 
     sgpt_config = SparseGPTConfig(blocksize=args.blocksize)
     sgpt, sgpt_seconds = timed(lambda: sparsegpt_prune(w, h, pattern, sgpt_config), device)

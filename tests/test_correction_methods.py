@@ -350,3 +350,21 @@ def test_yardstick_is_solved_tightly_whatever_the_method_tolerance(x):
     assert YARDSTICK_TOL < d["solver_residual"] <= 0.3  # the loose solve stopped early ...
     assert d["optimal_residual"] <= 1.5 * YARDSTICK_TOL  # ... and was not reused as the yardstick
     assert d["fraction_of_optimal"] < 1.0
+
+
+def test_full_with_unequal_rows_equals_float64_least_squares(x):
+    # Rows keep different numbers of weights (as SparseGPT's masks do), so most rows' systems are
+    # padded; every row must still get its own exact solution, column 0 included.
+    cfg = CorrectionConfig(method="full", selection_strategy="all", damping=1e-9, max_correction_magnitude=math.inf)
+    w, _, _, stats, scores = layer(x, cfg)
+    g = torch.Generator().manual_seed(5)
+    mask = torch.rand(w.shape, generator=g) < torch.linspace(0.2, 0.8, w.shape[0]).unsqueeze(1)
+    mask[:, 0] = False  # column 0 survives everywhere (padding must never clobber it)
+    wp = apply_mask(w, mask)
+    assert len(set((~mask).sum(dim=1).tolist())) > 5
+    result = correct(w, wp, mask, stats, scores, cfg)
+    ref = lstsq_reference(x, w, ~mask)
+    assert torch.allclose(result.weight.double(), ref, rtol=0, atol=2e-4 * ref.abs().max())
+    solve = solve_rows(stats.normalized_hessian(), (w - wp) @ stats.normalized_hessian(), ~mask, 1e-3, 1 << 30)
+    dense = ((solve.delta.double() @ stats.normalized_hessian().double()) * solve.delta.double()).sum(dim=1)
+    assert torch.allclose(solve.quad.double(), dense, rtol=1e-4, atol=1e-6 * float(dense.abs().max()))
