@@ -59,29 +59,31 @@ Cost: the inverse of ``H + λI`` (about in³ flops), one matmul per iteration an
 check (usually one or two), each ``2·out·in²`` flops; ``H d`` comes from the caller, whose error
 bookkeeping needs it anyway, and each residual check also yields ``δᵀ H δ`` for that bookkeeping.
 
-Measured with bench/layer_speed.py (out 4096, 8192 tokens, Wanda masks, default damping 1e-2 and
-tol 1e-4), 1 CPU thread on a shared machine, single runs (expect ±30%). Times go through
-:func:`prac.correction.correct`, which adds its own error checks (about four more matmuls);
-``x SG`` is over ``sparsegpt_prune`` on the same layer in the same run; "fraction" is the share of
-the yardstick optimum's error reduction (damping 1e-6) that the benchmark reports.
+Measured with bench/layer_speed.py (out 4096, 8192 tokens, Wanda masks, damping 1e-2), 1 CPU
+thread on a shared machine, single runs (expect ±30%), through :func:`prac.correction.correct`
+(selection and the exact before/after errors included); ``x SG`` is over ``sparsegpt_prune`` on the
+same layer in the same run; "fraction" is the share of the yardstick optimum's error reduction
+(damping 1e-6) that the benchmark reports.
 
-=====  =======  ===================================  ===================================
-in     pattern  before: Jacobi-PCG                   now: Schur-PCG
-=====  =======  ===================================  ===================================
-1024   50%      40 it, 8.8 s, 21x SG, fraction .998  12 it, 2.5 s, 9.0x SG, fraction .998
-1024   2:4      40 it, 8.7 s, 17x SG, fraction .998  12 it, 2.5 s, 7.4x SG, fraction .998
-2048   50%      40 it, 25 s, 30x SG, fraction .999   11 it, 8.6 s, 10x SG, fraction .999
-2048   2:4      44 it, 29 s, 30x SG, fraction .998   11 it, 8.8 s, 8.7x SG, fraction .998
-4096   50%      44 it, 91 s, 24x SG, fraction .998   11 it, 34 s, 9.3x SG, fraction .998
-4096   2:4      52 it, 157 s, 41x SG, fraction .997  12 it, 36 s, 9.1x SG, fraction .997
-=====  =======  ===================================  ===================================
+=====  =======  =============================  ===========================  ==========================
+in     pattern  first: Jacobi-PCG, tol 1e-4    Schur-PCG, tol 1e-4          now: u = d, 2-product
+                                                                            bookkeeping, tol 1e-2
+=====  =======  =============================  ===========================  ==========================
+1024   50%      40 it, 21x SG, fraction .998   12 it, 9.0x SG, .998         7 it, 2.9x SG, .998
+1024   2:4      40 it, 17x SG, fraction .998   12 it, 7.4x SG, .998         7 it, 3.5x SG, .998
+2048   50%      40 it, 30x SG, fraction .999   11 it, 10x SG, .999          6 it, 6.8x SG, .999
+2048   2:4      44 it, 30x SG, fraction .998   11 it, 8.7x SG, .998         6 it, 5.2x SG, .998
+4096   50%      44 it, 24x SG, fraction .998   11 it, 9.3x SG, .998         6 it, 5.7x SG, .998
+4096   2:4      52 it, 41x SG, fraction .997   12 it, 9.1x SG, .997         7 it, 4.3x SG, .997
+14336  50%      –                              –                            6 it, 3.2x SG, .998
+=====  =======  =============================  ===========================  ==========================
 
-The solver alone at 4096 inputs (SparseGPT 3.7-5.3 s there): tol 1e-4 27-29 s (11-12 it), tol 1e-2
-16.5 s (6 it, fraction .997-.998), tol 1e-1 12 s (3-4 it, fraction .990-.994); before, tol 1e-4,
-86-98 s (44-52 it). Its fixed part, the inverse (2.4 s), the two setup matmuls and one check
-(2.2 s each), already costs about 2x SparseGPT's time, so "99% of the optimum within 2x
-SparseGPT" is out of reach at any tolerance on this hardware; what is left is the tolerance
-(``CorrectionConfig.optimal_tol``: 1e-2 keeps 99.7% and saves about 40% of the solve).
+Tolerance 1e-2 (the default) gives the same fraction as 1e-4 to three digits: the rest of the
+optimum is the damping's, not the solver's. Tol 1e-1 (3-4 iterations) reaches .991-.996 in
+3.5-4.7x SG at 4096. Below that the fixed part dominates: the inverse (about 0.7 of a product) and
+the two products every correction's error bookkeeping needs (energy and H d) already cost about
+as much as SparseGPT's whole update on this hardware, so "99% of the optimum within 2x SparseGPT"
+is out of reach on one CPU thread; see the README for the GPU comparison's status.
 """
 
 from __future__ import annotations
