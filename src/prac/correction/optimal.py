@@ -76,6 +76,7 @@ in     pattern  first: Jacobi-PCG, tol 1e-4    Schur-PCG, tol 1e-4          now:
 4096   50%      44 it, 24x SG, fraction .998   11 it, 9.3x SG, .998         6 it, 5.7x SG, .998
 4096   2:4      52 it, 41x SG, fraction .997   12 it, 9.1x SG, .997         7 it, 4.3x SG, .997
 14336  50%      –                              –                            6 it, 3.2x SG, .998
+14336  2:4      –                              –                            6 it, 3.6x SG, .998
 =====  =======  =============================  ===========================  ==========================
 
 Tolerance 1e-2 (the default) gives the same fraction as 1e-4 to three digits: the rest of the
