@@ -34,6 +34,12 @@ def test_gpu_script_smoke_on_cpu(tmp_path):
     assert rows[-1]["blocks"] == 2 * rows[0]["blocks"] and "| wanda+optimal |" in out
 
 
+def test_full_kernels_smoke(tmp_path):
+    out = _run([str(ROOT / "bench" / "full_kernels.py"), "--in", "64", "--k", "8", "--rows", "16", "--out", "16",
+                "--device", "cpu"], tmp_path)
+    assert "column order" in out and "max difference" in out
+
+
 def test_gpu_script_resumes_in_parts(tmp_path):
     script, out = str(ROOT / "bench" / "gpu_prune.py"), str(tmp_path / "g.json")
     _run([script, "--smoke", "--device", "cpu", "--out", out, "--runs", "wanda", "--no-depth-check"], tmp_path)

@@ -171,10 +171,10 @@ def stats_spec(cfg: CorrectionConfig) -> StatsSpec:
     )
 
 
-def _require_hessian(stats: InputStats, method: str, device: torch.device) -> torch.Tensor:
-    if stats.hessian is None:
+def _require_hessian(error_source: str, method: str) -> None:
+    """``full``/``optimal`` solve with H, so their errors are measured on it too (source "hessian")."""
+    if error_source != "hessian":
         raise PracError(f"correction method {method!r} needs the input Hessian; collect stats with stats_spec(config)")
-    return stats.normalized_hessian().to(device)
 
 
 def _propose(
@@ -195,13 +195,12 @@ def _propose(
     info: dict[str, Any] = {}
     outcome = None
     if method in ("full", "optimal"):
-        h = meter.h if error_source == "hessian" else _require_hessian(stats, method, device)
+        _require_hessian(error_source, method)
+        h, hd = meter.h, meter.dh
         lam = damping_lambda(torch.diagonal(h), damping)
         info["lambda"] = lam
-        hd = meter.dh if error_source == "hessian" else None
         if method == "full":
-            rhs = meter.d @ h if hd is None else hd
-            solve = full_delta(rhs, w_orig, selected, h, lam, cfg.solve_memory_mb << 20, cfg.max_correction_magnitude)
+            solve = full_delta(hd, w_orig, selected, h, lam, cfg.solve_memory_mb << 20, cfg.max_correction_magnitude)
             delta, quad = solve.delta, solve.quad
             info.update(solve_failures=solve.failures, solve_fallback=FALLBACK, clamped=solve.clamped)
         else:
@@ -216,8 +215,6 @@ def _propose(
                 solver=outcome.solver,
                 solver_fallback=outcome.fallback,
             )
-        if error_source != "hessian":  # solved with H, measured on the sample: not the same quadratic
-            quad = None
     elif method == "diagonal":
         mu = james_stein_mean(stats).to(device)
         lam = damping_lambda(stats.sumsq.to(device) / max(stats.count, 1), damping)

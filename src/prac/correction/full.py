@@ -14,10 +14,10 @@ The clamp ``|δ| ≤ bound`` is applied inside the chunk loop, where the gathere
 hand, so ``δᵀ H δ`` of the clamped change (what the caller's error check needs) costs a batched
 matrix-vector product instead of an [out, in] x [in, in] product.
 
-Cost (CPU, 1 thread, out 4096, in 4096, top 20% of 50% survivors so ``k`` = 410): the gather of
-the ``H_SS`` blocks is memory-bound (each block reads most cache lines of ``k`` rows of ``H``), and
-reading them in ascending column order made it 3x faster than in score order (6.3 s vs 21 s for
-all rows); the batched Cholesky takes about 4 s. Both scale as ``out·k²`` and ``out·k³``.
+Cost (``OMP_NUM_THREADS=1 python bench/full_kernels.py``: CPU, 1 thread, out 4096, in 4096, k = 410
+as for the top 20% of 50% survivors): the gather of the ``H_SS`` blocks is memory-bound (each block
+reads most cache lines of ``k`` rows of ``H``); in ascending column order it took 6.0 s, in score
+order 15 s (2.5x); the batched Cholesky 4.3 s. They scale as ``out·k²`` and ``out·k³``.
 """
 
 from __future__ import annotations
@@ -98,7 +98,8 @@ def solve_rows(
         a.diagonal(dim1=1, dim2=2).add_(torch.where(vv, lam, 1.0).to(a.dtype))
         b = rhs[rows].gather(1, ii) * vv
         factor, info = torch.linalg.cholesky_ex(a)
-        # Two triangular solves: the same numbers as cholesky_solve, 2.5x faster batched on a CPU.
+        # Two triangular solves: the same numbers as cholesky_solve, 2.7x faster batched on a CPU
+        # (bench/full_kernels.py).
         y = torch.linalg.solve_triangular(factor, b.unsqueeze(-1), upper=False)
         x = torch.linalg.solve_triangular(factor.mT, y, upper=True).squeeze(-1)
         del factor

@@ -34,8 +34,8 @@ def sorted_support(support: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
     ``K`` is the largest row count. Padding slots point at the row's other columns (its first False
     ones), so a row's ``idx`` never repeats a column: scattering into it never collides.
-    Ascending columns make gathers from ``H`` read each of its rows front to back, which is 3x faster
-    on a CPU than the same gather in random order (memory-bound).
+    Ascending columns make gathers from ``H`` read each of its rows front to back, which is 2.5x
+    faster on a CPU than the same gather in random order (memory-bound; bench/full_kernels.py).
     """
     counts = support.sum(dim=1)
     width = int(counts.max()) if counts.numel() else 0
