@@ -89,3 +89,14 @@ def small_text(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("text") / "small.txt"
     path.write_text(assets.DEFAULT_EVAL.read_text(encoding="utf-8")[:60000], encoding="utf-8")
     return path
+
+
+def tree_state(root: Path) -> dict[str, tuple[int, str]]:
+    """Every entry under ``root`` with its mode and (for files) content hash: "left exactly as it was"."""
+    import hashlib
+
+    out = {".": (root.stat().st_mode, "")}
+    for p in sorted(root.rglob("*")):
+        digest = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else ""
+        out[str(p.relative_to(root))] = (p.stat().st_mode, digest)
+    return out

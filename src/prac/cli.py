@@ -147,7 +147,18 @@ def prune_job_from_args(args: argparse.Namespace):
 def _progress(args):
     from prac.progress import no_progress, tqdm_progress
 
+    if args.no_progress:
+        _quiet_libraries()
     return no_progress if args.no_progress else tqdm_progress
+
+
+def _quiet_libraries() -> None:
+    """--no-progress also hides transformers' and the hub's own loading/writing bars."""
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    disable_progress_bars()
 
 
 def _cmd_prune(args: argparse.Namespace) -> int:
@@ -225,7 +236,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     from prac.errors import PracError
+    from prac.outputs import Terminated, install_signal_handlers
 
+    install_signal_handlers()
     try:
         return args.func(args)
     except PracError as exc:
@@ -234,8 +247,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"prac {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("interrupted: nothing was written", file=sys.stderr)
         return 130
+    except Terminated:
+        print("terminated: nothing was written", file=sys.stderr)
+        return 143
 
 
 if __name__ == "__main__":

@@ -22,8 +22,9 @@ from prac.loading import check_model_source, is_causal_lm, load_model, load_toke
 from prac.patterns import pattern_to_dict
 from prac.pipeline import PruneConfig, check_pattern, prune_model
 from prac.progress import Progress, no_progress
-from prac.report import environment, jsonable, peak_memory, summarize_layers, write_json_atomic
-from prac.saving import check_output_dir, save_model
+from prac.outputs import Outputs, Sources, check_report_path, check_save_dir, stage_json
+from prac.report import environment, jsonable, peak_memory, summarize_layers
+from prac.saving import stage_model
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +102,7 @@ class _Evaluator:
 def run_prune(job: PruneJob, progress: Progress = no_progress) -> dict[str, Any]:
     """Run a whole pruning job and return its report (also written where the job says)."""
     check_model_source(job.model)
-    if job.save:
-        check_output_dir(job.save, job.model, job.overwrite)
+    check_prune_outputs(job)
     device = resolve_device(job.device)
     model = load_model(job.model, job.dtype)
     tokenizer = load_tokenizer(job.model)
@@ -137,11 +137,29 @@ def run_prune(job: PruneJob, progress: Progress = no_progress) -> dict[str, Any]
         "layers": outcome.layers,
         "summary": summary,
     }
-    if job.report:
-        write_json_atomic(job.report, report)
-    if job.save:
-        save_model(model, tokenizer, job.save, job.model, report, job.overwrite)
+    with Outputs() as outputs:  # both land, or neither (a failed save leaves no report of it)
+        if job.save:
+            check_save_dir(job.save, _sources(job), job.overwrite)  # again: the folder may have changed
+            outputs.add(stage_model(model, tokenizer, job.save, report))
+        if job.report:
+            outputs.add(stage_json(job.report, report))
+        outputs.commit()
     return report
+
+
+def _sources(job: PruneJob) -> Sources:
+    return Sources(model=job.model, files=tuple(f for f in (job.calib, job.calib_tokens, job.eval) if f))
+
+
+def check_prune_outputs(job: PruneJob) -> None:
+    """Every destination of a prune checked before the model is loaded (see :mod:`prac.outputs`)."""
+    sources = _sources(job)
+    save = check_save_dir(job.save, sources, job.overwrite) if job.save else None
+    if job.report:
+        report = check_report_path(job.report, sources)
+        if save is not None and (report == save or save in report.parents):
+            raise PracError(f"report file {job.report!r} is inside the --save folder, which prac replaces whole; "
+                            f"the folder gets its own prac_report.json")
 
 
 def _config_dict(job: PruneJob) -> dict[str, Any]:
@@ -164,6 +182,8 @@ class EvalJob:
 def run_eval(job: EvalJob, progress: Progress = no_progress) -> dict[str, Any]:
     """Perplexity of a causal LM on a text (``prac eval``)."""
     check_model_source(job.model)
+    if job.report:
+        check_report_path(job.report, Sources(model=job.model, files=(job.data,) if job.data else ()))
     device = resolve_device(job.device)
     model = load_model(job.model, job.dtype)
     if not is_causal_lm(model):
@@ -176,5 +196,7 @@ def run_eval(job: EvalJob, progress: Progress = no_progress) -> dict[str, Any]:
     report = {"config": {**jsonable(job), "seqlen": resolved.seqlen, "evaluation": protocol},
               "environment": environment(device), "summary": result}
     if job.report:
-        write_json_atomic(job.report, report)
+        with Outputs() as outputs:
+            outputs.add(stage_json(job.report, report))
+            outputs.commit()
     return report

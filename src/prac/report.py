@@ -1,14 +1,13 @@
-"""The JSON report of a run: resolved configuration, environment, per-layer records, summary."""
+"""The JSON report of a run: resolved configuration, environment, per-layer records, summary.
+
+Writing it is :mod:`prac.outputs`' job (atomic, checked before any work)."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import platform
 import resource
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -61,24 +60,11 @@ def jsonable(obj: Any) -> Any:
         return str(obj)
     if isinstance(obj, torch.Tensor):
         return obj.tolist()
-    if isinstance(obj, float) and (obj != obj or obj in (float("inf"), float("-inf"))):
-        return str(obj)
+    if isinstance(obj, float) and obj != obj:
+        return None  # NaN: strict JSON has no such number; the summary's status says why
+    if isinstance(obj, float) and obj in (float("inf"), float("-inf")):
+        return str(obj)  # a setting such as "no clamp"
     return obj
-
-
-def write_json_atomic(path: str | Path, data: Any) -> None:
-    """Write JSON to a temporary file beside ``path`` and rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(jsonable(data), fh, indent=1)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def summarize_layers(layers: list[dict]) -> dict[str, Any]:

@@ -1,50 +1,30 @@
-"""Writing the pruned model: checked before any work, written atomically, never into the source."""
+"""Writing the pruned model: ``save_pretrained`` into a staged folder (see :mod:`prac.outputs`)."""
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from prac.errors import PracError
-from prac.report import write_json_atomic
+from prac.outputs import REPORT_NAME, StagedDir, dump_json
 
 
-def check_output_dir(out_dir: str | Path, source: str | Path, overwrite: bool) -> Path:
-    """Refuse the source model's folder (or a folder inside/around it) and non-empty folders."""
-    out = Path(out_dir).expanduser().resolve()
-    src = Path(source).expanduser()
-    if src.exists():
-        src = src.resolve()
-        if out == src or src in out.parents or out in src.parents:
-            raise PracError(f"output folder {str(out_dir)!r} would overwrite the source model at {str(src)!r}")
-    if out.exists() and not out.is_dir():
-        raise PracError(f"output path {str(out_dir)!r} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise PracError(f"output folder {str(out_dir)!r} is not empty (use --overwrite to replace it)")
-    return out
+def stage_model(model, tokenizer, out_dir: str | Path, report: dict[str, Any]) -> StagedDir:
+    """Model (safetensors), tokenizer and ``prac_report.json`` in a temporary sibling of ``out_dir``.
 
+    The report lists every file of the folder (``saved_files``): that list is what a later
+    ``--overwrite`` may replace. Nothing is visible at ``out_dir`` until the caller commits.
+    """
 
-def save_model(model, tokenizer, out_dir: str | Path, source: str | Path, report: dict[str, Any], overwrite: bool) -> Path:
-    """``save_pretrained`` + tokenizer + ``prac_report.json`` into a temporary sibling, then rename."""
-    out = check_output_dir(out_dir, source, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
+    def fill(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        write_json_atomic(tmp / "prac_report.json", report)
-        if out.exists():
-            backup = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
-            backup.rmdir()
-            out.rename(backup)
-            tmp.rename(out)
-            shutil.rmtree(backup)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+        files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file()) + [REPORT_NAME]
+        (tmp / REPORT_NAME).write_text(dump_json({**report, "saved_files": sorted(files)}), encoding="utf-8")
+        from prac.outputs import file_mode
+
+        for p in tmp.rglob("*"):
+            if p.is_file():
+                p.chmod(file_mode())
+
+    return StagedDir(out_dir, fill)
