@@ -28,6 +28,7 @@ import torch
 from prac.correction.base import CorrectionConfig
 from prac.loading import resolve_device
 from prac.patterns import Unstructured
+from prac.engine import EngineConfig
 from prac.pipeline import PruneConfig, prune_model
 
 MISTRAL_7B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -63,8 +64,8 @@ def build(config: dict, layers: int, dtype: torch.dtype, seed: int = 0):
 
 def run(model, calib, name: str, device: torch.device, batch_size: int) -> dict:
     method, correction = RUNS[name]
-    cfg = PruneConfig(method=method, pattern=Unstructured(0.5), batch_size=batch_size,
-                      correction=CorrectionConfig(method=correction, measure=False))
+    cfg = PruneConfig(method=method, pattern=Unstructured(0.5), engine=EngineConfig(batch_size=batch_size),
+                      correction=CorrectionConfig.of(correction, exact_errors=False))
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)

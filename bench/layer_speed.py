@@ -15,9 +15,9 @@ B (a few dominant directions, as in LLM hidden states), isotropic noise E and lo
 per-feature scales s (outlier channels). Weights are N(0, 1/in).
 
 Timing syncs CUDA around each call, after one untimed warm-up layer (skipped with ``--smoke``);
-each call runs once, so treat small differences as noise. Correction methods are timed with ``measure=False`` (the
+each call runs once, so treat small differences as noise. Correction methods are timed with ``exact_errors=False`` (the
 method and its never-worse check, as a pipeline without the yardstick runs it); the optimum
-itself is computed once per layer in a separate, untimed ``measure=True`` call.
+itself is computed once per layer in a separate, untimed call with exact errors on.
 
 Usage::
 
@@ -224,18 +224,18 @@ def bench_layer(
 
 
 def method_config(name: str) -> "correction.CorrectionConfig":
-    """``full`` -> that method's defaults; ``optimal@1e-2`` -> optimal with ``optimal_tol=1e-2``."""
+    """``full`` -> that method's defaults; ``optimal@1e-2`` -> optimal with ``tol=1e-2``."""
     method, _, tol = name.partition("@")
-    extra = {"optimal_tol": float(tol)} if tol else {}
-    return correction.CorrectionConfig(method=method, measure=False, **extra)
+    extra = {"tol": float(tol)} if tol else {}
+    return correction.CorrectionConfig.of(method, exact_errors=False, **extra)
 
 
 def optimal_error(
     w: torch.Tensor, w_pruned: torch.Tensor, mask: torch.Tensor, stats: InputStats, scores: torch.Tensor
 ) -> float | None:
     """The Wanda mask's optimum (the correction module's yardstick) from one untimed call of the
-    cheapest method with ``measure=True``; None if the module does not report it."""
-    cfg = correction.CorrectionConfig(method="diagonal", measure=True)
+    cheapest method with exact errors on; None if the module does not report it."""
+    cfg = correction.CorrectionConfig.of("diagonal", exact_errors=True)
     try:
         diagnostics = correction.correct(w, w_pruned, mask, stats, scores, cfg).diagnostics
     except Exception:  # noqa: BLE001 - the timed call of the same method reports the error

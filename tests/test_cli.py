@@ -1,7 +1,10 @@
 """The CLI: bad input gives one clear line, exit code 2, and writes nothing; good input writes reports."""
 
 import json
+import logging
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -104,7 +107,7 @@ def test_nan_statistics_name_the_layer(tiny_model_dir, small, tmp_path, capsys):
     state["model.layers.1.mlp.up_proj.weight"][0, 0] = float("nan")
     save_file(state, str(bad / "model.safetensors"), metadata={"format": "pt"})
     code, err = _run(["--model", str(bad), *small, "--report", str(tmp_path / "r.json")], capsys)
-    _assert_one_line_error(code, err, "NaN/Inf", "model.layers.1.mlp.down_proj")
+    _assert_one_line_error(code, err, "NaN/Inf", "model.layers.1.mlp.up_proj.weight")
     assert not (tmp_path / "r.json").exists()
 
 
@@ -153,3 +156,105 @@ def test_help_explains(capsys):
     text = capsys.readouterr().out
     for flag in ("--calib-tokens", "--nm", "--correction", "--save", "--report", "--device", "calibration protocols"):
         assert flag in text
+
+
+def test_argument_error_is_one_line_and_a_pointer_to_help(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["prune", "--sparsity", "2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2
+    assert err == ["prac prune: error: argument --sparsity: sparsity must be in [0, 1), got 2.0",
+                   "see 'prac prune --help'"]
+    with pytest.raises(SystemExit):
+        main(["prun"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and err[0].startswith("prac: error: argument COMMAND: invalid choice") and err[1] == "see 'prac --help'"
+
+
+def test_top_level_help_imports_nothing_heavy():
+    script = ("import sys\nfrom prac.cli import main\n"
+              "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+              "print(sorted(m for m in ('torch', 'transformers', 'torch.func', 'prac.spectral', 'numpy') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert lines[-1] == "[]", lines[-1]
+    assert all(f"  {name} " in done.stdout for name in ("prune", "eval", "verify", "spectrum"))
+
+
+def test_no_measure_is_a_deprecated_alias_of_no_exact_errors(capsys):
+    from prac.cli import build_parser, prune_job_from_args
+
+    old = build_parser().parse_args(["prune", "--correction", "diagonal", "--no-measure"])
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "prac prune: warning: --no-measure is deprecated; use --no-exact-errors"]
+    new = build_parser().parse_args(["prune", "--correction", "diagonal", "--no-exact-errors"])
+    assert capsys.readouterr().err == ""
+    assert prune_job_from_args(old) == prune_job_from_args(new)
+    assert prune_job_from_args(new).prune.correction.exact_errors is False
+    default = prune_job_from_args(build_parser().parse_args(["prune", "--correction", "diagonal"]))
+    assert default.prune.correction.exact_errors is True and default.prune.collect is None
+    measured = prune_job_from_args(build_parser().parse_args(["prune", "--measure"]))
+    assert measured.prune.collect.hessian and measured.prune.correction.exact_errors is True
+
+
+def test_prune_help_shows_percent_signs_and_memory_costs(capsys):
+    with pytest.raises(SystemExit):
+        main(["prune", "--help"])
+    text = capsys.readouterr().out
+    assert "50% Wanda" in text and "%%" not in text
+    assert "--exact-errors" in text and "--no-exact-errors" in text and "784 MiB" in text
+    assert "--no-measure" not in text  # deprecated: works, not advertised
+
+
+def test_non_finite_result_prints_nan_and_exits_1(capsys):
+    from prac.cli import eval as eval_cmd, prune as prune_cmd
+
+    summary = {"pruned_layers": 28, "sparsity": 0.5, "prune_seconds": 1.25, "peak_memory_bytes": 2**21,
+               "dense_ppl": 61.4437, "ppl": None, "status": "not_finite",
+               "correction": {"method": "optimal", "mean_reduction": None}}
+    report = {"config": {"blocks": "model.layers"}, "summary": summary}
+    assert prune_cmd.print_summary(report, report_path="r.json") == 1
+    out, err = capsys.readouterr()
+    assert "perplexity: dense 61.4437 -> pruned nan" in out and "mean_reduction nan" in out and "r.json" in out
+    assert err.strip() == "prac prune: the result is not usable (status not_finite)"
+    assert prune_cmd.print_summary({**report, "summary": {**summary, "ppl": 63.4, "status": "ok"}}) == 0
+    assert "pruned 63.4000" in capsys.readouterr().out
+    assert prune_cmd.print_summary({**report, "summary": {k: v for k, v in summary.items() if k != "status"}}) == 0
+    capsys.readouterr()
+    assert eval_cmd.print_summary({"ppl": None, "windows": 3, "seqlen": 64, "predicted_tokens": 189,
+                                   "status": "not_finite"}) == 1
+    out, err = capsys.readouterr()
+    assert out.startswith("perplexity nan over 3 windows") and "not usable" in err
+
+
+@pytest.fixture
+def restore_prac_logging():
+    logger = logging.getLogger("prac")
+    level = logger.level
+    yield logger
+    logger.setLevel(level)
+
+
+def test_verbose_and_debug_set_the_prac_logger(restore_prac_logging, capsys):
+    from argparse import Namespace
+
+    from prac.cli import configure_logging
+
+    configure_logging(Namespace(verbose=True, debug=False))
+    assert restore_prac_logging.getEffectiveLevel() == logging.INFO
+    logging.getLogger("prac.jobs").info("calibration: 4 x 32 tokens")
+    logging.getLogger("prac.jobs").debug("hidden at -v")
+    err = capsys.readouterr().err
+    assert "INFO prac.jobs: calibration: 4 x 32 tokens" in err and "hidden" not in err
+    configure_logging(Namespace(verbose=False, debug=True))
+    assert restore_prac_logging.getEffectiveLevel() == logging.DEBUG
+    configure_logging(Namespace(verbose=False, debug=False))
+    assert restore_prac_logging.getEffectiveLevel() == logging.WARNING
+    assert sum(1 for h in restore_prac_logging.handlers if type(h).__name__ == "_StderrHandler") == 1
+
+
+def test_prune_verbose_logs_each_phase(tiny_model_dir, small, restore_prac_logging, capsys):
+    assert main(["prune", "--no-progress", "-v", "--model", str(tiny_model_dir("mistral")), *small]) == 0
+    err = capsys.readouterr().err
+    assert "INFO prac.jobs: calibration: 4 x 32 tokens" in err and "INFO prac.jobs: pruned" in err

@@ -67,10 +67,10 @@ def lstsq_reference(x: torch.Tensor, w: torch.Tensor, free: torch.Tensor) -> tor
 
 
 CONFIGS = {
-    "full": CorrectionConfig(method="full", percent_change=0.25),
-    "diagonal": CorrectionConfig(method="diagonal", percent_change=0.25),
-    "greedy": CorrectionConfig(method="greedy", percent_change=0.25, max_activation_samples=512),
-    "optimal": CorrectionConfig(method="optimal"),
+    "full": CorrectionConfig.of("full", percent_change=0.25),
+    "diagonal": CorrectionConfig.of("diagonal", percent_change=0.25),
+    "greedy": CorrectionConfig.of("greedy", percent_change=0.25, max_activation_samples=512),
+    "optimal": CorrectionConfig.of("optimal"),
 }
 
 
@@ -100,12 +100,12 @@ def test_contract_mask_zeros_inputs_untouched_deterministic(x, method):
     assert all(isinstance(v, (int, float, str, bool)) for v in d.values())
     if method != "optimal":
         # Only selected survivors may change.
-        sel = select(scores, mask, d["strategy"], cfg.percent_change)
+        sel = select(scores, mask, d["strategy"], cfg.settings.percent_change)
         assert torch.equal(first.weight[~sel], wp[~sel])
 
 
 def test_none_returns_w_pruned_unchanged(x):
-    cfg = CorrectionConfig(method="none")
+    cfg = CorrectionConfig.of("none")
     w, wp, mask, stats, scores = layer(x, cfg)
     result = correct(w, wp, mask, stats, scores, cfg)
     assert result.weight is wp and result.diagnostics == {}
@@ -113,7 +113,7 @@ def test_none_returns_w_pruned_unchanged(x):
 
 
 def test_full_all_equals_float64_least_squares(x):
-    cfg = CorrectionConfig(method="full", selection_strategy="all", damping=1e-9, max_correction_magnitude=math.inf)
+    cfg = CorrectionConfig.of("full", selection_strategy="all", damping=1e-9, max_correction_magnitude=math.inf)
     w, wp, mask, stats, scores = layer(x, cfg)
     result = correct(w, wp, mask, stats, scores, cfg)
     ref = lstsq_reference(x, w, ~mask)
@@ -123,7 +123,7 @@ def test_full_all_equals_float64_least_squares(x):
 
 
 def test_optimal_matches_reference_within_tolerance(x):
-    cfg = CorrectionConfig(method="optimal", damping=YARDSTICK_DAMPING, optimal_tol=1e-5, optimal_max_iter=500)
+    cfg = CorrectionConfig.of("optimal", damping=YARDSTICK_DAMPING, tol=1e-5, max_iter=500)
     w, wp, mask, stats, scores = layer(x, cfg)
     result = correct(w, wp, mask, stats, scores, cfg)
     d = result.diagnostics
@@ -137,7 +137,7 @@ def test_optimal_matches_reference_within_tolerance(x):
 
 
 def test_optimal_with_default_damping_is_near_the_yardstick(x):
-    cfg = CorrectionConfig(method="optimal")
+    cfg = CorrectionConfig.of("optimal")
     w, wp, mask, stats, scores = layer(x, cfg)
     d = correct(w, wp, mask, stats, scores, cfg).diagnostics
     assert 0.98 <= d["fraction_of_optimal"] <= 1 + 1e-3
@@ -153,7 +153,7 @@ def test_pcg_rows_with_nothing_to_do_and_dead_features():
 
 
 def test_full_chunked_solve_equals_one_chunk(x):
-    cfg = CorrectionConfig(method="full")
+    cfg = CorrectionConfig.of("full")
     w, wp, mask, stats, scores = layer(x, cfg)
     h = stats.normalized_hessian()
     rhs = (w - wp) @ h
@@ -170,7 +170,7 @@ def test_full_chunked_solve_equals_one_chunk(x):
 def test_solve_failure_falls_back_to_min_norm_lstsq_and_is_counted():
     x = correlated_inputs()
     x[:, 3] = 0.0  # a dead input feature: H_SS is exactly singular for every row keeping it
-    cfg = CorrectionConfig(method="full", selection_strategy="all", damping=0.0, max_correction_magnitude=math.inf)
+    cfg = CorrectionConfig.of("full", selection_strategy="all", damping=0.0, max_correction_magnitude=math.inf)
     w, _, _, stats, scores = layer(x, cfg)
     mask = torch.zeros_like(w, dtype=torch.bool)
     mask[:, ::2] = True  # keep column 3 in every row
@@ -192,7 +192,7 @@ def test_solve_failure_falls_back_to_min_norm_lstsq_and_is_counted():
 
 @pytest.mark.parametrize("method", ["full", "diagonal"])
 def test_clamp_bound_respected_and_counted(x, method):
-    cfg = CorrectionConfig(method=method, selection_strategy="all", max_correction_magnitude=0.01)
+    cfg = CorrectionConfig.of(method, selection_strategy="all", max_correction_magnitude=0.01)
     w, wp, mask, stats, scores = layer(x, cfg)
     result = correct(w, wp, mask, stats, scores, cfg)
     change = (result.weight - wp).abs()
@@ -235,7 +235,7 @@ def test_greedy_closed_form_monotone_and_patience(x):
 
 
 def test_greedy_report_and_samples_only_errors(x):
-    cfg = replace(CONFIGS["greedy"], measure=False)
+    cfg = CONFIGS["greedy"].replace(exact_errors=False)
     w, wp, mask, stats, scores = layer(x, cfg)
     assert stats.hessian is None
     d = correct(w, wp, mask, stats, scores, cfg).diagnostics
@@ -262,7 +262,7 @@ def test_james_stein_mean_lies_between_raw_and_grand_mean():
 def test_never_worse_reverts_a_harmful_correction():
     # Zero-mean inputs: the sample mean is noise, so the first-moment correction cannot help.
     x = correlated_inputs(mean=0.0)
-    cfg = CorrectionConfig(method="diagonal", selection_strategy="all", damping=0.0, max_correction_magnitude=math.inf)
+    cfg = CorrectionConfig.of("diagonal", selection_strategy="all", damping=0.0, max_correction_magnitude=math.inf)
     w, wp, mask, stats, scores = layer(x, cfg)
     result = correct(w, wp, mask, stats, scores, cfg)
     d = result.diagnostics
@@ -274,13 +274,13 @@ def test_never_worse_reverts_a_harmful_correction():
 
 
 def test_missing_statistics_are_a_clear_error(x):
-    w, wp, mask, stats, scores = layer(x, CorrectionConfig(method="diagonal", measure=False))
+    w, wp, mask, stats, scores = layer(x, CorrectionConfig.of("diagonal", exact_errors=False))
     stats.samples = None
     with pytest.raises(PracError, match="Hessian or stored token samples"):
-        correct(w, wp, mask, stats, scores, CorrectionConfig(method="diagonal", measure=False))
-    w, wp, mask, stats, scores = layer(x, CorrectionConfig(method="greedy", measure=False))
+        correct(w, wp, mask, stats, scores, CorrectionConfig.of("diagonal", exact_errors=False))
+    w, wp, mask, stats, scores = layer(x, CorrectionConfig.of("greedy", exact_errors=False))
     with pytest.raises(PracError, match="needs the input Hessian"):
-        correct(w, wp, mask, stats, scores, CorrectionConfig(method="full"))
+        correct(w, wp, mask, stats, scores, CorrectionConfig.of("full"))
 
 
 def test_summarize_rolls_up(x):
@@ -313,7 +313,7 @@ def test_reported_errors_equal_the_direct_computation(x, method, source):
     if source == "samples":
         if method in ("full", "optimal"):
             pytest.skip("full and optimal need the Hessian")
-        cfg = replace(cfg, measure=False, max_activation_samples=512)
+        cfg = cfg.replace(exact_errors=False, max_activation_samples=512)
     w, wp, mask, stats, scores = layer(x, cfg)
     d = correct(w, wp, mask, stats, scores, cfg).diagnostics
     assert d["error_source"] == source
@@ -344,7 +344,7 @@ def test_sparse_quadratic_rows_equals_dense():
 
 
 def test_yardstick_is_solved_tightly_whatever_the_method_tolerance(x):
-    cfg = CorrectionConfig(method="optimal", optimal_tol=0.3, damping=YARDSTICK_DAMPING)
+    cfg = CorrectionConfig.of("optimal", tol=0.3, damping=YARDSTICK_DAMPING)
     w, wp, mask, stats, scores = layer(x, cfg)
     d = correct(w, wp, mask, stats, scores, cfg).diagnostics
     assert YARDSTICK_TOL < d["solver_residual"] <= 0.3  # the loose solve stopped early ...
@@ -355,7 +355,7 @@ def test_yardstick_is_solved_tightly_whatever_the_method_tolerance(x):
 def test_full_with_unequal_rows_equals_float64_least_squares(x):
     # Rows keep different numbers of weights (as SparseGPT's masks do), so most rows' systems are
     # padded; every row must still get its own exact solution, column 0 included.
-    cfg = CorrectionConfig(method="full", selection_strategy="all", damping=1e-9, max_correction_magnitude=math.inf)
+    cfg = CorrectionConfig.of("full", selection_strategy="all", damping=1e-9, max_correction_magnitude=math.inf)
     w, _, _, stats, scores = layer(x, cfg)
     g = torch.Generator().manual_seed(5)
     mask = torch.rand(w.shape, generator=g) < torch.linspace(0.2, 0.8, w.shape[0]).unsqueeze(1)

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from prac.correction import CorrectionConfig, default_strategy, stats_spec, validate
+from prac.correction import CorrectionConfig, stats_spec
+from prac.engine import EngineConfig
 from prac.correction.selection import candidate_order, kneedle_index, select, selection_counts
 from prac.errors import PracError
 
@@ -114,29 +115,33 @@ def test_selection_is_vectorised_at_size_and_deterministic():
         (dict(method="greedy", correction_magnitude=-0.01), "correction-magnitude"),
         (dict(method="greedy", max_activation_samples=0), "max-activation-samples"),
         (dict(method="greedy", patience=0), "patience"),
-        (dict(method="full", layer_batch_size=-1), "layer-batch-size"),
-        (dict(method="optimal", optimal_tol=0.0), "tolerance"),
-        (dict(method="optimal", optimal_max_iter=0), "iterations"),
+        (dict(method="optimal", tol=0.0), "tolerance"),
+        (dict(method="optimal", max_iter=0), "iterations"),
     ],
 )
 def test_validate_rejects_with_one_line(kwargs, fragment):
     with pytest.raises(PracError) as info:
-        validate(CorrectionConfig(**kwargs))
+        CorrectionConfig.of(**kwargs)
     assert fragment in str(info.value) and "\n" not in str(info.value)
 
 
+def test_engine_config_rejects_with_one_line():
+    with pytest.raises(PracError, match="layer-batch-size"):
+        EngineConfig(layer_batch_size=-1)
+
+
 def test_defaults_and_stats_spec():
-    assert [default_strategy(m) for m in ("full", "diagonal", "greedy", "optimal")] == [
+    assert [CorrectionConfig.of(m).settings.selection_strategy for m in ("full", "diagonal", "greedy", "optimal")] == [
         "top", "moderate", "weakest", "all"
     ]
-    validate(CorrectionConfig())
+    CorrectionConfig()
     none = stats_spec(CorrectionConfig(method="none"))
     assert not none.hessian and none.max_samples == 0
-    assert stats_spec(CorrectionConfig(method="full", measure=False)).hessian
-    assert stats_spec(CorrectionConfig(method="optimal", measure=False)).hessian
-    greedy = stats_spec(CorrectionConfig(method="greedy", measure=False, max_activation_samples=100, seed=3))
+    assert stats_spec(CorrectionConfig.of("full", exact_errors=False)).hessian
+    assert stats_spec(CorrectionConfig.of("optimal", exact_errors=False)).hessian
+    greedy = stats_spec(CorrectionConfig.of("greedy", exact_errors=False, max_activation_samples=100, seed=3))
     assert (greedy.hessian, greedy.max_samples, greedy.seed) == (False, 100, 3)
-    assert stats_spec(CorrectionConfig(method="greedy")).hessian  # measure: exact errors + yardstick
-    diag = stats_spec(CorrectionConfig(method="diagonal", measure=False))
+    assert stats_spec(CorrectionConfig.of("greedy")).hessian  # measure: exact errors + yardstick
+    diag = stats_spec(CorrectionConfig.of("diagonal", exact_errors=False))
     assert not diag.hessian and diag.max_samples > 0  # the never-worse check needs some data
-    assert stats_spec(CorrectionConfig(method="diagonal")).max_samples == 0
+    assert stats_spec(CorrectionConfig.of("diagonal")).max_samples == 0

@@ -65,3 +65,31 @@ def test_token_file(tmp_path):
         load_token_file(bad)
     with pytest.raises(PracError, match="does not exist"):
         load_token_file(tmp_path / "missing.safetensors")
+
+
+def test_text_files_must_be_utf8(tmp_path, tokenizer):
+    from prac.data import load_eval_tokens, read_text_file
+
+    bom = tmp_path / "bom.txt"
+    bom.write_bytes(b"\xef\xbb\xbfhello")
+    assert read_text_file(bom) == "hello"
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes(b"caf\xe9")
+    with pytest.raises(PracError, match=r"not UTF-8 text \(byte 0xe9 at offset 3\)"):
+        load_eval_tokens(str(latin), tokenizer)
+    with pytest.raises(PracError, match="is a folder"):
+        read_text_file(tmp_path)
+    jsonl = tmp_path / "c.jsonl"
+    jsonl.write_bytes(b'{"text": 1}\n')
+    with pytest.raises(PracError, match="not a string"):
+        load_calibration(str(jsonl), tokenizer, nsamples=1, seqlen=8, seed=0)
+
+
+def test_token_ids_are_checked_against_the_vocabulary():
+    from prac.data import check_token_ids
+
+    check_token_ids(torch.tensor([[0, 9]]), 10, "x")
+    with pytest.raises(PracError, match="token id 10 .* vocabulary of 10"):
+        check_token_ids(torch.tensor([[0, 10]]), 10, "x")
+    with pytest.raises(PracError, match="negative"):
+        check_token_ids(torch.tensor([[-3, 1]]), None, "x")

@@ -7,6 +7,7 @@ from prac.blocks import find_blocks, find_linears, get_weight, group_by_input, c
 from prac.data import load_calibration
 from prac.loading import load_model
 from prac.patterns import NM, Unstructured
+from prac.engine import EngineConfig
 from prac.pipeline import PruneConfig, prune_model
 from prac.stats import StatsSpec
 from tests.conftest import make_tiny_model, state_hash
@@ -31,9 +32,9 @@ def test_every_block_linear_is_pruned_and_nothing_else(arch, pattern, calib):
     blocks = find_blocks(model)
     before = _non_block_state(model, blocks.path)
     biases = {n: m.bias.clone() for n, m in model.named_modules() if getattr(m, "bias", None) is not None}
-    outcome = prune_model(model, calib, PruneConfig(method="wanda", pattern=pattern, batch_size=4), CPU)
+    outcome = prune_model(model, calib, PruneConfig(method="wanda", pattern=pattern, engine=EngineConfig(batch_size=4)), CPU)
     names = [n for i, b in enumerate(blocks.modules) for n in find_linears(b, blocks.name(i))]
-    assert sorted(r["name"] for r in outcome.layers) == sorted(names) and names
+    assert sorted(r.name for r in outcome.layers) == sorted(names) and names
     modules = dict(model.named_modules())
     for name in names:
         w = get_weight(modules[name])  # [out, in] also for GPT-2's transposed Conv1D
@@ -80,7 +81,7 @@ def test_sparsity_zero_reproduces_dense_hidden_states(arch, calib):
             model(input_ids=ids)
     handle.remove()
     before = state_hash(model)
-    outcome = prune_model(model, calib, PruneConfig(pattern=Unstructured(0.0), batch_size=3), CPU, return_hidden=True)
+    outcome = prune_model(model, calib, PruneConfig(pattern=Unstructured(0.0), engine=EngineConfig(batch_size=3)), CPU, return_hidden=True)
     assert state_hash(model) == before
     for ref, got in zip(reference, outcome.final_hidden):
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
@@ -89,25 +90,23 @@ def test_sparsity_zero_reproduces_dense_hidden_states(arch, calib):
 def test_pruned_blocks_feed_the_next_block(calib):
     """Block 1 is calibrated on the outputs of pruned block 0 (not the dense ones)."""
     seq = make_tiny_model("mistral")
-    prune_model(seq, calib, PruneConfig(pattern=Unstructured(0.6), batch_size=3), CPU)
+    prune_model(seq, calib, PruneConfig(pattern=Unstructured(0.6), engine=EngineConfig(batch_size=3)), CPU)
     # Reference: prune block 0 alone, then compute block-1 inputs from that model.
     ref = make_tiny_model("mistral")
-    cfg = PruneConfig(pattern=Unstructured(0.6), batch_size=3, ignore=r"layers\.1\.")
+    cfg = PruneConfig(pattern=Unstructured(0.6), engine=EngineConfig(batch_size=3), ignore=r"layers\.1\.")
     prune_model(ref, calib, cfg, CPU)
-    cfg1 = PruneConfig(pattern=Unstructured(0.6), batch_size=3, ignore=r"layers\.0\.")
+    cfg1 = PruneConfig(pattern=Unstructured(0.6), engine=EngineConfig(batch_size=3), ignore=r"layers\.0\.")
     prune_model(ref, calib, cfg1, CPU)
     assert state_hash(seq) == state_hash(ref)
 
 
 def test_results_do_not_depend_on_collection_mode_or_layer_batching(calib):
     base = make_tiny_model("mistral")
-    prune_model(base, calib, PruneConfig(batch_size=3), CPU)
-    from prac.correction.base import CorrectionConfig
-
+    prune_model(base, calib, PruneConfig(engine=EngineConfig(batch_size=3)), CPU)
     variants = [
-        PruneConfig(batch_size=3, collect=StatsSpec(hessian=True)),
-        PruneConfig(batch_size=3, collect=StatsSpec(max_samples=50, seed=1)),
-        PruneConfig(batch_size=3, correction=CorrectionConfig(layer_batch_size=1)),
+        PruneConfig(engine=EngineConfig(batch_size=3), collect=StatsSpec(hessian=True)),
+        PruneConfig(engine=EngineConfig(batch_size=3), collect=StatsSpec(max_samples=50, seed=1)),
+        PruneConfig(engine=EngineConfig(batch_size=3, layer_batch_size=1)),
     ]
     for cfg in variants:
         model = make_tiny_model("mistral")
@@ -119,7 +118,7 @@ def test_two_runs_are_bit_identical(tiny_model_dir, calib):
     hashes = []
     for _ in range(2):
         model = load_model(str(tiny_model_dir("qwen2")))
-        prune_model(model, calib, PruneConfig(pattern=NM(2, 4), batch_size=4), CPU)
+        prune_model(model, calib, PruneConfig(pattern=NM(2, 4), engine=EngineConfig(batch_size=4)), CPU)
         hashes.append(state_hash(model))
     assert hashes[0] == hashes[1]
 
@@ -128,9 +127,9 @@ def test_magnitude_needs_no_calibration_and_layer_scope(calib):
     model = make_tiny_model("opt")
     prune_model(model, calib, PruneConfig(method="magnitude", pattern=Unstructured(0.5)), CPU)
     layer = make_tiny_model("opt")
-    from prac.methods import MethodSettings
+    from prac.methods import ScoreSettings
 
-    prune_model(layer, calib, PruneConfig(method="magnitude", settings=MethodSettings(scope="layer")), CPU)
+    prune_model(layer, calib, PruneConfig(method="magnitude", settings=ScoreSettings(scope="layer")), CPU)
     w = get_weight(layer.model.decoder.layers[0].fc1)
     assert abs(float((w == 0).float().mean()) - 0.5) < 1e-3
     assert state_hash(model) != state_hash(layer)

@@ -16,7 +16,8 @@ import torch
 
 from prac.errors import PracError
 from prac.spectral import FisherSpectral, SpectralConfig, SpectralResult
-from prac.spectral.cli import add_parser, run
+from prac.cli import build_parser
+from prac.cli.spectrum import run
 from prac.spectral.plot import draw, heatmap_table, parse_key, save_plot
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -26,9 +27,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="prac")
-    add_parser(parser.add_subparsers(dest="command"))
-    return parser.parse_args(["spectrum", *argv])
+    return build_parser().parse_args(["spectrum", *argv])
 
 
 def env(**extra) -> dict:
@@ -66,8 +65,14 @@ def test_cli_writes_json_csv_and_figure(tmp_path, capsys, small_text):
 
 
 def test_cli_rejects_bad_input(tmp_path, small_text):
-    with pytest.raises(PracError, match="does not exist"):
-        run(parse(["--out", str(tmp_path / "missing" / "s.json")]))
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(PracError, match="is a file, not a folder"):
+        run(parse(["--out", str(tmp_path / "a-file" / "s.json")]))
+    with pytest.raises(PracError, match="different files"):
+        run(parse(["--out", str(tmp_path / "s.json"), "--csv", str(tmp_path / "s.json")]))
+    with pytest.raises(PracError, match="must end in"):
+        run(parse(["--out", str(tmp_path / "s.json"), "--plot", str(tmp_path / "s.gif")]))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
     with pytest.raises(PracError, match="windows"):
         run(parse(["--data", small_text, "--n-samples", "100", "--seqlen", "256", "--out", str(tmp_path / "s.json")]))
     with pytest.raises(PracError, match="context"):
@@ -76,6 +81,23 @@ def test_cli_rejects_bad_input(tmp_path, small_text):
         run(parse(["--model", str(tmp_path / "nope"), "--out", str(tmp_path / "s.json")]))
     with pytest.raises(SystemExit):
         parse(["--n-samples", "0"])
+
+
+def test_missing_output_folder_is_created_at_the_end(tmp_path, small_text):
+    """Like ``prune --save``: the folder appears with the outputs, all of them together."""
+    out = tmp_path / "new" / "deeper" / "s.json"
+    assert run(parse(["--data", small_text, "--n-samples", "2", "--seqlen", "8", "--block-structure", "model",
+                      "--out", str(out), "--plot", str(tmp_path / "figs" / "s.svg"), "--no-progress"])) == 0
+    assert json.loads(out.read_text())["metadata"]["n_samples_used"] == 2
+    assert (out.parent / "s.csv").exists() and (tmp_path / "figs" / "s.svg").stat().st_size > 1000
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")], "temporary files left behind"
+
+
+def test_nothing_is_written_when_the_run_fails(tmp_path, small_text):
+    out = tmp_path / "new" / "s.json"
+    with pytest.raises(PracError, match="windows"):
+        run(parse(["--data", small_text, "--n-samples", "100", "--seqlen", "256", "--out", str(out)]))
+    assert not (tmp_path / "new").exists()
 
 
 def test_help(capsys):
@@ -92,7 +114,8 @@ def test_python_m_prac_spectrum(tmp_path, small_text):
     assert done.returncode == 0, done.stderr
     report = json.loads((tmp_path / "s.json").read_text())
     assert report["metadata"]["solver"]["name"] == "svd_lowrank" and report["blocks"]["layer_0"]["condition_number"] is None
-    bad = subprocess.run([sys.executable, "-m", "prac", "spectrum", "--out", str(tmp_path / "no" / "s.json")],
+    (tmp_path / "a-file").write_text("")
+    bad = subprocess.run([sys.executable, "-m", "prac", "spectrum", "--out", str(tmp_path / "a-file" / "s.json")],
                          env=env(), capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "error" in bad.stderr
 

@@ -8,9 +8,10 @@ pre-hook that records *every* positional and keyword argument the model passes.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -93,6 +94,26 @@ def set_weight(module: nn.Module, weight: torch.Tensor) -> None:
     module.weight.data.copy_(w.to(module.weight.dtype))
 
 
+@contextlib.contextmanager
+def pre_hooks(hooks: dict[nn.Module, Callable], with_kwargs: bool = False) -> Iterator[None]:
+    """Register a forward pre-hook on each module for the duration of the block, then remove them all."""
+    handles = [m.register_forward_pre_hook(fn, with_kwargs=with_kwargs) for m, fn in hooks.items()]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def input_recorder(sink: Callable[[torch.Tensor], None]) -> Callable:
+    """A pre-hook that hands the module's first positional input to ``sink``."""
+
+    def hook(_module, args):
+        sink(args[0])
+
+    return hook
+
+
 class _StopForward(Exception):
     """Raised by the capture hook so the model does not run past the first block."""
 
@@ -148,16 +169,14 @@ def capture_block_inputs(
         raise _StopForward
 
     move_outside_blocks(model, blocks, device)
-    handle = blocks.modules[0].register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        with torch.no_grad():
+        with pre_hooks({blocks.modules[0]: hook}, with_kwargs=True), torch.no_grad():
             for ids in batches:
                 try:
                     model(input_ids=ids.to(device), **_forward_flags(model))
                 except _StopForward:
                     pass
     finally:
-        handle.remove()
         move_outside_blocks(model, blocks, torch.device("cpu"))
     return captured
 
@@ -191,17 +210,9 @@ def group_by_input(block: nn.Module, linears: dict[str, nn.Module], inputs: Bloc
     One probe forward on the first batch records which tensor object each linear received.
     """
     seen: dict[str, torch.Tensor] = {}
-    handles = []
-    for name, module in linears.items():
-        def hook(_m, args, _name=name):
-            seen.setdefault(_name, args[0])
-        handles.append(module.register_forward_pre_hook(hook))
-    try:
-        with torch.no_grad():
-            run_block(block, inputs, 0, device)
-    finally:
-        for h in handles:
-            h.remove()
+    hooks = {module: input_recorder(lambda x, _name=name: seen.setdefault(_name, x)) for name, module in linears.items()}
+    with pre_hooks(hooks), torch.no_grad():
+        run_block(block, inputs, 0, device)
     groups: list[list[str]] = []
     owners: list[torch.Tensor] = []
     for name in seen:  # dict order = call order

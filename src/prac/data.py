@@ -14,6 +14,7 @@ into non-overlapping ``seqlen`` windows; the trailing partial window is dropped.
 from __future__ import annotations
 
 import json
+import logging
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,16 @@ from prac.errors import PracError
 C4_REPO = "allenai/c4"
 C4_TRAIN_FILE = "en/c4-train.00000-of-01024.json.gz"
 WIKITEXT = ("wikitext", "wikitext-2-raw-v1")
+
+# Calibration windows shorter than this are refused: a block sees its inputs in context, and rows of
+# one or a few tokens show it only the first positions of a sequence (a 1-token row has no attention
+# context at all), so the statistics would describe inputs the model never meets in use.
+MIN_CALIB_SEQLEN = 8
+# Fewer calibration tokens than this in all give a loud warning (the run goes on): Wanda's per-input
+# norms and SparseGPT's H are then estimated from a handful of vectors.
+MIN_CALIB_TOKENS = 128
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -44,32 +55,54 @@ def _load_dataset(*args, **kwargs):
     try:
         return load_dataset(*args, **kwargs)
     except (OSError, ConnectionError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise PracError(f"could not load dataset {args[0]!r} from the hub: {first}") from exc
+        raise PracError(f"could not load dataset {args[0]!r} from the hub: {_first_line(exc)}") from exc
 
 
 def _tokenize(tokenizer, text: str) -> torch.Tensor:
     return tokenizer(text, return_tensors="pt", verbose=False).input_ids[0].to(torch.int64)
 
 
+def read_text_file(path: str | Path, what: str = "text file") -> str:
+    """A UTF-8 text file's content, or a one-line :class:`PracError` for a missing, unreadable or binary file.
+
+    Binary means a NUL byte or bytes that are not UTF-8 (a BOM is accepted and dropped); the error
+    says where the first bad byte is, so a wrong path (a model file, a gzip) is recognised at once.
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise PracError(f"{what} {str(path)!r} does not exist")
+    if path.is_dir():
+        raise PracError(f"{what} {str(path)!r} is a folder, not a text file")
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise PracError(f"{what} {str(path)!r} cannot be read: {exc.strerror or exc}") from exc
+    nul = raw.find(b"\0")
+    if nul >= 0:
+        raise PracError(f"{what} {str(path)!r} is binary, not text (NUL byte at offset {nul})")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise PracError(f"{what} {str(path)!r} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
+                        f"convert it, e.g. iconv -t UTF-8") from exc
+
+
 def _read_text(path: Path) -> str:
-    if not path.is_file():
-        raise PracError(f"text file {str(path)!r} does not exist")
-    return path.read_text(encoding="utf-8")
+    return read_text_file(path)
 
 
 def _read_jsonl_texts(path: Path, key: str = "text") -> list[str]:
-    if not path.is_file():
-        raise PracError(f"calibration file {str(path)!r} does not exist")
     texts = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                texts.append(json.loads(line)[key])
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise PracError(f"{path}:{lineno}: expected a JSON object with a {key!r} field") from exc
+    for lineno, line in enumerate(read_text_file(path, "calibration file").split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            text = json.loads(line)[key]
+        except (json.JSONDecodeError, KeyError, TypeError, IndexError) as exc:
+            raise PracError(f"{path}:{lineno}: expected a JSON object with a {key!r} field") from exc
+        if not isinstance(text, str):
+            raise PracError(f"{path}:{lineno}: the {key!r} field is {type(text).__name__}, not a string")
+        texts.append(text)
     return texts
 
 
@@ -137,7 +170,11 @@ def load_calibration(source: str, tokenizer, nsamples: int, seqlen: int, seed: i
 
 
 def load_token_file(path: str | Path) -> TokenSet:
-    """Exact calibration tokens from a safetensors file holding an integer ``input_ids`` [n, seqlen]."""
+    """Exact calibration tokens from a safetensors file holding an integer ``input_ids`` [n, seqlen].
+
+    Negative ids are refused here; ids beyond the model's vocabulary and rows that are too short by
+    :func:`check_calibration` once the model is known.
+    """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -146,13 +183,60 @@ def load_token_file(path: str | Path) -> TokenSet:
         raise PracError(f"calibration token file {str(path)!r} does not exist")
     try:
         tensors = load_file(str(path))
-    except (SafetensorError, OSError) as exc:
-        raise PracError(f"{path} is not a readable safetensors file: {exc}") from exc
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise PracError(f"{path} is not a readable safetensors file: {_first_line(exc)}") from exc
     ids = tensors.get("input_ids")
-    if ids is None or ids.dim() != 2 or ids.dtype.is_floating_point:
+    if ids is None or ids.dim() != 2 or ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.dtype.is_complex:
         raise PracError(f"{path} must hold an integer tensor 'input_ids' of shape [n, seqlen]")
     n, seqlen = ids.shape
-    return TokenSet(ids.to(torch.int64), {"source": "tokens", "file": str(path), "nsamples": n, "seqlen": seqlen})
+    if n < 1 or seqlen < 1:
+        raise PracError(f"{path} holds an empty 'input_ids' of shape [{n}, {seqlen}]")
+    ids = ids.to(torch.int64)
+    check_token_ids(ids, None, str(path))
+    return TokenSet(ids, {"source": "tokens", "file": str(path), "nsamples": n, "seqlen": seqlen})
+
+
+def check_calibration(tokens: TokenSet, vocab_size: int | None = None, context: int | None = None) -> TokenSet:
+    """What a run may calibrate on: rows of at least :data:`MIN_CALIB_SEQLEN` tokens, ids inside the
+    vocabulary, rows no longer than the model's ``context``; fewer than :data:`MIN_CALIB_TOKENS` tokens
+    in all is allowed with a warning. Returns ``tokens``."""
+    n, seqlen = tokens.input_ids.shape
+    source = _describe(tokens)
+    if seqlen < MIN_CALIB_SEQLEN:
+        raise PracError(f"calibration {source} has rows of {seqlen} token(s): prac needs at least "
+                        f"{MIN_CALIB_SEQLEN} tokens per row (a short row shows a block only the first positions "
+                        f"of a sequence)")
+    if context is not None and seqlen > context:
+        raise PracError(f"calibration {source} has rows of {seqlen} tokens, beyond the model's context of "
+                        f"{context} tokens")
+    check_token_ids(tokens.input_ids, vocab_size, f"calibration {source}")
+    if n * seqlen < MIN_CALIB_TOKENS:
+        log.warning("calibration %s has only %d tokens (%d x %d), fewer than %d: its statistics, and so the "
+                    "masks, come from a handful of vectors", source, n * seqlen, n, seqlen, MIN_CALIB_TOKENS)
+    return tokens
+
+
+def _describe(tokens: TokenSet) -> str:
+    p = tokens.protocol
+    return str(p.get("file") or p.get("source") or "tokens")
+
+
+def check_token_ids(ids: torch.Tensor, vocab_size: int | None, source: str) -> None:
+    """Refuse token ids that are negative or, when ``vocab_size`` is known, not below it."""
+    if ids.numel() == 0:
+        return
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0:
+        raise PracError(f"{source} holds negative token id {low}")
+    if vocab_size is not None and high >= vocab_size:
+        bad = int((ids >= vocab_size).sum())
+        raise PracError(f"{source} holds token id {high} (and {bad} id(s) >= {vocab_size} in all), outside the "
+                        f"model's vocabulary of {vocab_size}: tokens from another tokenizer?")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
 
 
 def load_eval_tokens(source: str, tokenizer) -> tuple[torch.Tensor, dict]:

@@ -56,14 +56,19 @@ def _flags(model: nn.Module) -> dict:
 
 @torch.no_grad()
 def perplexity(
-    model: nn.Module, windows: torch.Tensor, device: torch.device, batch_size: int = 1, progress: Progress = no_progress
+    model: nn.Module, windows: torch.Tensor, device: torch.device, batch_size: int = 1, progress: Progress = no_progress,
+    desc: str = "eval",
 ) -> dict:
-    """Perplexity of a causal LM on token windows ``[n, seqlen]``; NLL summed in float64."""
+    """Perplexity of a causal LM on token windows ``[n, seqlen]``; NLL summed in float64.
+
+    ``ppl`` is ``nan`` when some logit is not finite and ``inf`` when the mean NLL overflows ``exp``;
+    ``finite`` says whether it is a number (the job's ``status`` is built from it). ``desc`` labels the
+    progress bar (``dense eval``/``pruned eval`` in a prune)."""
     total_nll = 0.0
     total_tokens = 0
     batches = windows.split(batch_size)
     with placed(model, device):
-        for ids in progress(batches, "eval", len(batches)):
+        for ids in progress(batches, desc, len(batches)):
             ids = ids.to(device)
             logits = model(input_ids=ids, **_flags(model)).logits
             nll = F.cross_entropy(
@@ -72,19 +77,24 @@ def perplexity(
             total_nll += float(nll.double())
             total_tokens += ids[:, 1:].numel()
     mean = total_nll / total_tokens
-    return {"ppl": math.exp(mean), "mean_nll": mean, "windows": int(windows.shape[0]),
+    try:
+        ppl = math.exp(mean)
+    except OverflowError:
+        ppl = math.inf
+    return {"ppl": ppl, "mean_nll": mean, "finite": math.isfinite(ppl), "windows": int(windows.shape[0]),
             "seqlen": int(windows.shape[1]), "predicted_tokens": total_tokens}
 
 
 @torch.no_grad()
 def last_hidden_states(
-    model: nn.Module, windows: torch.Tensor, device: torch.device, batch_size: int = 1, progress: Progress = no_progress
+    model: nn.Module, windows: torch.Tensor, device: torch.device, batch_size: int = 1, progress: Progress = no_progress,
+    desc: str = "eval",
 ) -> torch.Tensor:
     """The encoder's last hidden states for each window, fp32 on the CPU ``[n, seqlen, hidden]``."""
     outs = []
     batches = windows.split(batch_size)
     with placed(model, device):
-        for ids in progress(batches, "eval", len(batches)):
+        for ids in progress(batches, desc, len(batches)):
             out = model(input_ids=ids.to(device))
             outs.append(out.last_hidden_state.float().cpu())
     return torch.cat(outs)

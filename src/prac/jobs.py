@@ -2,11 +2,27 @@
 
 Configuration is a frozen dataclass the CLI fills; every check that can fail on bad input runs
 before any heavy work, and nothing is written unless the whole job succeeded.
+
+Defaults that depend on the model (:func:`folder_defaults`): the bundled model, and any copy of it
+(same ``config.json`` and byte-identical ``model.safetensors``), calibrate and evaluate on the bundled
+text with 256-token windows; a folder prac saved reuses the protocol its ``prac_report.json``
+records (calibration seqlen and text, evaluation text and seqlen); any other model gets 2048 capped
+at its context, ``c4`` and no evaluation. The report's ``config.defaults_from`` says which applied.
+
+The summary's ``status`` is ``"ok"`` when every metric (``ppl``, ``dense_ppl``,
+``cosine_similarity``) is finite, else ``"not_finite"`` (the metrics are written as JSON ``null``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import functools
+import hashlib
+import json
 import logging
+import math
+import re
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -15,10 +31,12 @@ from typing import Any
 import torch
 
 from prac import assets
-from prac.data import TokenSet, eval_windows, load_calibration, load_eval_tokens, load_token_file
+from prac.data import (TokenSet, check_calibration, check_token_ids, eval_windows, load_calibration, load_eval_tokens,
+                       load_token_file)
 from prac.errors import PracError
 from prac.evaluate import last_hidden_states, mean_cosine, perplexity
-from prac.loading import check_model_source, is_causal_lm, load_model, load_tokenizer, resolve_device
+from prac.loading import (check_model_source, is_causal_lm, load_model, load_tokenizer, model_context, model_vocab_size,
+                          resolve_device)
 from prac.patterns import pattern_to_dict
 from prac.pipeline import PruneConfig, check_pattern, prune_model
 from prac.progress import Progress, no_progress
@@ -49,25 +67,279 @@ class PruneJob:
     report: str | None = None
     device: str = "auto"
     dtype: str = "auto"
+    # Filled by resolve() from the loaded model (recorded in the report, not settings):
+    model_context: int | None = None  # max_position_embeddings or equivalent
+    model_vocab_size: int | None = None  # rows of the input embedding
+    defaults_from: str | None = None  # which rule gave the defaults (see folder_defaults)
 
 
 def resolve(job: PruneJob, model) -> PruneJob:
-    """Fill defaults that depend on the model: sequence length, calibration and evaluation text."""
-    bundled = assets.is_default_model(job.model)
-    seqlen = job.seqlen
-    if seqlen is None:
-        max_pos = getattr(model.config, "max_position_embeddings", None) or 2048
-        seqlen = assets.DEFAULT_MODEL_SEQLEN if bundled else min(2048, max_pos)
-    calib = job.calib or (str(assets.DEFAULT_CALIB) if bundled else "c4")
-    ev = job.eval or (str(assets.DEFAULT_EVAL) if bundled else "none")
-    return replace(job, seqlen=seqlen, calib=calib, eval=ev, eval_seqlen=job.eval_seqlen or seqlen)
+    """Fill defaults that depend on the model (:func:`folder_defaults`) and refuse a ``seqlen`` or
+    ``eval_seqlen`` beyond the model's context. Used by prune, eval and verify."""
+    defaults, origin = folder_defaults(job.model, model)
+    context = model_context(model.config)
+    seqlen = job.seqlen or defaults["seqlen"]
+    calib = job.calib or defaults["calib"]
+    ev = job.eval or defaults["eval"]
+    eval_seqlen = job.eval_seqlen or (defaults.get("eval_seqlen") if job.seqlen is None else None) or seqlen
+    if context is not None:
+        if seqlen > context:
+            raise PracError(f"--seqlen {seqlen} is beyond the model's context of {context} tokens "
+                            f"(max_position_embeddings)")
+        if ev != "none" and eval_seqlen > context:
+            raise PracError(f"--eval-seqlen {eval_seqlen} is beyond the model's context of {context} tokens "
+                            f"(max_position_embeddings)")
+    return replace(job, seqlen=seqlen, calib=calib, eval=ev, eval_seqlen=eval_seqlen, model_context=context,
+                   model_vocab_size=model_vocab_size(model), defaults_from=origin)
 
 
 def calibration_tokens(job: PruneJob, tokenizer) -> TokenSet:
-    """The job's calibration windows: exact tokens from a file, or sampled from its text."""
+    """The job's calibration windows: exact tokens from a file, or sampled from its text; checked by
+    :func:`prac.data.check_calibration` against the model ``resolve`` recorded in the job."""
     if job.calib_tokens:
-        return load_token_file(job.calib_tokens)
-    return load_calibration(job.calib, tokenizer, job.nsamples, job.seqlen, job.seed)
+        tokens = load_token_file(job.calib_tokens)
+    else:
+        tokens = load_calibration(job.calib, tokenizer, job.nsamples, job.seqlen, job.seed)
+    return check_calibration(tokens, job.model_vocab_size, job.model_context)
+
+
+# --- defaults that depend on the model folder ----------------------------------------------------
+
+_BUNDLED_ORIGIN = "bundled model"
+_COPY_ORIGIN = "copy of the bundled model (same config.json and model.safetensors)"
+_SAVED_ORIGIN = "prac_report.json of the saved model"
+_GENERIC_ORIGIN = "model config"
+_CONFIG_NOISE = {"_name_or_path", "transformers_version"}
+
+
+def _bundled_defaults() -> dict[str, Any]:
+    return {"seqlen": assets.DEFAULT_MODEL_SEQLEN, "calib": str(assets.DEFAULT_CALIB),
+            "eval": str(assets.DEFAULT_EVAL), "eval_seqlen": None}
+
+
+def _generic_defaults(model) -> dict[str, Any]:
+    context = model_context(model.config) if model is not None else None
+    return {"seqlen": min(2048, context or 2048), "calib": "c4", "eval": "none", "eval_seqlen": None}
+
+
+@functools.lru_cache(maxsize=32)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _model_config_json(path: Path) -> dict | None:
+    try:
+        data = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return {k: v for k, v in data.items() if k not in _CONFIG_NOISE} if isinstance(data, dict) else None
+
+
+def is_bundled_copy(path_or_id: str) -> bool:
+    """A folder holding the bundled model's weights: equal ``config.json`` (up to name/version keys)
+    and a byte-identical ``model.safetensors`` (size first, then sha256)."""
+    path, ref = Path(path_or_id).expanduser(), assets.DEFAULT_MODEL
+    weights, ref_weights = path / "model.safetensors", ref / "model.safetensors"
+    try:
+        if not weights.is_file() or weights.stat().st_size != ref_weights.stat().st_size:
+            return False
+        if _model_config_json(path) != _model_config_json(ref):
+            return False
+        a, b = weights.stat(), ref_weights.stat()
+        return _file_sha256(str(weights), a.st_size, a.st_mtime_ns) == _file_sha256(str(ref_weights), b.st_size, b.st_mtime_ns)
+    except OSError:
+        return False
+
+
+def _source_defaults(path_or_id: str, model) -> tuple[dict[str, Any], str] | None:
+    if assets.is_default_model(path_or_id):
+        return _bundled_defaults(), _BUNDLED_ORIGIN
+    if is_bundled_copy(path_or_id):
+        return _bundled_defaults(), _COPY_ORIGIN
+    return None
+
+
+def saved_protocol(path_or_id: str) -> dict[str, Any] | None:
+    """The protocol a prac-saved folder's ``prac_report.json`` records, or None (no report, or not prac's).
+
+    Keys: ``seqlen`` (calibration), ``calib``, ``eval``, ``eval_seqlen``, ``source_model``; a recorded
+    text file that no longer exists is left out (with a warning)."""
+    report_path = Path(path_or_id).expanduser() / "prac_report.json"
+    if not report_path.is_file():
+        return None
+    try:
+        config = json.loads(report_path.read_text(encoding="utf-8"))["config"]
+        calib_proto = config.get("calibration") or {}
+        out = {"seqlen": int(calib_proto.get("seqlen") or config["seqlen"]), "source_model": config.get("model")}
+        if config.get("calib_tokens"):
+            out["calib"] = None
+        else:
+            out["calib"] = config.get("calib")
+        ev = config.get("eval")
+        out["eval"] = ev if ev and ev != "none" else None
+        out["eval_seqlen"] = int(config["eval_seqlen"]) if out["eval"] and config.get("eval_seqlen") else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        log.warning("%s is not a prac report: its protocol is not reused", report_path)
+        return None
+    for key in ("calib", "eval"):
+        value = out[key]
+        if value and value not in ("c4", "wikitext2") and not Path(value).expanduser().is_file():
+            log.warning("%s records %s %r, which no longer exists: not reused", report_path, key, value)
+            out[key] = None
+            if key == "eval":
+                out["eval_seqlen"] = None
+    return out
+
+
+def folder_defaults(path_or_id: str, model) -> tuple[dict[str, Any], str]:
+    """Defaults (``seqlen``, ``calib``, ``eval``, ``eval_seqlen``) for a model, and which rule gave them.
+
+    In order: the bundled model; a folder prac saved (its ``prac_report.json``; what it does not
+    record comes from the model it was pruned from); a copy of the bundled model; else the model's config."""
+    known = _source_defaults(path_or_id, model)
+    if known is not None and known[1] == _BUNDLED_ORIGIN:
+        return known
+    saved = saved_protocol(path_or_id)
+    if saved is not None:
+        source = saved.get("source_model")
+        base = (_source_defaults(str(source), None) if isinstance(source, str) else None) or known
+        out = dict(base[0]) if base else _generic_defaults(model)
+        for key in ("seqlen", "calib", "eval", "eval_seqlen"):
+            if saved.get(key) is not None:
+                out[key] = saved[key]
+        return out, _SAVED_ORIGIN
+    if known is not None:
+        return known
+    return _generic_defaults(model), _GENERIC_ORIGIN
+
+
+# --- checks before any work ----------------------------------------------------------------------
+
+def check_prune_inputs(job: PruneJob) -> None:
+    """Checks of a prune's settings that need no model, run before it is loaded: the ``--ignore`` regex."""
+    check_ignore(job.prune.ignore)
+
+
+def check_ignore(regex: str | None) -> None:
+    """``--ignore`` must be a valid regular expression."""
+    if regex is None:
+        return
+    try:
+        re.compile(regex)
+    except re.error as exc:
+        raise PracError(f"--ignore {regex!r} is not a valid regular expression: {exc}") from exc
+
+
+def check_something_to_prune(model, ignore: str | None) -> int:
+    """The number of prunable layers left after ``ignore``; refuses a run that would prune none."""
+    from prac.blocks import find_blocks, find_linears
+
+    blocks = find_blocks(model)
+    every: list[str] = []
+    kept = 0
+    for i, block in enumerate(blocks.modules):
+        every.extend(find_linears(block, blocks.name(i)))
+        kept += len(find_linears(block, blocks.name(i), ignore))
+    if kept == 0:
+        example = f" (e.g. {every[0]})" if every else ""
+        raise PracError(f"--ignore {ignore!r} matches all {len(every)} prunable layers{example}: nothing to prune")
+    return kept
+
+
+# --- time and memory per phase -------------------------------------------------------------------
+
+def _host_peak() -> tuple[int, bool]:
+    """The process's peak resident set (bytes) and whether it is VmHWM (resettable) or ru_maxrss."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024, True
+    except (OSError, ValueError):
+        pass
+    return int(peak_memory(torch.device("cpu"))["peak_memory_bytes"]), False
+
+
+def _reset_host_peak() -> bool:
+    """Reset the kernel's peak-RSS mark to the current RSS (Linux ``clear_refs`` 5); False if impossible."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class PhaseMeter:
+    """Wall seconds and peak memory of each phase of a job (load, dense_eval, prune, pruned_eval).
+
+    On CUDA a phase's peak is ``max_memory_allocated`` since the phase began; on the CPU it is the
+    process's peak RSS during the phase (Linux resets the kernel's high-water mark at each phase,
+    so the meter keeps the whole process's peak itself). ``process_peak_rss_bytes`` is the process's
+    peak over the whole run, on any device."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.seconds: dict[str, float] = {}
+        self.peaks: dict[str, int] = {}
+        self.process_peak, self.resettable = _host_peak()
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self.process_peak = max(self.process_peak, _host_peak()[0])
+            self.resettable = self.resettable and _reset_host_peak()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if cuda:
+                torch.cuda.synchronize(self.device)
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+            host = _host_peak()[0]
+            self.process_peak = max(self.process_peak, host)
+            peak = int(torch.cuda.max_memory_allocated(self.device)) if cuda else host
+            self.peaks[name] = max(self.peaks.get(name, 0), peak)
+
+    def summary(self) -> dict[str, Any]:
+        self.process_peak = max(self.process_peak, _host_peak()[0])
+        if self.device.type == "cuda":
+            kind = "cuda_allocated"
+        else:
+            kind = "process_peak_rss" if self.resettable else "process_peak_rss_cumulative"
+        return {"peak_memory_bytes": max(self.peaks.values(), default=0), "peak_memory_kind": kind,
+                "peak_memory_by_phase": dict(self.peaks), "process_peak_rss_bytes": int(self.process_peak)}
+
+
+# --- results -------------------------------------------------------------------------------------
+
+METRICS = ("dense_ppl", "ppl", "cosine_similarity")
+
+
+def set_status(summary: dict[str, Any]) -> dict[str, Any]:
+    """``summary["status"]``: ``"ok"`` when every metric present is finite, else ``"not_finite"``
+    (with ``summary["not_finite"]`` naming them)."""
+    bad = [k for k in METRICS if isinstance(summary.get(k), float) and not math.isfinite(summary[k])]
+    summary["status"] = "not_finite" if bad else "ok"
+    if bad:
+        summary["not_finite"] = bad
+    return summary
+
+
+def json_report(report: dict[str, Any]) -> dict[str, Any]:
+    """The report as written: non-finite metrics become ``None`` (JSON ``null``; the status says why)."""
+    out = copy.copy(report)
+    out["summary"] = {k: (None if k in (*METRICS, "mean_nll") and isinstance(v, float) and not math.isfinite(v) else v)
+                      for k, v in report["summary"].items()}
+    return out
 
 
 class _Evaluator:
@@ -76,6 +348,7 @@ class _Evaluator:
     def __init__(self, model, tokenizer, job: PruneJob, device, progress: Progress):
         tokens, self.protocol = load_eval_tokens(job.eval, tokenizer)
         self.windows = eval_windows(tokens, job.eval_seqlen)
+        check_token_ids(self.windows, job.model_vocab_size, f"evaluation text {job.eval}")
         self.causal = is_causal_lm(model)
         self.device, self.batch, self.progress = device, job.eval_batch_size, progress
         self.dense_hidden: torch.Tensor | None = None
@@ -88,63 +361,92 @@ class _Evaluator:
 
     def dense(self, model) -> dict:
         if self.causal:
-            return {"dense_ppl": perplexity(model, self.windows, self.device, self.batch, self.progress)["ppl"]}
-        self.dense_hidden = last_hidden_states(model, self.windows, self.device, self.batch, self.progress)
+            return {"dense_ppl": perplexity(model, self.windows, self.device, self.batch, self.progress,
+                                            desc="dense eval")["ppl"]}
+        self.dense_hidden = last_hidden_states(model, self.windows, self.device, self.batch, self.progress,
+                                               desc="dense eval")
         return {}
 
     def pruned(self, model) -> dict:
         if self.causal:
-            return {"ppl": perplexity(model, self.windows, self.device, self.batch, self.progress)["ppl"]}
-        hidden = last_hidden_states(model, self.windows, self.device, self.batch, self.progress)
+            return {"ppl": perplexity(model, self.windows, self.device, self.batch, self.progress,
+                                      desc="pruned eval")["ppl"]}
+        hidden = last_hidden_states(model, self.windows, self.device, self.batch, self.progress, desc="pruned eval")
         return {"cosine_similarity": mean_cosine(self.dense_hidden, hidden)}
 
 
 def run_prune(job: PruneJob, progress: Progress = no_progress) -> dict[str, Any]:
-    """Run a whole pruning job and return its report (also written where the job says)."""
+    """Run a whole pruning job and return its report (also written where the job says).
+
+    The returned summary keeps non-finite metrics as floats (``nan``); the written JSON has ``null``."""
     check_model_source(job.model)
+    check_prune_inputs(job)
     check_prune_outputs(job)
     device = resolve_device(job.device)
-    model = load_model(job.model, job.dtype)
-    tokenizer = load_tokenizer(job.model)
+    meter = PhaseMeter(device)
+    with meter("load"):
+        model = load_model(job.model, job.dtype)
+        tokenizer = load_tokenizer(job.model)
     job = resolve(job, model)
     check_pattern(model, job.prune.pattern, job.prune.ignore)
+    check_something_to_prune(model, job.prune.ignore)
     calib = calibration_tokens(job, tokenizer)
+    log.info("calibration: %d x %d tokens from %s (defaults from %s)", *calib.input_ids.shape,
+             calib.protocol.get("file") or calib.protocol.get("source"), job.defaults_from)
     evaluator = None if job.eval == "none" else _Evaluator(model, tokenizer, job, device, progress)
+    if evaluator:
+        log.info("evaluation: %d windows of %d tokens from %s", evaluator.windows.shape[0], job.eval_seqlen, job.eval)
 
     summary: dict[str, Any] = {}
     if evaluator and (job.dense_eval or not evaluator.causal):
-        summary.update(evaluator.dense(model))
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+        with meter("dense_eval"):
+            summary.update(evaluator.dense(model))
+        log.info("dense evaluation in %.1f s", meter.seconds["dense_eval"])
     started = time.perf_counter()
-    outcome = prune_model(model, calib.input_ids, job.prune, device, progress)
+    with meter("prune"):
+        outcome = prune_model(model, calib.input_ids, job.prune, device, progress)
     summary["prune_seconds"] = round(time.perf_counter() - started, 3)
+    log.info("pruned %d layers in %.1f s", len(outcome.layers), summary["prune_seconds"])
     summary["phase_seconds"] = {k: round(v, 3) for k, v in outcome.phase_seconds.items()}
-    summary.update(peak_memory(device))
     summary.update(summarize_layers(outcome.layers))
-    if job.prune.correction.method != "none":
+    if job.prune.correction.active:
         from prac import correction
 
-        summary["correction"] = correction.summarize([l["correction"] for l in outcome.layers if "correction" in l])
+        summary["correction"] = correction.summarize([l.correction for l in outcome.layers if l.correction])
     if evaluator:
-        summary.update(evaluator.pruned(model))
+        with meter("pruned_eval"):
+            summary.update(evaluator.pruned(model))
+    for phase in ("load", "dense_eval", "pruned_eval"):
+        if phase in meter.seconds:
+            summary["phase_seconds"][phase] = round(meter.seconds[phase], 3)
+    summary.update(meter.summary())
+    set_status(summary)
 
     report = {
         "config": {**_config_dict(job), "calibration": calib.protocol,
                    "evaluation": evaluator.protocol if evaluator else None,
                    "blocks": outcome.blocks_path, "activation_device": outcome.activation_device},
-        "environment": environment(device),
-        "layers": outcome.layers,
+        "environment": _environment(device),
+        "layers": [l.to_dict() for l in outcome.layers],
         "summary": summary,
     }
+    written = json_report(report)
     with Outputs() as outputs:  # both land, or neither (a failed save leaves no report of it)
         if job.save:
             check_save_dir(job.save, _sources(job), job.overwrite)  # again: the folder may have changed
-            outputs.add(stage_model(model, tokenizer, job.save, report))
+            outputs.add(stage_model(model, tokenizer, job.save, written))
         if job.report:
-            outputs.add(stage_json(job.report, report))
+            outputs.add(stage_json(job.report, written))
         outputs.commit()
     return report
+
+
+def _environment(device: torch.device) -> dict[str, Any]:
+    """:func:`prac.report.environment` plus the thread counts bit-identity depends on."""
+    env = environment(device)
+    env.setdefault("cpu_threads", torch.get_num_threads())
+    env["interop_threads"] = torch.get_num_interop_threads()
+    return env
 
 
 def _sources(job: PruneJob) -> Sources:
@@ -180,23 +482,39 @@ class EvalJob:
 
 
 def run_eval(job: EvalJob, progress: Progress = no_progress) -> dict[str, Any]:
-    """Perplexity of a causal LM on a text (``prac eval``)."""
+    """Perplexity of a causal LM on a text (``prac eval``).
+
+    ``seqlen`` and ``data`` default as for ``prune`` (:func:`folder_defaults`): a folder prac saved
+    is evaluated on the text and window its report records; with no text known, ``wikitext2``."""
     check_model_source(job.model)
     if job.report:
         check_report_path(job.report, Sources(model=job.model, files=(job.data,) if job.data else ()))
     device = resolve_device(job.device)
-    model = load_model(job.model, job.dtype)
-    if not is_causal_lm(model):
-        raise PracError(f"{job.model} is not a causal LM: perplexity does not exist for it")
-    tokenizer = load_tokenizer(job.model)
-    resolved = resolve(PruneJob(model=job.model, seqlen=job.seqlen, eval=job.data), model)
-    tokens, protocol = load_eval_tokens(resolved.eval if resolved.eval != "none" else "wikitext2", tokenizer)
-    windows = eval_windows(tokens, resolved.seqlen)
-    result = perplexity(model, windows, device, job.batch_size, progress)
-    report = {"config": {**jsonable(job), "seqlen": resolved.seqlen, "evaluation": protocol},
-              "environment": environment(device), "summary": result}
+    meter = PhaseMeter(device)
+    with meter("load"):
+        model = load_model(job.model, job.dtype)
+        if not is_causal_lm(model):
+            raise PracError(f"{job.model} is not a causal LM: perplexity does not exist for it")
+        tokenizer = load_tokenizer(job.model)
+    resolved = resolve(PruneJob(model=job.model, seqlen=job.seqlen, eval_seqlen=job.seqlen,
+                                eval=job.data or None), model)
+    data = resolved.eval if resolved.eval != "none" else "wikitext2"
+    if data != resolved.eval and resolved.model_context is not None and resolved.eval_seqlen > resolved.model_context:
+        raise PracError(f"--seqlen {resolved.eval_seqlen} is beyond the model's context of "
+                        f"{resolved.model_context} tokens (max_position_embeddings)")
+    tokens, protocol = load_eval_tokens(data, tokenizer)
+    windows = eval_windows(tokens, resolved.eval_seqlen)
+    check_token_ids(windows, resolved.model_vocab_size, f"evaluation text {data}")
+    with meter("eval"):
+        result = perplexity(model, windows, device, job.batch_size, progress, desc="eval")
+    result["phase_seconds"] = {k: round(v, 3) for k, v in meter.seconds.items()}
+    result.update(meter.summary())
+    set_status(result)
+    report = {"config": {**jsonable(job), "seqlen": resolved.eval_seqlen, "data_resolved": data,
+                         "defaults_from": resolved.defaults_from, "evaluation": protocol},
+              "environment": _environment(device), "summary": result}
     if job.report:
         with Outputs() as outputs:
-            outputs.add(stage_json(job.report, report))
+            outputs.add(stage_json(job.report, json_report(report)))
             outputs.commit()
     return report

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 import re
+import socket
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import torch
 
@@ -43,6 +47,98 @@ def check_model_source(path_or_id: str) -> None:
     looks_local = path_or_id.startswith((".", "/", "~")) or path_or_id.count("/") != 1
     if looks_local or not _HUB_ID.match(path_or_id):
         raise PracError(f"model path {path_or_id!r} does not exist (and is not a hub id like org/name)")
+    check_hub_reachable(path_or_id)
+
+
+_TRUE = {"1", "on", "yes", "true"}
+
+
+def hub_offline_reason() -> str | None:
+    """Why the hub cannot be used right now (``HF_HUB_OFFLINE``/``TRANSFORMERS_OFFLINE`` set, or its host
+    does not answer a TCP connection within 3 s), or None when it can. Probed once per endpoint."""
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(var, "").strip().lower() in _TRUE:
+            return f"{var}={os.environ[var]}"
+    endpoint = os.environ.get("HF_ENDPOINT", "").strip() or "https://huggingface.co"
+    return _probe(endpoint)
+
+
+@functools.lru_cache(maxsize=8)
+def _probe(endpoint: str) -> str | None:
+    import urllib.request
+
+    url = urlsplit(endpoint)
+    host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
+    proxy = urllib.request.getproxies().get(url.scheme or "https")
+    if proxy and not urllib.request.proxy_bypass(host or ""):
+        purl = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        host, port = purl.hostname, purl.port or 80
+    if not host:
+        return None  # not a URL we understand: let the hub client decide
+    try:
+        with socket.create_connection((host, port), timeout=3):
+            return None
+    except OSError as exc:
+        return f"{endpoint} is unreachable ({exc.strerror or exc})"
+
+
+def _cached_on_disk(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # noqa: BLE001 - an unreadable cache is a cache miss
+        return False
+
+
+def check_hub_reachable(repo_id: str) -> None:
+    """A hub id offline: fine when the hub's cache has it, else one line at once (no 26 s of retries)."""
+    reason = hub_offline_reason()
+    if reason is not None and not _cached_on_disk(repo_id):
+        raise PracError(f"model {repo_id!r} is not a local folder and not in the hub cache, and the hub cannot be "
+                        f"reached: {reason}")
+
+
+def _hub_kwargs(path_or_id: str) -> dict:
+    """``local_files_only`` for a cached hub id when the hub is offline (no retries against it)."""
+    if Path(path_or_id).expanduser().exists():
+        return {}
+    return {"local_files_only": True} if hub_offline_reason() is not None else {}
+
+
+def model_context(config) -> int | None:
+    """The longest sequence the model takes (``max_position_embeddings`` or an equivalent), or None."""
+    for key in ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def model_vocab_size(model) -> int | None:
+    """Rows of the input embedding (the ids the model can take), else ``config.vocab_size``."""
+    try:
+        emb = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        emb = None
+    if emb is not None and getattr(emb, "num_embeddings", None):
+        return int(emb.num_embeddings)
+    value = getattr(getattr(model, "config", None), "vocab_size", None)
+    return int(value) if isinstance(value, int) else None
+
+
+def check_finite_weights(model: torch.nn.Module) -> None:
+    """Refuse a model with NaN/Inf in a floating-point parameter or buffer, naming the first such tensor."""
+    seen = set()
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if id(t) in seen or not t.is_floating_point():
+            continue
+        seen.add(id(t))
+        if not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            kinds = "/".join(k for k, hit in (("NaN", bool(t.isnan().any())), ("Inf", bool(t.isinf().any()))) if hit)
+            raise PracError(f"model weights contain NaN/Inf: {name} has {bad} non-finite value(s) ({kinds}) "
+                            f"of {t.numel()}")
 
 
 def _dtype(spec: str):
@@ -71,16 +167,26 @@ def load_model(path_or_id: str, dtype: str = "auto") -> torch.nn.Module:
     """Load a model on the CPU in eval mode; causal LMs with their head, encoders with ``AutoModel``."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
+    import pickle
+
+    from safetensors import SafetensorError
+
     check_model_source(path_or_id)
+    hub = _hub_kwargs(path_or_id)
     try:
-        config = AutoConfig.from_pretrained(path_or_id)
+        config = AutoConfig.from_pretrained(path_or_id, **hub)
     except (OSError, ValueError, KeyError) as exc:
         raise PracError(f"could not load a model config from {path_or_id!r}: {_first_line(exc)}") from exc
     auto_cls = AutoModelForCausalLM if is_causal_lm_config(config) else AutoModel
     try:
-        model = auto_cls.from_pretrained(path_or_id, dtype=_dtype(dtype))
+        model = auto_cls.from_pretrained(path_or_id, dtype=_dtype(dtype), **hub)
     except (OSError, ValueError, KeyError) as exc:
         raise PracError(f"could not load model {path_or_id!r}: {_first_line(exc)}") from exc
+    except (SafetensorError, EOFError, pickle.UnpicklingError, RuntimeError) as exc:
+        # a truncated or corrupt weights file (safetensors header, torch zip archive, state-dict shapes)
+        raise PracError(f"could not load the weights of {path_or_id!r} (truncated or corrupt file?): "
+                        f"{_first_line(exc)}") from exc
+    check_finite_weights(model)
     model.eval()
     model.requires_grad_(False)
     if getattr(model.config, "use_cache", None):
@@ -92,7 +198,7 @@ def load_tokenizer(path_or_id: str):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(path_or_id)
+        return AutoTokenizer.from_pretrained(path_or_id, **_hub_kwargs(path_or_id))
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise PracError(f"could not load a tokenizer from {path_or_id!r}: {_first_line(exc)}") from exc
 

@@ -1,7 +1,10 @@
-"""Mask sources: pluggable functions ``(weight, stats, pattern, config) -> MaskResult``.
+"""Mask sources: the registry of pluggable functions ``(weight, group, pattern, settings) -> MaskResult``.
 
-Each takes the dense fp32 weight ``[out, in]`` and the statistics of its input and returns the
-pruned weight (exact zeros where the mask is True) — SparseGPT also updates the survivors.
+Each takes the dense fp32 weight ``[out, in]`` and the :class:`prac.group.InputGroup` of its input
+and returns the pruned weight (exact zeros where the mask is True) — SparseGPT also updates the
+survivors. An entry holds the method's settings dataclass (defaults and validation inside it) and
+what statistics it needs. Adding a method = a function (or module) + one line in ``METHODS`` + its
+CLI flags.
 """
 
 from __future__ import annotations
@@ -12,18 +15,25 @@ from typing import Any, Callable
 import torch
 
 from prac.errors import PracError
+from prac.group import InputGroup
 from prac.masks import apply_mask, magnitude_scores, mask_from_scores, wanda_scores
 from prac.patterns import Pattern
-from prac.stats import InputStats
+from prac.sparsegpt import SparseGPTConfig, sparsegpt_factor, sparsegpt_prune
+from prac.stats import StatsSpec
+
+SCOPES = ("row", "layer")
 
 
 @dataclass(frozen=True)
-class MethodSettings:
-    """Settings a mask source may read."""
+class ScoreSettings:
+    """Score-based mask sources: ``scope`` is the comparison group of unstructured masks
+    (``row``: each output row keeps its share; ``layer``: one budget for the whole matrix)."""
 
-    scope: str = "row"  # magnitude/wanda comparison group: "row" or "layer"
-    blocksize: int = 128  # sparsegpt
-    percdamp: float = 0.01  # sparsegpt
+    scope: str = "row"
+
+    def __post_init__(self) -> None:
+        if self.scope not in SCOPES:
+            raise PracError(f"scope must be one of {', '.join(SCOPES)}, got {self.scope!r}")
 
 
 @dataclass
@@ -33,42 +43,49 @@ class MaskResult:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-MaskFn = Callable[[torch.Tensor, "InputStats | None", Pattern, MethodSettings], MaskResult]
+MaskFn = Callable[[torch.Tensor, "InputGroup | None", Pattern, Any], MaskResult]
 
 
 @dataclass(frozen=True)
 class Method:
+    """``stats``: what the input statistics must hold (None: no calibration pass at all)."""
+
     fn: MaskFn
-    needs_stats: bool
-    needs_hessian: bool
+    settings: type
+    stats: StatsSpec | None
     description: str
 
 
-def magnitude(weight: torch.Tensor, stats: InputStats | None, pattern: Pattern, settings: MethodSettings) -> MaskResult:
+def magnitude(weight: torch.Tensor, group: InputGroup | None, pattern: Pattern, settings: ScoreSettings) -> MaskResult:
     mask = mask_from_scores(magnitude_scores(weight), pattern, settings.scope)
     return MaskResult(apply_mask(weight, mask), mask)
 
 
-def wanda(weight: torch.Tensor, stats: InputStats | None, pattern: Pattern, settings: MethodSettings) -> MaskResult:
-    if stats is None:
+def wanda(weight: torch.Tensor, group: InputGroup | None, pattern: Pattern, settings: ScoreSettings) -> MaskResult:
+    if group is None or group.stats is None:
         raise RuntimeError("wanda needs input statistics")
-    mask = mask_from_scores(wanda_scores(weight, stats.l2), pattern, settings.scope)
+    mask = mask_from_scores(wanda_scores(weight, group.stats.l2), pattern, settings.scope)
     return MaskResult(apply_mask(weight, mask), mask)
 
 
-def sparsegpt(weight: torch.Tensor, stats: InputStats | None, pattern: Pattern, settings: MethodSettings) -> MaskResult:
-    from prac.sparsegpt import SparseGPTConfig, sparsegpt_prune
-
-    if stats is None or stats.hessian is None:
+def sparsegpt(weight: torch.Tensor, group: InputGroup | None, pattern: Pattern, settings: SparseGPTConfig) -> MaskResult:
+    """SparseGPT with one factorisation of the group's H shared by every linear reading it."""
+    if group is None or group.stats is None or group.stats.hessian is None:
         raise RuntimeError("sparsegpt needs the input Hessian")
-    result = sparsegpt_prune(weight, stats.hessian, pattern, SparseGPTConfig(settings.blocksize, settings.percdamp))
+    hessian = group.stats.hessian
+    factor = None
+    if pattern.target_sparsity > 0:  # sparsity 0 is a no-op: nothing to factorise
+        factor = group.factor(("sparsegpt", settings.percdamp, settings.damping_retries, settings.damping_growth),
+                              lambda: sparsegpt_factor(hessian, settings, weight.device))
+    result = sparsegpt_prune(weight, hessian, pattern, settings, factor=factor)
     return MaskResult(result.weight, result.mask, dict(result.diagnostics))
 
 
 METHODS: dict[str, Method] = {
-    "magnitude": Method(magnitude, False, False, "|W|, per row (or per layer with --scope layer)"),
-    "wanda": Method(wanda, True, False, "|W|·||X||₂ compared within each output row"),
-    "sparsegpt": Method(sparsegpt, True, True, "OBS-style pruning with weight updates (Frantar & Alistarh 2023)"),
+    "magnitude": Method(magnitude, ScoreSettings, None, "|W|, per row (or per layer with --scope layer)"),
+    "wanda": Method(wanda, ScoreSettings, StatsSpec(), "|W|·||X||₂ compared within each output row"),
+    "sparsegpt": Method(sparsegpt, SparseGPTConfig, StatsSpec(hessian=True),
+                        "OBS-style pruning with weight updates (Frantar & Alistarh 2023)"),
 }
 
 

@@ -1,15 +1,13 @@
-"""The one sequential pruning loop, shared by every method and architecture.
+"""Pruning through the block engine: the step that prunes (and corrects) one input group.
 
-Block k is calibrated on the outputs of the already pruned blocks 0..k-1: its inputs are run
-through it with hooks that feed one :class:`InputStats` per distinct linear input; every linear
-is pruned (and corrected) from those statistics; then the block's outputs are recomputed with
-the pruned weights and become the next block's inputs. Only one block is on the compute device
-at a time; calibration activations stay on the device when they fit, else on the CPU.
+The engine (``engine.py``) does the model plumbing: capture, statistics per input group, apply,
+propagate. This module is what a pruning run hands it: for each group, every linear gets its
+mask from the chosen mask source (``methods.py``) and, optionally, a correction
+(``correction/``), both reading the group's shared statistics, H and factorisations.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -18,110 +16,131 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from prac.blocks import (
-    BlockInputs,
-    Blocks,
-    capture_block_inputs,
-    find_blocks,
-    find_linears,
-    get_weight,
-    group_by_input,
-    in_features,
-    run_block,
-    set_weight,
-)
+from prac.blocks import Blocks, get_weight, in_features
 from prac.correction.base import CorrectionConfig
 from prac.correction.objective import relative_error
+from prac.engine import BlockEngine, EngineConfig, PhaseTimer, StatsReducer, check_pattern_fits
 from prac.errors import PracError
+from prac.group import InputGroup
 from prac.masks import wanda_scores
-from prac.methods import MethodSettings, get_method
+from prac.methods import Method, get_method
 from prac.patterns import Pattern, Unstructured
 from prac.progress import Progress, no_progress
-from prac.stats import InputStats, StatsSpec
+from prac.records import LayerRecord
+from prac.stats import StatsSpec
 
 log = logging.getLogger(__name__)
 
-StatsObserver = Callable[[list[str], InputStats], None]
-"""Called with each group of linears and their collected statistics (verification, analysis)."""
+StatsObserver = Callable[[InputGroup], None]
+"""Called with each input group and its collected statistics before it is pruned (verification, analysis)."""
 
 
 @dataclass(frozen=True)
 class PruneConfig:
-    """Everything the pruning loop needs besides the model and the calibration tokens."""
+    """Everything a pruning run needs besides the model and the calibration tokens.
+
+    ``settings``: the mask source's own settings dataclass (None: its defaults); ``engine``: how the
+    block engine runs; ``collect``: extra statistics to collect regardless of need (verification,
+    ``--measure``).
+    """
 
     method: str = "wanda"
     pattern: Pattern = Unstructured(0.5)
-    settings: MethodSettings = MethodSettings()
+    settings: Any = None
     correction: CorrectionConfig = CorrectionConfig()
     ignore: str | None = None
-    batch_size: int = 8
-    offload: str = "auto"  # where calibration activations live: auto | device | cpu
-    collect: StatsSpec | None = None  # extra statistics to collect regardless of need (verification)
+    engine: EngineConfig = EngineConfig()
+    collect: StatsSpec | None = None
+
+    def __post_init__(self) -> None:
+        entry = get_method(self.method)
+        if self.settings is None:
+            object.__setattr__(self, "settings", entry.settings())
+        elif not isinstance(self.settings, entry.settings):
+            raise PracError(f"method {self.method!r} takes {entry.settings.__name__}, got {type(self.settings).__name__}")
 
 
 @dataclass
 class PruneOutcome:
-    layers: list[dict[str, Any]] = field(default_factory=list)
+    layers: list[LayerRecord] = field(default_factory=list)
     blocks_path: str = ""
     activation_device: str = "cpu"
     phase_seconds: dict[str, float] = field(default_factory=dict)
     final_hidden: list[torch.Tensor] | None = None
-
-
-class PhaseTimer:
-    """Wall time per phase (capture, transfer, calibrate, prune, propagate), synchronised on CUDA."""
-
-    def __init__(self, device: torch.device, totals: dict[str, float]):
-        self.device, self.totals = device, totals
-
-    @contextlib.contextmanager
-    def __call__(self, name: str):
-        self._sync()
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self._sync()
-            self.totals[name] = self.totals.get(name, 0.0) + time.perf_counter() - start
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+    factorisations: dict[str, int] = field(default_factory=dict)  # Cholesky attempts per input group
 
 
 def check_pattern(model: nn.Module, pattern: Pattern, ignore: str | None = None) -> Blocks:
     """Fail before any work if the pattern cannot apply to some prunable layer."""
-    blocks = find_blocks(model)
-    for i, block in enumerate(blocks.modules):
-        for name, module in find_linears(block, blocks.name(i), ignore).items():
-            pattern.check(in_features(module), name)
-    return blocks
+    return check_pattern_fits(model, lambda name, module: pattern.check(in_features(module), name), ignore)
 
 
 def stats_spec_for(cfg: PruneConfig) -> StatsSpec | None:
     """What the statistics accumulators must hold, or None if no calibration pass is needed."""
-    method = get_method(cfg.method)
-    spec = StatsSpec(hessian=method.needs_hessian, seed=cfg.correction.seed)
-    needed = method.needs_stats
-    if cfg.correction.method != "none":
-        from prac import correction
+    from prac.correction import stats_spec
 
-        spec = spec.union(correction.stats_spec(cfg.correction))
-        needed = True
+    spec = get_method(cfg.method).stats
+    if cfg.correction.active:
+        spec = stats_spec(cfg.correction) if spec is None else spec.union(stats_spec(cfg.correction))
     if cfg.collect is not None:
-        spec = spec.union(cfg.collect)
-        needed = True
-    return spec if needed else None
+        spec = cfg.collect if spec is None else spec.union(cfg.collect)
+    if spec is not None:
+        spec = StatsSpec(spec.hessian, spec.max_samples, cfg.correction.seed)
+    return spec
 
 
-def _activation_store(cfg: PruneConfig, device: torch.device, calib: torch.Tensor, hidden: int, dtype) -> torch.device:
-    if cfg.offload == "cpu" or device.type == "cpu":
-        return torch.device("cpu")
-    if cfg.offload == "device":
-        return device
-    need = 2 * calib.numel() * hidden * torch.tensor([], dtype=dtype).element_size()
-    free, _ = torch.cuda.mem_get_info(device)
-    return device if need < 0.5 * free else torch.device("cpu")
+class PruneStep:
+    """The engine's step for a pruning run: mask, correct and record every linear of a group."""
+
+    def __init__(self, cfg: PruneConfig, observer: StatsObserver | None = None):
+        self.cfg = cfg
+        self.method: Method = get_method(cfg.method)
+        self.observer = observer
+        self.records: list[LayerRecord] = []
+        self.factorisations: dict[str, int] = {}  # Cholesky attempts per input group (its first linear)
+
+    def __call__(self, group: InputGroup, linears: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+        if self.observer is not None and group.stats is not None:
+            self.observer(group)
+        staged = {}
+        for name in group.names:
+            weight, record = self._prune_linear(name, linears[name], group)
+            staged[name] = weight
+            self.records.append(record)
+        self.factorisations[group.names[0]] = group.factorisations
+        return staged
+
+    def _prune_linear(self, name: str, module: nn.Module, group: InputGroup) -> tuple[torch.Tensor, LayerRecord]:
+        cfg = self.cfg
+        started = time.perf_counter()
+        w_orig = get_weight(module)
+        stats = group.stats
+        result = self.method.fn(w_orig, group if stats is not None else None, cfg.pattern, cfg.settings)
+        weight = result.weight
+        diagnostics: dict[str, Any] = {}
+        if cfg.correction.active:
+            from prac import correction
+
+            scores = wanda_scores(w_orig, stats.l2)
+            corrected = correction.correct(w_orig, weight, result.mask, group, scores, cfg.correction)
+            weight, diagnostics = corrected.weight, corrected.diagnostics
+            log.debug("%s", correction.format_diagnostics(name, diagnostics))
+        if bool((weight[result.mask] != 0).any()):
+            raise RuntimeError(f"internal error: pruned weights of {name} are not zero")
+        row = result.mask.float().mean(dim=1)
+        if diagnostics.get("error_source") == "hessian":  # measured already, on the same H
+            error = diagnostics["error_after"]
+        elif stats is not None and stats.hessian is not None:
+            error = relative_error(weight, w_orig, stats.hessian)
+        else:
+            error = None
+        record = LayerRecord(
+            name=name, shape=tuple(w_orig.shape), sparsity=float(result.mask.float().mean()),
+            row_sparsity=(float(row.min()), float(row.max())) if row.numel() else (0.0, 0.0),
+            seconds=round(time.perf_counter() - started, 6), group=group.names[0], relative_error=error,
+            method=dict(result.info), correction=diagnostics,
+        )
+        return weight, record
 
 
 def prune_model(
@@ -132,116 +151,25 @@ def prune_model(
     progress: Progress = no_progress,
     return_hidden: bool = False,
     observer: StatsObserver | None = None,
+    reduce: StatsReducer | None = None,
 ) -> PruneOutcome:
     """Prune ``model`` in place, block by block, from calibration token ids ``[n, seqlen]``."""
-    method = get_method(cfg.method)
-    blocks = check_pattern(model, cfg.pattern, cfg.ignore)
+    check_pattern(model, cfg.pattern, cfg.ignore)
     spec = stats_spec_for(cfg)
-    outcome = PruneOutcome(blocks_path=blocks.path)
-    timer = PhaseTimer(device, outcome.phase_seconds)
-    inputs: BlockInputs | None = None
-    if spec is not None or return_hidden:
-        hidden_size = model.get_input_embeddings().weight.shape[1]
-        store = _activation_store(cfg, device, calib, hidden_size, next(model.parameters()).dtype)
-        outcome.activation_device = str(store)
-        with timer("capture"):
-            inputs = capture_block_inputs(model, blocks, calib.split(cfg.batch_size), device, store)
-    last = len(blocks) - 1
-    for i in progress(range(len(blocks)), "blocks", len(blocks)):
-        block = blocks.modules[i]
-        with timer("transfer"):
-            block.to(device)
-        linears = find_linears(block, blocks.name(i), cfg.ignore)
-        if spec is None:
-            with timer("prune"):
-                staged = {name: _prune_linear(name, m, None, cfg, method) for name, m in linears.items()}
-        else:
-            staged = _prune_block_calibrated(block, linears, inputs, spec, cfg, method, device, observer, timer)
-        for name, (weight, record) in staged.items():
-            set_weight(linears[name], weight)
-            outcome.layers.append(record)
-        if inputs is not None and (i < last or return_hidden):
-            with timer("propagate"):
-                _propagate(block, inputs, device)
-        with timer("transfer"):
-            block.to("cpu")
-    if return_hidden and inputs is not None:
-        outcome.final_hidden = inputs.hidden
+    step = PruneStep(cfg, observer)
+    outcome = PruneOutcome()
+    engine = BlockEngine(cfg.engine, device, progress, reduce=reduce)
+    run = engine.run(model, calib, spec, step, ignore=cfg.ignore, return_hidden=return_hidden,
+                     timer=PhaseTimer(device, outcome.phase_seconds))
+    outcome.layers = step.records
+    outcome.blocks_path = run.blocks_path
+    outcome.activation_device = run.activation_device
+    outcome.final_hidden = run.final_hidden
+    outcome.factorisations = step.factorisations
+    if cfg.correction.active:
+        from prac.correction.summary import run_warning
+
+        message = run_warning([r.correction for r in outcome.layers])
+        if message:
+            log.warning("%s", message)
     return outcome
-
-
-def _propagate(block: nn.Module, inputs: BlockInputs, device: torch.device) -> None:
-    with torch.no_grad():
-        for j in range(len(inputs)):
-            store = inputs.hidden[j].device
-            inputs.hidden[j] = run_block(block, inputs, j, device).to(store)
-
-
-def _prune_block_calibrated(block, linears, inputs, spec, cfg, method, device, observer, timer) -> dict:
-    if not linears:
-        return {}
-    groups = group_by_input(block, linears, inputs, device)
-    per_chunk = cfg.correction.layer_batch_size or len(groups)
-    staged: dict[str, tuple[torch.Tensor, dict]] = {}
-    for start in range(0, len(groups), per_chunk):
-        chunk = groups[start : start + per_chunk]
-        with timer("calibrate"):
-            stats = _collect(block, chunk, linears, inputs, spec, device)
-        for group, st in zip(chunk, stats):
-            if observer is not None:
-                observer(group, st)
-            for name in group:
-                if st.count == 0:
-                    log.warning("%s is never called in the block's forward: left dense", name)
-                    continue
-                st.check_finite(name)
-                with timer("prune"):
-                    staged[name] = _prune_linear(name, linears[name], st, cfg, method)
-        del stats
-    return staged
-
-
-def _collect(block, chunk, linears, inputs, spec, device) -> list[InputStats]:
-    """One forward over all calibration batches, with one accumulator per group in ``chunk``."""
-    stats = [InputStats(in_features(linears[g[0]]), device, spec) for g in chunk]
-    handles = []
-    for group, st in zip(chunk, stats):
-        def hook(_m, args, _st=st):
-            _st.add_batch(args[0])
-        handles.append(linears[group[0]].register_forward_pre_hook(hook))
-    try:
-        with torch.no_grad():
-            for j in range(len(inputs)):
-                run_block(block, inputs, j, device)
-    finally:
-        for h in handles:
-            h.remove()
-    return stats
-
-
-def _prune_linear(name, module, stats, cfg: PruneConfig, method) -> tuple[torch.Tensor, dict]:
-    started = time.perf_counter()
-    w_orig = get_weight(module)
-    result = method.fn(w_orig, stats, cfg.pattern, cfg.settings)
-    weight = result.weight
-    record: dict[str, Any] = {"name": name, "shape": list(w_orig.shape)}
-    if cfg.correction.method != "none":
-        from prac import correction
-
-        scores = wanda_scores(w_orig, stats.l2)
-        corrected = correction.correct(w_orig, weight, result.mask, stats, scores, cfg.correction)
-        weight = corrected.weight
-        record["correction"] = corrected.diagnostics
-        log.debug("%s", correction.format_diagnostics(name, corrected.diagnostics))
-    if bool((weight[result.mask] != 0).any()):
-        raise RuntimeError(f"internal error: pruned weights of {name} are not zero")
-    record["sparsity"] = float(result.mask.float().mean())
-    if result.info:
-        record["method"] = result.info
-    diagnostics = record.get("correction", {})
-    if diagnostics.get("error_source") == "hessian":  # measured already, on the same H
-        record["relative_error"] = diagnostics["error_after"]
-    elif stats is not None and stats.hessian is not None:
-        record["relative_error"] = relative_error(weight, w_orig, stats.hessian)
-    record["seconds"] = round(time.perf_counter() - started, 6)
-    return weight, record

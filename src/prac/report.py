@@ -9,11 +9,14 @@ import platform
 import resource
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 import prac
+
+if TYPE_CHECKING:
+    from prac.records import LayerRecord
 
 
 def environment(device: torch.device) -> dict[str, Any]:
@@ -67,13 +70,16 @@ def jsonable(obj: Any) -> Any:
     return obj
 
 
-def summarize_layers(layers: list[dict]) -> dict[str, Any]:
-    """Sparsity over all pruned weights (weighted by size) and mean relative layer error."""
-    total = sum(l["shape"][0] * l["shape"][1] for l in layers)
-    pruned = sum(l["sparsity"] * l["shape"][0] * l["shape"][1] for l in layers)
+def summarize_layers(layers: list["LayerRecord"]) -> dict[str, Any]:
+    """Sparsity over all pruned weights (weighted by size), row-sparsity range, mean relative layer error."""
+    total = sum(l.numel for l in layers)
+    pruned = sum(l.sparsity * l.numel for l in layers)
     out: dict[str, Any] = {"sparsity": pruned / total if total else 0.0, "pruned_layers": len(layers),
                            "pruned_parameters": int(round(pruned)), "prunable_parameters": total}
-    errors = [l["relative_error"] for l in layers if "relative_error" in l]
+    if layers:
+        out["row_sparsity_min"] = min(l.row_sparsity[0] for l in layers)
+        out["row_sparsity_max"] = max(l.row_sparsity[1] for l in layers)
+    errors = [l.relative_error for l in layers if l.relative_error is not None]
     if errors:
         out["mean_relative_error"] = sum(errors) / len(errors)
     return out

@@ -48,6 +48,7 @@ from typing import Any
 import torch
 
 from prac.errors import PracError
+from prac.linalg import damped_cholesky, upper_inverse_factor
 from prac.patterns import NM, Pattern, Unstructured
 
 log = logging.getLogger(__name__)
@@ -85,17 +86,64 @@ class SparseGPTResult:
     diagnostics: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class SparseGPTFactor:
+    """What SparseGPT needs from one input's H, computed once and shared by every linear reading it.
+
+    ``upper``: U with (H + λI)⁻¹ = UᵀU (dead inputs given H_jj = 1 first); ``dead``: inputs with
+    H_jj = 0; ``damping``/``percdamp``: λ used and its relative value; ``failures``: failed Cholesky
+    attempts before the one that succeeded.
+    """
+
+    upper: torch.Tensor
+    dead: torch.Tensor
+    damping: float
+    percdamp: float
+    failures: int
+
+    @property
+    def attempts(self) -> int:
+        return self.failures + 1
+
+
+def sparsegpt_factor(hessian: torch.Tensor, config: SparseGPTConfig = SparseGPTConfig(), device=None) -> SparseGPTFactor:
+    """Damp, factorise and invert ``hessian`` once (see the module docstring), with retries."""
+    device = hessian.device if device is None else device
+    h = hessian.detach().to(device=device, dtype=torch.float32).clone()
+    if not bool(torch.isfinite(h).all()):
+        raise PracError("the Hessian given to SparseGPT contains NaN/Inf")
+    dead = h.diagonal() == 0
+    # Taken before dead entries become 1, so λ scales with H (the reference averages after, which
+    # equals this when no input is dead).
+    mean_diag = h.diagonal().mean()
+    h.diagonal()[dead] = 1.0
+    factor = damped_cholesky(h, config.percdamp, mean_diag, upper_inverse_factor,
+                             retries=config.damping_retries, growth=config.damping_growth, reverse=True)
+    if not factor.ok:
+        raise PracError(
+            f"SparseGPT: Cholesky of the damped Hessian failed {factor.attempts} time(s), last with "
+            f"percdamp {factor.relative:.3g} (damping {factor.lam:.3g}); the calibration statistics are degenerate"
+        )
+    if factor.failures:
+        log.warning("SparseGPT: Cholesky failed %d time(s); succeeded with percdamp %.3g",
+                    factor.failures, factor.relative)
+    return SparseGPTFactor(factor.value, dead, factor.lam, factor.relative, factor.failures)
+
+
 def sparsegpt_prune(
     weight: torch.Tensor,
-    hessian: torch.Tensor,
+    hessian: torch.Tensor | None,
     pattern: Pattern,
     config: SparseGPTConfig = SparseGPTConfig(),
+    factor: SparseGPTFactor | None = None,
 ) -> SparseGPTResult:
     """Prune ``weight`` [out, in] to ``pattern`` and update the survivors with SparseGPT.
 
     ``hessian`` is XᵀX [in, in] at any positive scale (Σ xxᵀ or Σ xxᵀ / N give the same result:
     saliencies and updates are ratios of H⁻¹ entries and the damping is relative). Neither input
-    is modified. Work happens in fp32 on ``weight.device``.
+    is modified. Work happens in fp32 on ``weight.device``. ``factor`` (from
+    :func:`sparsegpt_factor` of the same H and config) skips the factorisation: linears that read
+    one input share it.
 
     Diagnostics: ``damping`` (λ finally used, in the units of ``hessian``), ``percdamp`` (its
     relative value), ``dead_inputs``, ``cholesky_failures`` (failed factorisations) and
@@ -104,7 +152,10 @@ def sparsegpt_prune(
     predicted increase of ‖X(Ŵ−W₀)ᵀ‖² for the damped H in the units of ``hessian``),
     ``sparsity`` (fraction of the mask that is pruned), ``seconds``.
     """
-    rows, cols = _check_inputs(weight, hessian, pattern, config)
+    reference = hessian if hessian is not None else (factor.upper if factor is not None else None)
+    if reference is None:
+        raise PracError("SparseGPT needs the input Hessian or its factor")
+    rows, cols = _check_inputs(weight, reference, pattern, config)
     device = weight.device
     start = time.perf_counter()
     if isinstance(pattern, Unstructured) and pattern.sparsity == 0:
@@ -114,44 +165,28 @@ def sparsegpt_prune(
             torch.zeros(rows, cols, dtype=torch.bool, device=device),
             diagnostics,
         )
-
-    h = hessian.detach().to(device=device, dtype=torch.float32).clone()
-    if not bool(torch.isfinite(h).all()):
-        raise PracError("the Hessian given to SparseGPT contains NaN/Inf")
-    dead = h.diagonal() == 0
-    # Taken before dead entries become 1, so λ scales with H (the reference averages after, which
-    # equals this when no input is dead).
-    mean_diag = h.diagonal().mean()
-    h.diagonal()[dead] = 1.0
+    if factor is None:
+        factor = sparsegpt_factor(hessian, config, device)
     # Column-major working copy: row j of wt is input column j, so per-column updates touch
     # contiguous memory.
     wt = weight.detach().to(torch.float32).t().contiguous()
-    wt[dead] = 0.0
-
-    u, damping, percdamp, failures = _inverse_cholesky_upper(h, mean_diag, config)
-    del h
-    maskt, error = _prune_columns(wt, u, pattern, config.blocksize)
+    wt[factor.dead] = 0.0
+    maskt, error = _prune_columns(wt, factor.upper, pattern, config.blocksize)
 
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
     mask = maskt.t().contiguous()
     diagnostics = {
-        "damping": damping,
-        "percdamp": percdamp,
-        "dead_inputs": int(dead.sum()),
-        "cholesky_retries": failures,
-        "cholesky_failures": failures,
+        "damping": factor.damping,
+        "percdamp": factor.percdamp,
+        "dead_inputs": int(factor.dead.sum()),
+        "cholesky_retries": factor.failures,
+        "cholesky_failures": factor.failures,
         "error_estimate": float(error),
         "sparsity": float(mask.float().mean()),
         "seconds": seconds,
     }
-    if failures:
-        log.warning(
-            "SparseGPT: Cholesky failed %d time(s); succeeded with percdamp %.3g",
-            failures,
-            diagnostics["percdamp"],
-        )
     return SparseGPTResult(wt.t().contiguous(), mask, diagnostics)
 
 
@@ -172,40 +207,6 @@ def _check_inputs(
     elif not isinstance(pattern, Unstructured):
         raise TypeError(f"unknown pattern {pattern!r}")
     return rows, cols
-
-
-def _inverse_cholesky_upper(
-    h: torch.Tensor, mean_diag: torch.Tensor, config: SparseGPTConfig
-) -> tuple[torch.Tensor, float, float, int]:
-    """Upper U with (H + λI)⁻¹ = UᵀU, λ = percdamp · mean_diag, percdamp grown after each failure.
-
-    With J the order-reversing permutation and J(H + λI)J = L̃L̃ᵀ, U = J L̃⁻¹ J: it is upper
-    triangular with a positive diagonal and UᵀU = J L̃⁻ᵀL̃⁻¹ J = (H + λI)⁻¹, so it is that matrix's
-    Cholesky factor. One factorisation and one triangular inverse replace the reference's
-    factorise / invert / factorise again (same factor, about half the work, one failure point).
-
-    Mutates ``h`` (adds λ to its diagonal). Returns U, λ, the percdamp used and the number of
-    failed attempts. With ``percdamp == 0`` there is nothing to grow, so a failure raises at once.
-    """
-    percdamp = config.percdamp
-    added = torch.zeros((), dtype=h.dtype, device=h.device)
-    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-    for attempt in range(config.damping_retries + 1):
-        damping = percdamp * mean_diag
-        h.diagonal().add_(damping - added)
-        added = damping
-        lower, info = torch.linalg.cholesky_ex(h.flip(0, 1))
-        if int(info) == 0:
-            upper = torch.linalg.solve_triangular(lower, eye, upper=False).flip(0, 1)
-            if bool(torch.isfinite(upper).all()):
-                return upper, float(damping), percdamp, attempt
-        if percdamp == 0 or attempt == config.damping_retries:
-            break
-        percdamp *= config.damping_growth
-    raise PracError(
-        f"SparseGPT: Cholesky of the damped Hessian failed {attempt + 1} time(s), last with "
-        f"percdamp {percdamp:.3g} (damping {float(added):.3g}); the calibration statistics are degenerate"
-    )
 
 
 def _prune_columns(

@@ -1,46 +1,151 @@
 """The contract between the pruning pipeline and the correction methods.
 
-A correction method is a pure function
+A correction method is one registry entry (``registry.py``): a settings dataclass (its defaults and
+validation), the statistics it needs, and a pure function
 
-    fn(w_orig, w_pruned, mask, stats, scores, config) -> CorrectionResult
+    propose(problem: LayerProblem, settings) -> Proposal
+
+that returns a change δ of the selected survivors; :func:`prac.correction.apply.correct` does the
+rest for every method (selection, never-worse, yardstick, diagnostics).
 
 - ``w_orig``   fp32 [out, in]: the dense weight.
 - ``w_pruned`` fp32 [out, in]: the weight the mask source produced (zeros where ``mask``).
 - ``mask``     bool [out, in]: True = pruned. Pruned entries stay exactly zero; the mask never changes.
-- ``stats``    :class:`prac.stats.InputStats` of the layer's input (hessian / samples present when
-               :func:`stats_spec` asked for them).
+- ``group``    :class:`prac.group.InputGroup` of the layer's input: its statistics, and the H and
+               factorisations every linear reading that input shares.
 - ``scores``   fp32 [out, in]: Wanda scores |W|·||X||₂ used to rank survivors for selection.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-METHODS = ("none", "full", "diagonal", "greedy", "optimal")
+from prac.errors import PracError
+
 STRATEGIES = ("top", "moderate", "weakest", "kneedle", "all")
+
+#: The yardstick is the (nearly) undamped optimum: λ only keeps dead input features solvable ...
+YARDSTICK_DAMPING = 1e-6
+#: ... solved tightly whatever the method's own tolerance (relative residual of each row's system).
+YARDSTICK_TOL = 1e-4
+#: ... with at most this many CG iterations (unless the method is ``optimal`` with its own limit).
+YARDSTICK_MAX_ITER = 200
+
+
+def invalid(what: str) -> PracError:
+    return PracError(f"invalid correction setting: {what}")
+
+
+@dataclass(frozen=True)
+class SelectionSettings:
+    """Which survivors of each row a method may change (see ``selection.py``)."""
+
+    selection_strategy: str = "all"
+    percent_change: float = 0.05
+
+    def __post_init__(self) -> None:
+        if self.selection_strategy not in STRATEGIES:
+            raise invalid(f"selection strategy {self.selection_strategy!r} is not one of {', '.join(STRATEGIES)}")
+        if not (0.0 < self.percent_change <= 1.0):
+            raise invalid(f"percent-change must be in (0, 1], got {self.percent_change}")
+
+
+def check_damping(damping: float) -> None:
+    if not (math.isfinite(damping) and damping >= 0.0):
+        raise invalid(f"damping must be a finite number >= 0, got {damping}")
+
+
+def check_clamp(bound: float) -> None:
+    if not bound > 0.0:
+        raise invalid(f"max-correction-magnitude must be > 0 (inf: no clamp), got {bound}")
 
 
 @dataclass(frozen=True)
 class CorrectionConfig:
-    """Settings of every correction method (names follow the design notes)."""
+    """Which correction runs and with what settings.
+
+    ``settings``: the method's own dataclass (None: its defaults). ``exact_errors``: measure each
+    layer's error before and after on the full H, and the optimum it is compared with (the
+    yardstick); costs an in×in fp32 H per distinct layer input even for methods that need none.
+    Without it the never-worse check runs on a stored token sample. ``seed``: token sampling.
+    """
 
     method: str = "none"
-    selection_strategy: str | None = None  # None: the method's own default
-    percent_change: float | None = None  # None: the method's own (full 0.2, others 0.05)
-    damping: float | None = None  # None: the method's own default (relative to mean diag(H))
-    max_correction_magnitude: float | None = None  # None: the method's own (full 0.2, diagonal 0.05); inf: no clamp
-    correction_magnitude: float = 0.01
-    max_activation_samples: int = 8192
-    patience: int = 8
-    layer_batch_size: int = 0  # 0: every layer of a block at once
-    optimal_tol: float = 1e-2  # the method's own solve; the yardstick always solves to YARDSTICK_TOL
-    optimal_max_iter: int = 200
-    measure: bool = True  # collect H for exact errors and the optimal yardstick
+    settings: Any = None
+    exact_errors: bool = True
     seed: int = 0
-    solve_memory_mb: int = 1024  # full: memory for one chunk of batched K x K systems
+
+    def __post_init__(self) -> None:
+        from prac.correction.registry import get_correction
+
+        entry = get_correction(self.method)
+        if entry is None:
+            if self.settings is not None:
+                raise invalid("correction 'none' takes no settings")
+            return
+        if self.settings is None:
+            object.__setattr__(self, "settings", entry.settings())
+        elif not isinstance(self.settings, entry.settings):
+            raise invalid(f"{self.method!r} takes {entry.settings.__name__}, got {type(self.settings).__name__}")
+
+    @classmethod
+    def of(cls, method: str, exact_errors: bool = True, seed: int = 0, **settings: Any) -> "CorrectionConfig":
+        """A config from flat keyword settings, each checked against the method's dataclass."""
+        from prac.correction.registry import get_correction
+
+        entry = get_correction(method)
+        if entry is None:
+            if settings:
+                raise invalid(f"correction 'none' takes no settings (got {', '.join(sorted(settings))})")
+            return cls(method, None, exact_errors, seed)
+        names = {f.name for f in dataclasses.fields(entry.settings)}
+        unknown = sorted(set(settings) - names)
+        if unknown:
+            raise invalid(f"{method!r} has no setting {', '.join(unknown)} (it has {', '.join(sorted(names))})")
+        return cls(method, entry.settings(**settings), exact_errors, seed)
+
+    def replace(self, **changes: Any) -> "CorrectionConfig":
+        """A copy with ``changes`` applied: ``method``/``exact_errors``/``seed`` here, the rest to the
+        method's settings (the settings are kept when the method stays the same)."""
+        top = {k: changes.pop(k) for k in ("method", "exact_errors", "seed") if k in changes}
+        method = top.get("method", self.method)
+        kept = dataclasses.asdict(self.settings) if self.settings is not None and method == self.method else {}
+        return CorrectionConfig.of(method, top.get("exact_errors", self.exact_errors), top.get("seed", self.seed),
+                                   **{**kept, **changes})
+
+    @property
+    def active(self) -> bool:
+        return self.settings is not None
+
+
+@dataclass
+class LayerProblem:
+    """One pruned linear handed to a method's ``propose``."""
+
+    w_orig: torch.Tensor
+    w_pruned: torch.Tensor
+    mask: torch.Tensor
+    selected: torch.Tensor
+    scores: torch.Tensor
+    group: Any  # prac.group.InputGroup
+    meter: Any  # prac.correction.objective.LayerError on the error matrix
+    error_source: str  # "hessian" (the full H) or "samples" (the stored token sample)
+
+
+@dataclass
+class Proposal:
+    """A method's change before the never-worse check: δ, ``δᵢᵀ H δᵢ`` per row (H: the error matrix),
+    method-specific diagnostics, and the optimum it solved for (``optimal``: reused as the yardstick)."""
+
+    delta: torch.Tensor
+    quad: torch.Tensor
+    info: dict[str, Any] = field(default_factory=dict)
+    optimum: Any = None  # prac.correction.optimal.PCGOutcome
 
 
 @dataclass

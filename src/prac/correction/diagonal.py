@@ -13,7 +13,14 @@ features, misleading means); the caller's never-worse check catches that.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+from prac.correction.base import LayerProblem, Proposal, SelectionSettings, check_clamp, check_damping, invalid
+from prac.correction.objective import clamp_delta, damping_lambda, james_stein_mean, sparse_quadratic_rows
+from prac.correction.registry import Correction
+from prac.stats import StatsSpec
 
 
 def diagonal_delta(
@@ -30,3 +37,47 @@ def diagonal_delta(
     # A row whose selected means are all zero (and λ = 0) has no direction to move in.
     scale = torch.where(denom > 0, -e / torch.where(denom > 0, denom, torch.ones_like(denom)), 0.0)
     return (scale.unsqueeze(1) * mu.unsqueeze(0)) * selected
+
+
+@dataclass(frozen=True)
+class DiagonalSettings(SelectionSettings):
+    """``diagonal``: the moderate 5% of each row's survivors, δ clamped to 5% of |w|.
+
+    The method itself needs only O(in) statistics (the input mean). With exact errors on (the
+    default) the group's H is collected anyway, to measure the error before and after on every
+    token; without them the never-worse check uses ``max_activation_samples`` stored tokens.
+    """
+
+    selection_strategy: str = "moderate"
+    percent_change: float = 0.05
+    damping: float = 1e-2
+    max_correction_magnitude: float = 0.05
+    max_activation_samples: int = 8192
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_damping(self.damping)
+        check_clamp(self.max_correction_magnitude)
+        if self.max_activation_samples < 1:
+            raise invalid(f"max-activation-samples must be >= 1, got {self.max_activation_samples}")
+
+
+def propose(problem: LayerProblem, settings: DiagonalSettings) -> Proposal:
+    stats, device = problem.group.stats, problem.w_orig.device
+    mu = james_stein_mean(stats).to(device)
+    lam = damping_lambda(stats.sumsq.to(device) / max(stats.count, 1), settings.damping)
+    delta = diagonal_delta(problem.w_orig, problem.w_pruned, problem.selected, mu, lam)
+    delta, clamped = clamp_delta(delta, problem.w_orig, problem.selected, settings.max_correction_magnitude)
+    quad = sparse_quadratic_rows(delta, problem.meter.h, problem.selected)
+    return Proposal(delta, quad, {"lambda": lam, "clamped": clamped})
+
+
+def _stats(settings: DiagonalSettings, exact_errors: bool, seed: int) -> StatsSpec:
+    # Without H the never-worse check needs some second-moment data: the O(samples · in) token sample.
+    return StatsSpec(hessian=exact_errors, max_samples=0 if exact_errors else settings.max_activation_samples, seed=seed)
+
+
+ENTRY = Correction(
+    name="diagonal", settings=DiagonalSettings, propose=propose, stats=_stats, clamps=True,
+    description="first-moment (James-Stein mean) correction of each row's mean output error",
+)

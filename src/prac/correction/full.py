@@ -27,7 +27,10 @@ from dataclasses import dataclass
 
 import torch
 
-from prac.correction.objective import sorted_support
+from prac.correction.base import LayerProblem, Proposal, SelectionSettings, check_clamp, check_damping, invalid
+from prac.correction.objective import damping_lambda, require_hessian, sorted_support
+from prac.correction.registry import Correction
+from prac.stats import StatsSpec
 
 FALLBACK = "min-norm lstsq (pseudo-inverse by eigh)"
 # Bytes per padded K x K entry: the gathered block (4), its gather indices (8 + 8 before broadcast
@@ -133,3 +136,44 @@ def full_delta(
     ``|δ| ≤ max_rel · |w_orig|`` (None or inf: unclamped)."""
     bound = None if max_rel is None or math.isinf(max_rel) else max_rel * w_orig.abs()
     return solve_rows(h, rhs, selected, lam, memory_bytes, bound)
+
+
+@dataclass(frozen=True)
+class FullSettings(SelectionSettings):
+    """``full``: the top 20% of each row's survivors, solved exactly, each δ clamped to 20% of |w|.
+
+    Why 20%/20% rather than the design notes' 5%/5%: on the bundled model at 70% Wanda sparsity
+    5%/5% barely moves perplexity (the clamp binds on most selected weights); the measurements are
+    in docs/correction.md. ``solve_memory_mb`` bounds one chunk of the batched K×K systems.
+    """
+
+    selection_strategy: str = "top"
+    percent_change: float = 0.2
+    damping: float = 1e-2
+    max_correction_magnitude: float = 0.2
+    solve_memory_mb: int = 1024
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_damping(self.damping)
+        check_clamp(self.max_correction_magnitude)
+        if self.solve_memory_mb < 1:
+            raise invalid(f"solve memory must be >= 1 MB, got {self.solve_memory_mb}")
+
+
+def propose(problem: LayerProblem, settings: FullSettings) -> Proposal:
+    """The exact solve over each row's selected set, on the group's shared H."""
+    require_hessian(problem, "full")
+    h, hd = problem.meter.h, problem.meter.dh
+    lam = damping_lambda(torch.diagonal(h), settings.damping)
+    solve = full_delta(hd, problem.w_orig, problem.selected, h, lam, settings.solve_memory_mb << 20,
+                       settings.max_correction_magnitude)
+    info = {"lambda": lam, "solve_failures": solve.failures, "solve_fallback": FALLBACK, "clamped": solve.clamped}
+    return Proposal(solve.delta, solve.quad, info)
+
+
+ENTRY = Correction(
+    name="full", settings=FullSettings, propose=propose, clamps=True,
+    stats=lambda s, exact_errors, seed: StatsSpec(hessian=True, seed=seed),
+    description="exact least squares over each row's selected survivors (full H), clamped",
+)

@@ -14,11 +14,17 @@ All rows advance together: the loop is over the candidate rank, never over rows.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
+from prac.correction.base import LayerProblem, Proposal, SelectionSettings, invalid
+from prac.correction.objective import sample_hessian, sparse_quadratic_rows
+from prac.correction.registry import Correction
 from prac.correction.selection import candidate_order
+from prac.errors import PracError
+from prac.stats import StatsSpec
 
 _CHECK_EVERY = 16
 
@@ -100,3 +106,58 @@ def greedy_delta(
         quad=quad,
         trace=history,
     )
+
+
+@dataclass(frozen=True)
+class GreedySettings(SelectionSettings):
+    """``greedy``: the weakest 5% of each row's survivors, fixed steps of 1% of |w|, patience 8.
+
+    Patience 8: at the default step patience 2 already matched no early stopping on the measured
+    layers (docs/correction.md); 8 leaves a margin at no cost, since the loop runs over rank
+    positions for all rows at once and ends early only once every row has stopped.
+    """
+
+    selection_strategy: str = "weakest"
+    percent_change: float = 0.05
+    correction_magnitude: float = 0.01
+    max_activation_samples: int = 8192
+    patience: int = 8
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not (math.isfinite(self.correction_magnitude) and self.correction_magnitude > 0.0):
+            raise invalid(f"correction-magnitude must be > 0, got {self.correction_magnitude}")
+        if self.max_activation_samples < 1:
+            raise invalid(f"max-activation-samples must be >= 1, got {self.max_activation_samples}")
+        if self.patience < 1:
+            raise invalid(f"patience must be >= 1, got {self.patience}")
+
+
+def propose(problem: LayerProblem, settings: GreedySettings) -> Proposal:
+    stats, meter = problem.group.stats, problem.meter
+    if stats.samples is None or stats.samples.shape[0] == 0:
+        raise PracError("correction method 'greedy' needs stored token samples; collect stats with stats_spec(config)")
+    # The meter's matrix (and its H d) is the sample's when errors are measured on the sample, or
+    # when the sample holds every calibration token (then it is H itself, up to rounding).
+    own = problem.error_source == "samples" or int(stats.samples.shape[0]) == stats.count
+    device = problem.w_orig.device
+    hs = meter.h if own else problem.group.shared("sample_hessian", lambda: sample_hessian(stats.samples.to(device)))
+    run = greedy_delta(problem.w_orig, problem.w_pruned, problem.selected, problem.scores, hs,
+                       settings.correction_magnitude, settings.patience, hd=meter.dh if own else None)
+    quad = run.quad if own else sparse_quadratic_rows(run.delta, meter.h, problem.selected)
+    info = {
+        "candidates": run.candidates,
+        "positions_visited": run.visited,
+        "positions_corrected": run.corrected,
+        "corrected_pct": 100.0 * run.corrected / max(run.candidates, 1),
+        "rows_stopped_early": run.rows_stopped_early,
+        "samples": int(stats.samples.shape[0]),
+    }
+    return Proposal(run.delta, quad, info)
+
+
+ENTRY = Correction(
+    name="greedy", settings=GreedySettings, propose=propose,
+    stats=lambda s, exact_errors, seed: StatsSpec(hessian=exact_errors, max_samples=s.max_activation_samples, seed=seed),
+    description="fixed-step direct-error search over the weakest survivors, on stored token samples",
+)

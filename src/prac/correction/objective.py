@@ -118,22 +118,6 @@ def sample_hessian(samples: torch.Tensor) -> torch.Tensor:
     return (x.T @ x) / max(x.shape[0], 1)
 
 
-def error_hessian(stats: InputStats, device: torch.device) -> tuple[torch.Tensor, str]:
-    """The matrix the layer's before/after errors are measured with, and where it came from.
-
-    The full Hessian (all calibration tokens) when it was collected, else the stored token sample.
-    Without either no method can check that it did not make the layer worse, so that is an error.
-    """
-    if stats.hessian is not None:
-        return stats.normalized_hessian().to(device), "hessian"
-    if stats.samples is not None and stats.samples.shape[0] > 0:
-        return sample_hessian(stats.samples.to(device)), "samples"
-    raise PracError(
-        "correction needs the input's Hessian or stored token samples to measure its error; "
-        "collect the statistics with prac.correction.stats_spec(config)"
-    )
-
-
 def damping_lambda(diag_h: torch.Tensor, damping: float) -> float:
     """Absolute damping ``λ = damping · mean diag(H)``: relative, so one value fits every layer's scale."""
     return float(damping * diag_h.float().mean()) if diag_h.numel() else 0.0
@@ -174,3 +158,26 @@ def james_stein_mean(stats: InputStats) -> torch.Tensor:
     pooled_var = (stats.sumsq.float() / n - m.square()).clamp(min=0).mean()
     c = (1.0 - (d - 3) * (pooled_var / n) / spread).clamp(min=0.0, max=1.0)
     return grand + c * (m - grand)
+
+
+def require_hessian(problem, method: str) -> None:
+    """``full``/``optimal`` solve with H, so their errors are measured on it too (source "hessian")."""
+    if problem.error_source != "hessian":
+        raise PracError(f"correction method {method!r} needs the input Hessian; collect stats with stats_spec(config)")
+
+
+def error_matrix(group) -> tuple[torch.Tensor, str]:
+    """The matrix a layer's before/after errors are measured with, shared by the group, and its source.
+
+    The full Hessian (all calibration tokens) when it was collected, else the stored token sample.
+    Without either no method can check that it did not make the layer worse, so that is an error.
+    """
+    stats = group.stats
+    if stats.hessian is not None:
+        return group.hessian(), "hessian"
+    if stats.samples is not None and stats.samples.shape[0] > 0:
+        return group.shared("sample_hessian", lambda: sample_hessian(stats.samples.to(group.device))), "samples"
+    raise PracError(
+        "correction needs the input's Hessian or stored token samples to measure its error; "
+        "collect the statistics with prac.correction.stats_spec(config)"
+    )

@@ -59,40 +59,25 @@ Cost: the inverse of ``H + λI`` (about in³ flops), one matmul per iteration an
 check (usually one or two), each ``2·out·in²`` flops; ``H d`` comes from the caller, whose error
 bookkeeping needs it anyway, and each residual check also yields ``δᵀ H δ`` for that bookkeeping.
 
-Measured with bench/layer_speed.py (out 4096, 8192 tokens, Wanda masks, damping 1e-2), 1 CPU
-thread on a shared machine, single runs (expect ±30%), through :func:`prac.correction.correct`
-(selection and the exact before/after errors included); ``x SG`` is over ``sparsegpt_prune`` on the
-same layer in the same run; "fraction" is the share of the yardstick optimum's error reduction
-(damping 1e-6) that the benchmark reports.
-
-=====  =======  =============================  ===========================  ==========================
-in     pattern  first: Jacobi-PCG, tol 1e-4    Schur-PCG, tol 1e-4          now: u = d, 2-product
-                                                                            bookkeeping, tol 1e-2
-=====  =======  =============================  ===========================  ==========================
-1024   50%      40 it, 21x SG, fraction .998   12 it, 9.0x SG, .998         7 it, 2.9x SG, .998
-1024   2:4      40 it, 17x SG, fraction .998   12 it, 7.4x SG, .998         7 it, 3.5x SG, .998
-2048   50%      40 it, 30x SG, fraction .999   11 it, 10x SG, .999          6 it, 6.8x SG, .999
-2048   2:4      44 it, 30x SG, fraction .998   11 it, 8.7x SG, .998         6 it, 5.2x SG, .998
-4096   50%      44 it, 24x SG, fraction .998   11 it, 9.3x SG, .998         6 it, 5.7x SG, .998
-4096   2:4      52 it, 41x SG, fraction .997   12 it, 9.1x SG, .997         7 it, 4.3x SG, .997
-14336  50%      –                              –                            6 it, 3.2x SG, .998
-14336  2:4      –                              –                            6 it, 3.6x SG, .998
-=====  =======  =============================  ===========================  ==========================
-
-Tolerance 1e-2 (the default) gives the same fraction as 1e-4 to three digits: the rest of the
-optimum is the damping's, not the solver's. Tol 1e-1 (3-4 iterations) reaches .991-.996 in
-3.5-4.7x SG at 4096. Below that the fixed part dominates: the inverse (about 0.7 of a product) and
-the two products every correction's error bookkeeping needs (energy and H d) already cost about
-as much as SparseGPT's whole update on this hardware, so "99% of the optimum within 2x SparseGPT"
-is out of reach on one CPU thread; see the README for the GPU comparison's status.
+Measured iteration counts, times and fractions of the optimum per layer size are in
+docs/correction.md (they drift with hardware; the reasons above do not). Tolerance 1e-2 (the
+default) gives the same fraction of the optimum as 1e-4 to three digits: what is left of the
+optimum is the damping's, not the solver's.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import torch
+
+from prac.correction.base import LayerProblem, Proposal, SelectionSettings, check_damping, invalid
+from prac.correction.objective import require_hessian
+from prac.correction.registry import Correction
+from prac.linalg import DampedFactor, damped_cholesky, symmetric_inverse
+from prac.stats import StatsSpec
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +102,7 @@ class PCGOutcome:
     solver: str = "jacobi-pcg"  # "schur-pcg", "schur-pcg+jacobi-pcg" (some rows polished), "jacobi-pcg"
     fallback: str = ""  # why a fallback ran ("" when none did)
     quad: torch.Tensor | None = None  # δᵢᵀ H δᵢ per row (fp32 [out]), from the solver's last product
+    stalled_rows: int = 0  # rows the Schur solve could not finish (finished by Jacobi-PCG)
 
 
 def _safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
@@ -181,24 +167,14 @@ def masked_pcg(
 
 def _inverse(h: torch.Tensor, lam: float) -> tuple[torch.Tensor | None, float, str]:
     """``(H + λI)⁻¹`` (symmetric fp32) and a lower bound on its condition number, or None and why not."""
-    a = h.clone()
-    a.diagonal().add_(lam)
-    factor, info = torch.linalg.cholesky_ex(a)
-    del a
-    if int(info) != 0:
-        return None, 0.0, f"Cholesky of H + λI failed (λ = {lam:.3g}, leading minor {int(info)} not positive)"
-    pivots = factor.diagonal()
-    cond = float((pivots.max() / pivots.min()) ** 2) if pivots.numel() else 1.0
-    g = torch.cholesky_inverse(factor)
-    del factor
-    if not bool(torch.isfinite(g).all()):
-        return None, cond, f"(H + λI)⁻¹ is not finite (λ = {lam:.3g})"
-    if cond * torch.finfo(g.dtype).eps >= 1.0:
-        return None, cond, (
-            f"H + λI is too ill-conditioned for its inverse in {g.dtype} (condition number ≥ {cond:.2g}, "
-            f"λ = {lam:.3g})"
-        )
-    return (g + g.T) * 0.5, cond, ""
+    return _unpack(damped_cholesky(h, lam, 1.0, symmetric_inverse))
+
+
+def _unpack(factor: DampedFactor) -> tuple[torch.Tensor | None, float, str]:
+    why = factor.reason
+    if why and "λ =" not in why:
+        why = f"{why[:-1]}, λ = {factor.lam:.3g})" if why.endswith(")") else f"{why} (λ = {factor.lam:.3g})"
+    return factor.value, factor.cond, why
 
 
 def _schur_pcg(
@@ -211,6 +187,7 @@ def _schur_pcg(
     lam: float,
     tol: float,
     max_iter: int,
+    warn: bool = True,
 ) -> PCGOutcome:
     """Schur-complement CG (see the module docstring), with Jacobi-PCG polishing of stalled rows."""
     keep_all = free.to(hd.dtype)
@@ -313,7 +290,7 @@ def _schur_pcg(
             f"{stalled.numel()} row(s) stopped converging in the Schur solve ((H + λI)⁻¹ inaccurate in fp32, "
             f"condition number ≥ {cond:.2g}); finished by Jacobi-PCG"
         )
-        log.warning("optimal correction: %s", fallback)
+        (log.warning if warn else log.debug)("optimal correction: %s", fallback)
         # Warm-start from the Schur iterate unless it is worse than no change at all.
         start = delta[stalled] * (rel[stalled] < 1.0).to(delta.dtype).unsqueeze(1)
         polish = masked_pcg(h, hd[stalled], free[stalled], lam, tol, max(max_iter - iterations, 1), x0=start)
@@ -331,6 +308,7 @@ def _schur_pcg(
         residual=residual,
         converged=converged,
         solver=solver,
+        stalled_rows=int(stalled.numel()),
         fallback=fallback,
         quad=quad,
     )
@@ -345,18 +323,73 @@ def optimal_delta(
     tol: float,
     max_iter: int,
     hd: torch.Tensor | None = None,
+    inverse: DampedFactor | None = None,
+    warn: bool = True,
 ) -> PCGOutcome:
     """δ of the exact (ridge-``λ``) optimum over ``free`` for every row (see the module docstring).
 
-    ``hd`` is ``(w_orig - w_pruned) @ H`` when the caller already has it (saves one product).
+    ``hd`` is ``(w_orig - w_pruned) @ H`` when the caller already has it (saves one product);
+    ``inverse`` is ``(H + λI)⁻¹`` for this ``λ`` when the input group already has it (shared by
+    every linear of the group). ``warn=False`` logs fallbacks at DEBUG only (a pipeline reports
+    them once per run, with counts; the outcome always names them).
     """
     d = w_orig - w_pruned
     if hd is None:
         hd = d @ h
-    g, cond, why = _inverse(h, lam)
+    g, cond, why = _inverse(h, lam) if inverse is None else _unpack(inverse)
     if g is None:
-        log.warning("optimal correction: %s; solving with Jacobi-PCG on the original system instead", why)
+        (log.warning if warn else log.debug)(
+            "optimal correction: %s; solving with Jacobi-PCG on the original system instead", why)
         outcome = masked_pcg(h, hd, free, lam, tol, max_iter)
         outcome.fallback = why
         return outcome
-    return _schur_pcg(h, g, cond, d, hd, free, lam, tol, max_iter)
+    return _schur_pcg(h, g, cond, d, hd, free, lam, tol, max_iter, warn)
+
+
+@dataclass(frozen=True)
+class OptimalSettings(SelectionSettings):
+    """``optimal``: every survivor, the exact masked least-squares optimum with ridge ``damping``
+    (× mean diag H), solved to a relative residual ``tol`` in at most ``max_iter`` CG iterations.
+
+    Damping 1e-2 costs about 0.1% of the in-sample reduction and protects short calibration sets
+    from overfitting (docs/correction.md); tol 1e-2 loses nothing measurable against 1e-4.
+    """
+
+    selection_strategy: str = "all"
+    percent_change: float = 0.05
+    damping: float = 1e-2
+    tol: float = 1e-2
+    max_iter: int = 200
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_damping(self.damping)
+        if not (math.isfinite(self.tol) and self.tol > 0.0):
+            raise invalid(f"optimal tolerance must be > 0, got {self.tol}")
+        if self.max_iter < 1:
+            raise invalid(f"optimal max iterations must be >= 1, got {self.max_iter}")
+
+
+def propose(problem: LayerProblem, settings: OptimalSettings) -> Proposal:
+    """The optimum over the selected set, with the group's shared ``(H + λI)⁻¹``."""
+    require_hessian(problem, "optimal")
+    inverse = problem.group.inverse(settings.damping)
+    outcome = optimal_delta(problem.w_orig, problem.w_pruned, problem.selected, problem.meter.h, inverse.lam,
+                            settings.tol, settings.max_iter, hd=problem.meter.dh, inverse=inverse, warn=False)
+    info = {
+        "lambda": inverse.lam,
+        "solver_iterations": outcome.iterations,
+        "solver_residual": outcome.residual,
+        "solver_converged": outcome.converged,
+        "solver": outcome.solver,
+        "solver_fallback": outcome.fallback,
+        "solver_stalled_rows": outcome.stalled_rows,
+    }
+    return Proposal(outcome.delta, outcome.quad, info, optimum=outcome)
+
+
+ENTRY = Correction(
+    name="optimal", settings=OptimalSettings, propose=propose,
+    stats=lambda s, exact_errors, seed: StatsSpec(hessian=True, seed=seed),
+    description="the exact masked least-squares optimum over all survivors (Schur-complement CG)",
+)

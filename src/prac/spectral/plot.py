@@ -157,12 +157,12 @@ def _heatmap(fig, ax, table, label: str) -> None:
     fig.colorbar(image, ax=ax, pad=0.02, fraction=0.08)
 
 
-def save_plot(result: SpectralResult, path: str | Path) -> Path:
-    """Write the figure (format from the suffix: .png, .pdf, .svg)."""
+def save_plot(result: SpectralResult, path: str | Path, format: str | None = None) -> Path:
+    """Write the figure; ``format`` (png, pdf, svg) defaults to the suffix of ``path``."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     path = Path(path)
     fig = draw(result)
     FigureCanvasAgg(fig)
-    fig.savefig(path, bbox_inches="tight")
+    fig.savefig(path, bbox_inches="tight", format=format)
     return path

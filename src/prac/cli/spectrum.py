@@ -1,28 +1,29 @@
 """``prac spectrum``: per-block Fisher spectra of a model on windows of a text.
 
-Registered by :mod:`prac.cli` through :func:`add_parser`; this module imports nothing heavy until
-:func:`run` is called.
+Every destination (JSON, CSV, figure) is checked before the model is loaded and all of them are
+written together at the end (:mod:`prac.outputs`); a missing output folder is created then, as
+``prune`` does.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 from pathlib import Path
 
 from prac import assets
-from prac.cli import positive_int
+from prac.cli.common import add_logging_options, positive_int
 from prac.errors import PracError
 
-log = logging.getLogger(__name__)
+DESCRIPTION = ("Eigenvalue spectrum of the (empirical or Monte-Carlo) Fisher information, per block of "
+               "parameters (layer, attention/MLP, or whole model), from exact per-sample gradients.")
 
 EPILOG = """\
 what it computes:
   per-sample gradients g_i of the token-SUM cross-entropy of each window (shifted logits), and per
   block the eigenvalues of F = (1/N) sum_i g_i g_i^T via the N x N Gram matrix, in float64.
 
-outputs:
+outputs (a missing folder is created; nothing is written unless the whole run succeeds):
   --out FILE.json   metadata + per-block eigenvalues and metrics (JSON, NaN written as null)
   --csv FILE.csv    one row per block (default: the --out path with .csv)
   --plot FILE.png   log-log eigenvalue vs rank per block, and layer x {attention, mlp}
@@ -37,14 +38,11 @@ examples:
 See docs/spectral.md for the mathematics and what is exact.
 """
 
+PLOT_FORMATS = (".png", ".pdf", ".svg")
 
-def add_parser(subparsers) -> None:
-    """Register ``spectrum`` on an ``argparse`` subparsers object (sets ``func=run``)."""
-    p = subparsers.add_parser(
-        "spectrum", help="per-block Fisher eigenvalue spectra from per-sample gradients",
-        description="Eigenvalue spectrum of the (empirical or Monte-Carlo) Fisher information, per block of "
-                    "parameters (layer, attention/MLP, or whole model), from exact per-sample gradients.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Every option of ``prac spectrum``."""
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default=str(assets.DEFAULT_MODEL), help="model folder or hub id (default: the bundled tiny Mistral)")
     g.add_argument("--data", default=str(assets.DEFAULT_EVAL), help="FILE.txt or wikitext2: cut into non-overlapping --seqlen windows (default: the bundled text)")
@@ -80,23 +78,35 @@ def add_parser(subparsers) -> None:
     g.add_argument("--out", default="spectrum.json", metavar="FILE.json", help="JSON report (default: spectrum.json)")
     g.add_argument("--csv", default=None, metavar="FILE.csv", help="per-block metrics (default: --out with .csv)")
     g.add_argument("--plot", default=None, metavar="FILE.png", help="write the figure (.png, .pdf or .svg)")
-    g.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
-    g.add_argument("-v", "--verbose", action="store_true", help="log progress details (INFO)")
+    add_logging_options(g)
     g.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    p.set_defaults(func=run)
+
+
+def output_paths(args: argparse.Namespace) -> dict[str, Path]:
+    """The run's destinations by role, each checked like a ``--report`` file (before any loading)."""
+    from prac.outputs import Sources, check_report_path
+
+    out = Path(args.out)
+    paths = {"spectrum JSON": out, "spectrum CSV": Path(args.csv) if args.csv else out.with_suffix(".csv")}
+    if args.plot:
+        if Path(args.plot).suffix.lower() not in PLOT_FORMATS:
+            raise PracError(f"figure {args.plot!r}: the name must end in {', '.join(PLOT_FORMATS)}")
+        paths["figure"] = Path(args.plot)
+    sources = Sources(model=str(args.model), files=(str(args.data),))
+    resolved = {what: check_report_path(path, sources, what) for what, path in paths.items()}
+    if len(set(resolved.values())) < len(resolved):
+        raise PracError("--out, --csv and --plot must name different files")
+    return paths
 
 
 def run(args: argparse.Namespace) -> int:
-    """Load, compute, write JSON/CSV/figure, print a summary. Raises PracError on bad input."""
+    """Check the outputs, load, compute, write JSON/CSV/figure together, print a summary."""
     if args.deterministic:
         # cuBLAS reads this when its first handle is created: set it before anything touches CUDA.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    out = Path(args.out)
-    csv_path = Path(args.csv) if args.csv else out.with_suffix(".csv")
-    for path in (out, csv_path, Path(args.plot) if args.plot else None):
-        if path is not None and not path.parent.exists():
-            raise PracError(f"output folder {str(path.parent)!r} does not exist")
+    paths = output_paths(args)
 
+    from prac.outputs import Outputs, StagedFile
     from prac.spectral import FisherSpectral, SpectralConfig
 
     config = SpectralConfig(
@@ -106,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
         streaming=args.streaming, stream_budget_mb=args.stream_budget_mb, seed=args.seed,
         use_deterministic=args.deterministic)
     model, windows, data_desc = _load(args)
-    bar = _ProgressBar(disabled=getattr(args, "no_progress", False))
+    bar = _ProgressBar(disabled=args.no_progress)
     try:
         result = FisherSpectral(config).compute_fisher_spectrum(
             model, windows, n_samples=args.n_samples, block_structure=args.block_structure,
@@ -115,20 +125,21 @@ def run(args: argparse.Namespace) -> int:
         bar.close()
     result.metadata["data"] = {**data_desc, "seqlen": args.seqlen, "windows": "first n non-overlapping"}
     result.metadata["model_path"] = str(args.model)
-    result.save_json(out)
-    result.save_csv(csv_path)
-    written = [str(out), str(csv_path)]
-    if args.plot:
-        from prac.spectral.plot import save_plot
+    with Outputs() as outputs:
+        outputs.add(StagedFile(paths["spectrum JSON"], result.save_json))
+        outputs.add(StagedFile(paths["spectrum CSV"], result.save_csv))
+        if "figure" in paths:
+            from prac.spectral.plot import save_plot
 
-        save_plot(result, args.plot)
-        written.append(str(args.plot))
+            figure = paths["figure"]
+            outputs.add(StagedFile(figure, lambda tmp: save_plot(result, tmp, format=figure.suffix[1:].lower())))
+        outputs.commit()
     _summary(result)
-    print("wrote " + ", ".join(written))
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
 
 
-def _load(args):
+def _load(args: argparse.Namespace):
     import torch
 
     from prac.data import eval_windows, load_eval_tokens

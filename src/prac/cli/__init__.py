@@ -1,0 +1,154 @@
+"""The ``prac`` command: ``prune``, ``eval``, ``verify``, ``spectrum``.
+
+This package is the only place that builds argument parsers: one module per command
+(``prune.py``, ``eval.py``, ``verify.py``, ``spectrum.py``), each with ``DESCRIPTION``,
+``add_arguments(parser)`` and ``run(args) -> exit code``. The top-level parser knows only the
+names and one-line help of the commands (:data:`COMMANDS`); a command's module is imported and its
+arguments are added only when that command is parsed, so ``prac --help`` imports neither torch
+nor transformers.
+
+Exit codes: 0 success, 1 a result that is not usable (a failed check, a non-finite
+perplexity), 2 bad input (argument errors and :class:`prac.errors.PracError`, one line each),
+130/143 interrupted/terminated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from dataclasses import dataclass
+from typing import Any, NoReturn, Sequence
+
+from prac.cli.common import positive_int, sparsity
+from prac.cli.prune import prune_job_from_args
+
+__all__ = ["main", "build_parser", "positive_int", "sparsity", "prune_job_from_args", "COMMANDS"]
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+@dataclass(frozen=True)
+class Command:
+    """A subcommand as the top-level parser sees it: where its code lives and its one-line help."""
+
+    module: str
+    help: str
+
+
+COMMANDS: dict[str, Command] = {
+    "prune": Command("prac.cli.prune", "prune a model block by block (Wanda, magnitude, SparseGPT) with optional correction"),
+    "eval": Command("prac.cli.eval", "perplexity of a causal LM on a text"),
+    "verify": Command("prac.cli.verify", "check the statistics and correction invariants on a model"),
+    "spectrum": Command("prac.cli.spectrum", "per-block Fisher eigenvalue spectra from per-sample gradients"),
+}
+
+
+class Parser(argparse.ArgumentParser):
+    """An argument error is one line and a pointer to ``--help``, not the whole usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\nsee '{self.prog} --help'\n")
+
+
+class CommandParser(Parser):
+    """A subcommand's parser, filled from its module on first use (parse or help)."""
+
+    def __init__(self, *args: Any, module: str, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._module = module
+        self._built = False
+
+    def build(self) -> "CommandParser":
+        if not self._built:
+            self._built = True
+            command = importlib.import_module(self._module)
+            self.description = command.DESCRIPTION
+            self.epilog = getattr(command, "EPILOG", None)
+            self.formatter_class = argparse.RawDescriptionHelpFormatter
+            command.add_arguments(self)
+            self.set_defaults(func=command.run)
+        return self
+
+    def parse_known_args(self, args=None, namespace=None):
+        self.build()
+        return super().parse_known_args(args, namespace)
+
+    def format_help(self) -> str:
+        self.build()
+        return super().format_help()
+
+    def format_usage(self) -> str:
+        self.build()
+        return super().format_usage()
+
+
+def build_parser() -> Parser:
+    """The ``prac`` parser; each command's arguments are added when that command is parsed."""
+    from prac import __version__
+
+    parser = Parser(prog="prac", description="Post-training pruning with reconstruction correction, "
+                                             "and Fisher-spectrum analysis.")
+    parser.add_argument("--version", action="version", version=f"prac {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=CommandParser)
+    for name, command in COMMANDS.items():
+        sub.add_parser(name, help=command.help, module=command.module)
+    return parser
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record is emitted (tests swap it)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
+def configure_logging(args: argparse.Namespace) -> None:
+    """The ``prac`` logger: WARNING by default, INFO with ``-v``, DEBUG with ``--debug``.
+
+    Only prac's own logger is set; transformers and the hub keep their own levels.
+    """
+    log = logging.getLogger("prac")
+    debug, verbose = getattr(args, "debug", False), getattr(args, "verbose", False)
+    log.setLevel(logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING)
+    if not any(isinstance(h, _StderrHandler) for h in log.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        log.addHandler(handler)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``prac`` with ``argv`` (default ``sys.argv[1:]``) and return the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return EXIT_USAGE
+    configure_logging(args)
+    from prac.errors import PracError
+    from prac.outputs import Terminated, install_signal_handlers
+
+    install_signal_handlers()
+    try:
+        return args.func(args)
+    except PracError as exc:
+        if args.debug:
+            raise
+        print(f"prac {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted: nothing was written", file=sys.stderr)
+        return 130
+    except Terminated:
+        print("terminated: nothing was written", file=sys.stderr)
+        return 143

@@ -1,0 +1,80 @@
+"""Pieces every command shares: argument types, the common options, progress, number formatting.
+
+Light on purpose: nothing here imports torch or transformers at module level.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from typing import Any
+
+from prac.progress import Progress
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def sparsity(text: str) -> float:
+    """argparse type: a sparsity in [0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"sparsity must be a number in [0, 1), got {text!r}")
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"sparsity must be in [0, 1), got {value}")
+    return value
+
+
+def add_logging_options(group: Any) -> None:
+    """``--debug`` and ``-v``: what the ``prac`` logger shows (see :func:`prac.cli.configure_logging`)."""
+    group.add_argument("--debug", action="store_true", help="show tracebacks and DEBUG logging of prac")
+    group.add_argument("-v", "--verbose", action="store_true", help="show INFO logging of prac (what each phase did)")
+
+
+def add_common(p: argparse.ArgumentParser) -> None:
+    """Device, dtype, logging and progress options of ``prune`` and ``eval``."""
+    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:i (default: auto)")
+    p.add_argument("--dtype", default="auto", help="model dtype: auto (as saved), float32, float16, bfloat16")
+    add_logging_options(p)
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars (also transformers' own)")
+
+
+def progress(args: argparse.Namespace) -> Progress:
+    """The progress callable for the library: tqdm bars, or none with ``--no-progress``."""
+    from prac.progress import no_progress, tqdm_progress
+
+    if args.no_progress:
+        quiet_libraries()
+        return no_progress
+    return tqdm_progress
+
+
+def quiet_libraries() -> None:
+    """--no-progress also hides transformers' and the hub's own loading/writing bars."""
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    disable_progress_bars()
+
+
+def number(value: Any, spec: str = ".4f") -> str:
+    """``value`` formatted with ``spec``; ``nan`` for None, NaN or Inf (a report may hold null)."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "nan"
+    return format(value, spec)
+
+
+def not_finite(summary: dict[str, Any]) -> str | None:
+    """The report's status when it says the result is not usable (anything but "ok"), else None."""
+    status = summary.get("status")
+    return None if status is None or status == "ok" else str(status)

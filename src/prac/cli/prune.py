@@ -1,0 +1,239 @@
+"""``prac prune``: arguments, the job they describe, and the summary printed at the end."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from typing import Any
+
+from prac import assets
+from prac.cli.common import add_common, not_finite, number, positive_int, progress, sparsity
+
+DESCRIPTION = ("Prune every Linear/Conv1D inside the model's repeated blocks, sequentially: "
+               "block k is calibrated on the outputs of the already pruned blocks before it.")
+
+EPILOG = """\
+examples:
+  prac prune                                   # bundled tiny Mistral, 50% Wanda, dense vs pruned ppl
+  prac prune --nm 2:4 --correction full        # 2:4 Wanda with full-Hessian correction
+  prac prune --model mistralai/Mistral-7B-v0.3 --calib c4 --nsamples 128 --seqlen 2048 \\
+             --sparsity 0.5 --eval wikitext2 --save out/mistral-50 --report run.json
+
+calibration protocols: .txt and wikitext2 are one token stream with random window starts
+(random.seed(seed)); .jsonl (field "text") and c4 draw documents longer than seqlen and a random
+window in each. Evaluation: non-overlapping seqlen windows, ppl = exp(mean NLL).
+
+memory of the statistics (per distinct layer input of the block being pruned; q/k/v share one,
+gate/up share one): H is in x in fp32, e.g. 4096^2 x 4 B = 64 MiB for a 4096-wide input and
+14336^2 x 4 B = 784 MiB for Mistral's down_proj input; a token sample is
+max-activation-samples x in x 4 B (8192 x 4096 x 4 B = 128 MiB). H is held when the method or
+the correction needs it (sparsegpt, full, optimal), with --exact-errors (the default) for every
+corrected layer, and with --measure for every layer. --layer-batch-size bounds how many inputs
+are held at once.
+"""
+
+_H_COST = "one fp32 in x in H per distinct layer input of the current block (64 MiB at in=4096, 784 MiB at in=14336)"
+
+
+class _DeprecatedNoMeasure(argparse.Action):
+    """``--no-measure``: the old name of ``--no-exact-errors``; says so once on stderr."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        print(f"{parser.prog}: warning: --no-measure is deprecated; use --no-exact-errors", file=sys.stderr)
+        setattr(namespace, self.dest, False)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Every option of ``prac prune``."""
+    from prac.correction import STRATEGIES, corrections, names
+    from prac.methods import METHODS
+
+    entries = {name: entry.settings for name, entry in corrections().items()}
+
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", default=str(assets.DEFAULT_MODEL), help="model folder or hub id (default: the bundled tiny Mistral)")
+    g.add_argument("--calib", default=None, help="c4 | wikitext2 | FILE.txt | FILE.jsonl (default: bundled text for the bundled model, else c4)")
+    g.add_argument("--calib-tokens", default=None, metavar="FILE", help="safetensors file with integer input_ids [n, seqlen]: use exactly these tokens")
+    g.add_argument("--nsamples", type=positive_int, default=128, help="calibration sequences (default: 128)")
+    g.add_argument("--seqlen", type=positive_int, default=None, help="calibration length (default: 2048 capped at the model's context; 256 for the bundled model)")
+    g.add_argument("--seed", type=int, default=0, help="seed for calibration sampling and stored-token samples (default: 0)")
+    g.add_argument("--batch-size", type=positive_int, default=8, help="sequences per calibration forward (default: 8)")
+    g.add_argument("--offload", choices=["auto", "device", "cpu"], default="auto", help="where calibration activations live (default: auto = device if they fit)")
+    g = p.add_argument_group("pruning")
+    pat = g.add_mutually_exclusive_group()
+    pat.add_argument("--sparsity", type=sparsity, default=None, help="unstructured sparsity in [0, 1) (default: 0.5)")
+    pat.add_argument("--nm", default=None, metavar="N:M", help="keep N weights in every M consecutive inputs of a row, e.g. 2:4")
+    g.add_argument("--method", choices=list(METHODS), default="wanda", help="mask source (default: wanda)")
+    g.add_argument("--scope", choices=["row", "layer"], default=None,
+                   help=f"comparison group for unstructured masks (default: {_defaults(METHODS, 'scope')})")
+    g.add_argument("--ignore", default=None, metavar="REGEX", help="skip layers whose full name matches this regex")
+    g.add_argument("--blocksize", type=positive_int, default=None, help=f"SparseGPT column block (default: {_defaults(METHODS, 'blocksize')})")
+    g.add_argument("--percdamp", type=float, default=None,
+                   help=f"SparseGPT damping, fraction of mean diag(H) (default: {_defaults(METHODS, 'percdamp')})")
+    g = p.add_argument_group("correction (see docs/correction.md); a setting the chosen method does not have is an error")
+    g.add_argument("--correction", choices=list(names()), default="none", help="weight correction after pruning (default: none)")
+    g.add_argument("--no-correction", action="store_true", help="same as --correction none")
+    g.add_argument("--selection-strategy", choices=list(STRATEGIES), default=None,
+                   help=f"which survivors to correct (default: {_defaults(entries, 'selection_strategy')})")
+    g.add_argument("--percent-change", type=float, default=None,
+                   help=f"fraction of each row's survivors to correct (default: {_defaults(entries, 'percent_change')})")
+    g.add_argument("--damping", type=float, default=None,
+                   help=f"damping, relative to mean diag(H) (default: {_defaults(entries, 'damping')})")
+    g.add_argument("--max-correction-magnitude", type=float, default=None,
+                   help=f"clamp |δ| <= this × |w_orig| (default: {_defaults(entries, 'max_correction_magnitude')})")
+    g.add_argument("--no-clamp", action="store_true", help="do not clamp corrections")
+    g.add_argument("--correction-magnitude", type=float, default=None,
+                   help=f"greedy step, fraction of |w_orig| (default: {_defaults(entries, 'correction_magnitude')})")
+    g.add_argument("--max-activation-samples", type=positive_int, default=None,
+                   help="tokens stored per distinct layer input for greedy (and diagonal with --no-exact-errors); "
+                        f"costs this × in × 4 B each, 128 MiB at in=4096 (default: {_defaults(entries, 'max_activation_samples')})")
+    g.add_argument("--patience", type=positive_int, default=None,
+                   help=f"greedy: stop a row after this many rejections in a row (default: {_defaults(entries, 'patience')})")
+    g.add_argument("--optimal-tol", type=float, default=None,
+                   help=f"optimal: relative residual at which a row's solve stops (default: {_defaults(entries, 'tol')}: "
+                        "the same fraction of the optimum as 1e-4 to 3 digits, in 30-40%% less time)")
+    g.add_argument("--layer-batch-size", type=int, default=0, help="distinct layer inputs whose statistics are held at once (0 = all of a block); fewer = less memory, one more calibration forward per chunk")
+    g.add_argument("--exact-errors", dest="exact_errors", action=argparse.BooleanOptionalAction, default=True,
+                   help="correction: exact before/after error of every corrected layer and the optimal yardstick "
+                        f"(fraction_of_optimal), also for diagonal/greedy, which do not need H themselves; costs {_H_COST}. "
+                        "--no-exact-errors keeps diagonal at O(in) and greedy at O(samples × in), with errors measured "
+                        "on the token sample (default: on)")
+    g.add_argument("--no-measure", dest="exact_errors", action=_DeprecatedNoMeasure,
+                   default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    g.add_argument("--measure", action="store_true",
+                   help=f"layer errors of uncorrected methods too: collect H for every layer (any method) to report "
+                        f"its exact relative reconstruction error; costs {_H_COST}")
+    g = p.add_argument_group("evaluation and output")
+    g.add_argument("--eval", default=None, help="wikitext2 | FILE.txt | none (default: bundled text for the bundled model, else none)")
+    g.add_argument("--eval-seqlen", type=positive_int, default=None, help="evaluation window (default: --seqlen)")
+    g.add_argument("--eval-batch-size", type=positive_int, default=1, help="windows per evaluation forward (default: 1)")
+    g.add_argument("--no-dense-eval", action="store_true", help="evaluate only the pruned model (skip the dense baseline)")
+    g.add_argument("--save", default=None, metavar="OUT_DIR", help="write the pruned model (safetensors), tokenizer and prac_report.json")
+    g.add_argument("--overwrite", action="store_true", help="replace OUT_DIR when it holds only a previous prac save")
+    g.add_argument("--report", default=None, metavar="FILE", help="write the JSON report here")
+    add_common(p)
+
+
+#: CLI option -> field of a method's settings dataclass (mask source or correction).
+MASK_FLAGS = {"scope": "scope", "blocksize": "blocksize", "percdamp": "percdamp"}
+CORRECTION_FLAGS = {"selection_strategy": "selection_strategy", "percent_change": "percent_change",
+                    "damping": "damping", "max_correction_magnitude": "max_correction_magnitude",
+                    "correction_magnitude": "correction_magnitude", "max_activation_samples": "max_activation_samples",
+                    "patience": "patience", "optimal_tol": "tol"}
+
+
+def _defaults(registry, field: str) -> str:
+    """``full 0.2, diagonal 0.05`` — each method's own default for ``field`` (from its dataclass)."""
+    import dataclasses
+
+    out = []
+    for name, entry in registry.items():
+        cls = getattr(entry, "settings", entry)
+        for f in dataclasses.fields(cls):
+            if f.name == field:
+                out.append(f"{name} {f.default:g}" if isinstance(f.default, float) else f"{name} {f.default}")
+    return ", ".join(out) or "none"
+
+
+def _given(args: argparse.Namespace, flags: dict[str, str]) -> dict[str, Any]:
+    return {field: getattr(args, flag) for flag, field in flags.items() if getattr(args, flag) is not None}
+
+
+def _settings_for(method: str, cls: type, given: dict[str, Any]):
+    """The method's settings dataclass from the options the user gave; one that it lacks is an error."""
+    import dataclasses
+
+    from prac.errors import PracError
+
+    fields = {f.name for f in dataclasses.fields(cls)}
+    extra = {k: v for k, v in given.items() if k not in fields}
+    if extra:
+        flags = ", ".join("--" + next(f for f, fld in {**MASK_FLAGS, **CORRECTION_FLAGS}.items() if fld == k).replace("_", "-")
+                          for k in sorted(extra))
+        raise PracError(f"{method!r} has no such setting: {flags}")
+    return cls(**given)
+
+
+def prune_job_from_args(args: argparse.Namespace):
+    """Fill the job dataclasses from parsed arguments (each method gets only its own settings)."""
+    from prac.correction import CorrectionConfig, get_correction
+    from prac.engine import EngineConfig
+    from prac.errors import PracError
+    from prac.jobs import PruneJob
+    from prac.methods import get_method
+    from prac.patterns import Unstructured, parse_nm
+    from prac.pipeline import PruneConfig
+    from prac.stats import StatsSpec
+
+    pattern = parse_nm(args.nm) if args.nm else Unstructured(0.5 if args.sparsity is None else args.sparsity)
+    method = "none" if args.no_correction else args.correction
+    given = _given(args, CORRECTION_FLAGS)
+    if args.no_clamp:
+        given["max_correction_magnitude"] = math.inf
+    entry = get_correction(method)
+    if entry is None:
+        if given:
+            raise PracError(f"correction settings given without a correction: "
+                            f"{', '.join('--' + k.replace('_', '-') for k in sorted(given))}")
+        correction = CorrectionConfig(seed=args.seed, exact_errors=args.exact_errors)
+    else:
+        correction = CorrectionConfig(method, _settings_for(method, entry.settings, given), args.exact_errors, args.seed)
+    mask_source = get_method(args.method)
+    prune = PruneConfig(method=args.method, pattern=pattern,
+                        settings=_settings_for(args.method, mask_source.settings, _given(args, MASK_FLAGS)),
+                        correction=correction, ignore=args.ignore,
+                        engine=EngineConfig(batch_size=args.batch_size, offload=args.offload,
+                                            layer_batch_size=args.layer_batch_size),
+                        collect=StatsSpec(hessian=True) if args.measure else None)
+    return PruneJob(model=args.model, calib=args.calib, calib_tokens=args.calib_tokens, nsamples=args.nsamples,
+                    seqlen=args.seqlen, seed=args.seed, prune=prune, eval=args.eval, eval_seqlen=args.eval_seqlen,
+                    eval_batch_size=args.eval_batch_size, dense_eval=not args.no_dense_eval, save=args.save, overwrite=args.overwrite,
+                    report=args.report, device=args.device, dtype=args.dtype)
+
+
+def format_summary(report: dict[str, Any], save: str | None = None, report_path: str | None = None) -> str:
+    """The lines printed after a prune; any missing, None or non-finite number shows as ``nan``."""
+    s = report["summary"]
+    memory = s.get("peak_memory_bytes")
+    lines = [f"pruned {s.get('pruned_layers')} layers in {report.get('config', {}).get('blocks')}: "
+             f"sparsity {number(s.get('sparsity'))} in {number(s.get('prune_seconds'), '.1f')}s "
+             f"(peak memory {number(None if memory is None else memory / 2**20, '.0f')} MiB)"]
+    if "dense_ppl" in s:
+        lines.append(f"perplexity: dense {number(s['dense_ppl'])} -> pruned {number(s.get('ppl'))}")
+    elif "ppl" in s:
+        lines.append(f"perplexity: pruned {number(s['ppl'])}")
+    if "cosine_similarity" in s:
+        lines.append(f"cosine similarity of last hidden states to dense: {number(s['cosine_similarity'], '.6f')}")
+    if "mean_relative_error" in s:
+        lines.append(f"mean relative layer error: {number(s['mean_relative_error'], '.6f')}")
+    if "correction" in s:
+        c = s["correction"]
+        lines.append("correction: " + ", ".join(f"{k} {number(v, '.6g')}" if isinstance(v, float) or v is None
+                                                else f"{k} {v}" for k, v in c.items()))
+    if save:
+        lines.append(f"saved to {save}")
+    if report_path:
+        lines.append(f"report written to {report_path}")
+    return "\n".join(lines)
+
+
+def print_summary(report: dict[str, Any], save: str | None = None, report_path: str | None = None) -> int:
+    """Print the summary; exit code 1 when the report's status says the result is not finite."""
+    print(format_summary(report, save, report_path))
+    status = not_finite(report["summary"])
+    if status is not None:
+        print(f"prac prune: the result is not usable (status {status})", file=sys.stderr)
+        return 1
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the prune job the arguments describe and print its summary."""
+    from prac.jobs import run_prune
+
+    report = run_prune(prune_job_from_args(args), progress(args))
+    return print_summary(report, args.save, args.report)

@@ -1,0 +1,251 @@
+"""The block engine: the one sequential loop every pruning run, dense scan and verification goes through.
+
+For each block, in order:
+
+1. transfer the block to the compute device (only one block is there at a time);
+2. group its linears by the tensor they read (q/k/v, gate/up) — :class:`prac.group.InputGroup`;
+3. for each chunk of groups: one forward over the calibration batches with one
+   :class:`prac.stats.InputStats` accumulator per group;
+4. ``reduce(group)``: the seam where statistics can be combined across processes (identity here);
+5. ``step(group, linears)``: the caller's work on the group — prune and correct, or only observe
+   (a calibrate-only pass); it returns the new weights of the group's linears (or nothing);
+6. apply: once every group of the block is done, the new weights are written into the block
+   (so with ``layer_batch_size`` every chunk is still calibrated on the dense block, as in one pass);
+7. propagate: recompute the block's outputs with its (new) weights; they become the next block's inputs.
+
+Block k is thus calibrated on the outputs of the already processed blocks 0..k-1. A step of
+``None`` is a dense scan: statistics of the unpruned model, block after block. Calibration
+activations stay on the device when they fit, else on the CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+from prac.blocks import (
+    BlockInputs,
+    Blocks,
+    capture_block_inputs,
+    find_blocks,
+    find_linears,
+    group_by_input,
+    in_features,
+    input_recorder,
+    pre_hooks,
+    run_block,
+    set_weight,
+)
+from prac.errors import PracError
+from prac.group import InputGroup
+from prac.progress import Progress, no_progress
+from prac.stats import InputStats, StatsSpec
+
+log = logging.getLogger(__name__)
+
+GroupStep = Callable[[InputGroup, dict[str, nn.Module]], "dict[str, torch.Tensor] | None"]
+"""``step(group, linears)``: process one input group (``linears`` maps every name of the block to its
+module) and return the new fp32 ``[out, in]`` weights of the linears it changed, or None."""
+
+StatsReducer = Callable[[InputGroup], None]
+"""``reduce(group)``: combine the group's statistics across processes, in place (identity by default)."""
+
+StatsFactory = Callable[[int, torch.device, StatsSpec], InputStats]
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How the engine runs: ``batch_size`` sequences per forward; ``offload`` where calibration
+    activations live (auto | device | cpu); ``layer_batch_size`` input groups whose statistics are
+    held at once (0: every group of a block, one forward; k: one forward per k groups)."""
+
+    batch_size: int = 8
+    offload: str = "auto"
+    layer_batch_size: int = 0
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise PracError(f"batch size must be >= 1, got {self.batch_size}")
+        if self.offload not in ("auto", "device", "cpu"):
+            raise PracError(f"offload must be auto, device or cpu, got {self.offload!r}")
+        if self.layer_batch_size < 0:
+            raise PracError(f"layer-batch-size must be >= 0, got {self.layer_batch_size}")
+
+
+@dataclass
+class EngineOutcome:
+    blocks_path: str = ""
+    activation_device: str = "cpu"
+    phase_seconds: dict[str, float] = field(default_factory=dict)
+    final_hidden: list[torch.Tensor] | None = None
+
+
+class PhaseTimer:
+    """Wall time per phase (capture, transfer, calibrate, prune, propagate), synchronised on CUDA."""
+
+    def __init__(self, device: torch.device, totals: dict[str, float]):
+        self.device, self.totals = device, totals
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        self._sync()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._sync()
+            self.totals[name] = self.totals.get(name, 0.0) + time.perf_counter() - start
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def activation_store(offload: str, device: torch.device, calib: torch.Tensor, hidden: int, dtype) -> torch.device:
+    """Where calibration activations live: the device when two copies take under half its free memory."""
+    if offload == "cpu" or device.type == "cpu":
+        return torch.device("cpu")
+    if offload == "device":
+        return device
+    need = 2 * calib.numel() * hidden * torch.tensor([], dtype=dtype).element_size()
+    free, _ = torch.cuda.mem_get_info(device)
+    return device if need < 0.5 * free else torch.device("cpu")
+
+
+class BlockEngine:
+    """Runs the loop of the module docstring over a model's blocks."""
+
+    def __init__(self, config: EngineConfig = EngineConfig(), device: torch.device | str = "cpu",
+                 progress: Progress = no_progress, reduce: StatsReducer | None = None,
+                 stats_factory: StatsFactory = InputStats):
+        self.config = config
+        self.device = torch.device(device)
+        self.progress = progress
+        self.reduce = reduce
+        self.stats_factory = stats_factory
+
+    def run(
+        self,
+        model: nn.Module,
+        calib: torch.Tensor,
+        spec: StatsSpec | None,
+        step: GroupStep | None = None,
+        ignore: str | None = None,
+        return_hidden: bool = False,
+        max_blocks: int | None = None,
+        timer: PhaseTimer | None = None,
+    ) -> EngineOutcome:
+        """Process the blocks of ``model`` from calibration token ids ``[n, seqlen]``.
+
+        ``spec`` None: no statistics are needed — every linear is handed to ``step`` as a group of
+        its own without a forward pass (magnitude pruning). ``max_blocks`` stops early (verification).
+        """
+        blocks = find_blocks(model)
+        outcome = EngineOutcome(blocks_path=blocks.path)
+        timer = timer or PhaseTimer(self.device, outcome.phase_seconds)
+        inputs: BlockInputs | None = None
+        if spec is not None or return_hidden:
+            hidden_size = model.get_input_embeddings().weight.shape[1]
+            store = activation_store(self.config.offload, self.device, calib, hidden_size,
+                                     next(model.parameters()).dtype)
+            outcome.activation_device = str(store)
+            with timer("capture"):
+                inputs = capture_block_inputs(model, blocks, calib.split(self.config.batch_size), self.device, store)
+        count = len(blocks) if max_blocks is None else min(max_blocks, len(blocks))
+        last = count - 1
+        for i in self.progress(range(count), "blocks", count):
+            block = blocks.modules[i]
+            with timer("transfer"):
+                block.to(self.device)
+            linears = find_linears(block, blocks.name(i), ignore)
+            staged: dict[str, torch.Tensor] = {}
+            if spec is None:
+                if step is not None:
+                    with timer("prune"):
+                        for name in linears:
+                            staged.update(step(InputGroup([name], None, self.device), linears) or {})
+            else:
+                self._calibrated_block(block, linears, inputs, spec, step, timer, staged)
+            for name, weight in staged.items():
+                set_weight(linears[name], weight)
+            del staged
+            log.info("block %d/%d (%s) done", i + 1, len(blocks), blocks.name(i))
+            if inputs is not None and (i < last or return_hidden):
+                with timer("propagate"):
+                    self._propagate(block, inputs)
+            with timer("transfer"):
+                block.to("cpu")
+        if return_hidden and inputs is not None:
+            outcome.final_hidden = inputs.hidden
+        return outcome
+
+    def _calibrated_block(self, block, linears, inputs, spec, step, timer, staged) -> None:
+        if not linears:
+            return
+        names = group_by_input(block, linears, inputs, self.device)
+        per_chunk = self.config.layer_batch_size or len(names)
+        for start in range(0, len(names), per_chunk):
+            chunk = names[start : start + per_chunk]
+            with timer("calibrate"):
+                groups = self._collect(block, chunk, linears, inputs, spec)
+                if self.reduce is not None:
+                    for group in groups:
+                        self.reduce(group)
+            for group in groups:
+                if group.stats.count == 0:
+                    log.warning("%s is never called in the block's forward: left dense", ", ".join(group.names))
+                    continue
+                group.stats.check_finite(group.names[0])
+                if step is not None:
+                    with timer("prune"):
+                        staged.update(step(group, linears) or {})
+                group.release()
+            del groups
+
+    def _collect(self, block, chunk, linears, inputs, spec) -> list[InputGroup]:
+        """One forward over all calibration batches, with one accumulator per group in ``chunk``."""
+        groups = [InputGroup(names, self.stats_factory(in_features(linears[names[0]]), self.device, spec), self.device)
+                  for names in chunk]
+        hooks = {linears[g.names[0]]: input_recorder(g.stats.add_batch) for g in groups}
+        with pre_hooks(hooks), torch.no_grad():
+            for j in range(len(inputs)):
+                run_block(block, inputs, j, self.device)
+        return groups
+
+    def _propagate(self, block: nn.Module, inputs: BlockInputs) -> None:
+        with torch.no_grad():
+            for j in range(len(inputs)):
+                store = inputs.hidden[j].device
+                inputs.hidden[j] = run_block(block, inputs, j, self.device).to(store)
+
+
+def calibrate(model: nn.Module, calib: torch.Tensor, spec: StatsSpec, observe: Callable[[InputGroup], None],
+              config: EngineConfig = EngineConfig(), device: torch.device | str = "cpu", ignore: str | None = None,
+              progress: Progress = no_progress, max_blocks: int | None = None,
+              stats_factory: StatsFactory = InputStats) -> EngineOutcome:
+    """A calibrate-only pass: every input group's statistics of the *dense* model, handed to ``observe``.
+
+    Nothing is pruned; each block sees the dense outputs of the blocks before it (a dense scan, as
+    sparsity allocators and verification need).
+    """
+    engine = BlockEngine(config, device, progress, stats_factory=stats_factory)
+
+    def step(group: InputGroup, _linears) -> None:
+        observe(group)
+
+    return engine.run(model, calib, spec, step, ignore=ignore, max_blocks=max_blocks)
+
+
+def check_pattern_fits(model: nn.Module, check: Callable[[str, nn.Module], None], ignore: str | None = None) -> Blocks:
+    """Call ``check(name, module)`` for every prunable linear (before any work)."""
+    blocks = find_blocks(model)
+    for i, block in enumerate(blocks.modules):
+        for name, module in find_linears(block, blocks.name(i), ignore).items():
+            check(name, module)
+    return blocks

@@ -1,0 +1,69 @@
+"""An input group: the linears of a block that read one tensor (q/k/v, gate/up), and the work they share.
+
+Statistics, the normalised H and every factorisation of it belong to the input, not to each
+linear: :class:`InputGroup` computes each of them once, on first use, and every linear of the
+group (and the correction's yardstick) reads the same copy. ``factorisations`` counts the
+Cholesky attempts actually made for the group, which the tests hold to one per distinct damping.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Hashable
+
+import torch
+
+from prac.linalg import DampedFactor, damped_cholesky, symmetric_inverse
+from prac.stats import InputStats
+
+
+class InputGroup:
+    """The linears ``names`` (full module names, forward order) and the statistics of their input."""
+
+    def __init__(self, names: list[str], stats: InputStats | None, device: torch.device | str = "cpu"):
+        self.names = list(names)
+        self.stats = stats
+        self.device = torch.device(device)
+        self.factorisations = 0
+        self._memo: dict[Hashable, Any] = {}
+
+    @property
+    def dim(self) -> int:
+        if self.stats is None:
+            raise RuntimeError("this group has no statistics")
+        return self.stats.dim
+
+    def shared(self, key: Hashable, compute: Callable[[], Any]) -> Any:
+        """``compute()`` once per group for ``key``; later calls return the same object."""
+        if key not in self._memo:
+            self._memo[key] = compute()
+        return self._memo[key]
+
+    def hessian(self) -> torch.Tensor:
+        """``H = XᵀX / N`` (fp32, on the group's device), one copy for the whole group."""
+        if self.stats is None:
+            raise RuntimeError("this group has no statistics")
+        return self.shared("hessian", lambda: self.stats.normalized_hessian().to(self.device))
+
+    def factor(self, key: Hashable, build: Callable[[], DampedFactor]) -> DampedFactor:
+        """A factorisation of this group's H, built once; its attempts are counted."""
+
+        def counted() -> DampedFactor:
+            result = build()
+            self.factorisations += result.attempts
+            return result
+
+        return self.shared(("factor", key), counted)
+
+    def inverse(self, relative_damping: float) -> DampedFactor:
+        """``(H + λI)⁻¹`` with ``λ = relative · mean diag H`` (one attempt; ``value`` None and a
+        ``reason`` when the factorisation fails or is too ill-conditioned for fp32)."""
+        h = self.hessian()
+
+        def build() -> DampedFactor:
+            return damped_cholesky(h, relative_damping, torch.diagonal(h).float().mean(), symmetric_inverse)
+
+        return self.factor(("inverse", float(relative_damping)), build)
+
+    def release(self) -> None:
+        """Drop everything derived from the statistics (the group is done)."""
+        self._memo.clear()

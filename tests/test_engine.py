@@ -1,0 +1,121 @@
+"""The block engine: work done once per input group, a calibrate-only pass, and the statistics seam."""
+
+import copy
+
+import pytest
+import torch
+
+from prac.correction import YARDSTICK_DAMPING, CorrectionConfig
+from prac.engine import EngineConfig, calibrate
+from prac.linalg import damped_cholesky, symmetric_inverse
+from prac.patterns import NM, Unstructured
+from prac.pipeline import PruneConfig, prune_model
+from prac.stats import StatsSpec
+
+from .conftest import make_tiny_model, state_hash
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def calib():
+    return torch.randint(0, 4096, (6, 32), generator=torch.Generator().manual_seed(0))
+
+
+def _qkv(outcome, block=0):
+    groups = {r.group for r in outcome.layers}
+    q = f"model.layers.{block}.self_attn.q_proj"
+    assert q in groups and {r.name for r in outcome.layers if r.group == q} == {
+        q, q.replace("q_proj", "k_proj"), q.replace("q_proj", "v_proj")}
+    return q
+
+
+@pytest.mark.parametrize("exact_errors,damping,expected", [
+    (False, 1e-2, 1),  # the method's own (H + λI)⁻¹, shared by q, k and v
+    (True, 1e-2, 2),  # ... and the yardstick's, at its own damping, shared too
+    (True, YARDSTICK_DAMPING, 1),  # same damping: the yardstick reuses the method's
+])
+def test_optimal_factorises_once_per_input_group(calib, exact_errors, damping, expected):
+    cfg = PruneConfig(correction=CorrectionConfig.of("optimal", exact_errors=exact_errors, damping=damping),
+                      engine=EngineConfig(batch_size=3))
+    outcome = prune_model(make_tiny_model("mistral"), calib, cfg, CPU)
+    q = _qkv(outcome)
+    assert outcome.factorisations[q] == expected
+    assert set(outcome.factorisations.values()) == {expected}  # every group, however many linears share it
+
+
+def test_sparsegpt_factorises_once_per_input_group(calib):
+    outcome = prune_model(make_tiny_model("mistral"), calib, PruneConfig(method="sparsegpt", pattern=NM(2, 4)), CPU)
+    assert outcome.factorisations[_qkv(outcome)] == 1
+    assert set(outcome.factorisations.values()) == {1}
+    mlp = [r for r in outcome.layers if r.group.endswith("gate_proj")]
+    assert {r.name.rsplit(".", 1)[1] for r in mlp} == {"gate_proj", "up_proj"}
+
+
+def test_damped_cholesky_retries_and_counts():
+    h = torch.zeros(4, 4)
+    h[0, 0] = 1.0  # singular: λ = 0 fails, any λ > 0 works
+    tried = damped_cholesky(h, 0.0, 1.0, symmetric_inverse, retries=3)
+    assert not tried.ok and tried.attempts == 1 and "Cholesky" in tried.reason  # nothing to grow
+    grown = damped_cholesky(-torch.eye(4), 0.05, 1.0, symmetric_inverse, retries=3, growth=10.0)
+    assert grown.ok and grown.attempts == 3 and grown.failures == 2 and grown.relative == pytest.approx(5.0)
+
+
+def test_calibrate_only_pass_changes_nothing_and_sees_every_input(calib):
+    model = make_tiny_model("mistral")
+    before = state_hash(model)
+    seen = {}
+
+    def observe(group):
+        seen[tuple(group.names)] = group.stats.l2.clone()
+
+    calibrate(model, calib, StatsSpec(), observe, EngineConfig(batch_size=4))
+    assert state_hash(model) == before
+    names = [n for g in seen for n in g]
+    assert len(names) == 2 * 7 and len(seen) == 2 * 4  # q/k/v, o, gate/up, down per block
+    # Block 0 sees the embeddings in both passes: its statistics equal those a pruning run collects.
+    pruned_seen = {}
+    prune_model(copy.deepcopy(model), calib, PruneConfig(engine=EngineConfig(batch_size=3)), CPU,
+                observer=lambda g: pruned_seen.setdefault(tuple(g.names), g.stats.l2.clone()))
+    first = next(iter(seen))
+    assert torch.allclose(seen[first], pruned_seen[first], rtol=1e-6)
+
+
+def test_reduce_seam_sees_every_group_before_pruning(calib):
+    """A reducer that doubles every statistic (two identical ranks summed) leaves Wanda's masks unchanged."""
+    from prac.engine import BlockEngine, PhaseTimer
+    from prac.pipeline import PruneStep, stats_spec_for
+
+    calls = []
+
+    def double(group):
+        st = group.stats
+        calls.append(group.names[0])
+        st.count *= 2
+        st.sum.mul_(2)
+        st.sumsq.mul_(2)
+
+    reference = make_tiny_model("mistral")
+    prune_model(reference, calib, PruneConfig(pattern=Unstructured(0.6)), CPU)
+    model = make_tiny_model("mistral")
+    outcome = prune_model(model, calib, PruneConfig(pattern=Unstructured(0.6)), CPU, reduce=double)
+    assert len(calls) == len({r.group for r in outcome.layers})
+    assert state_hash(model) == state_hash(reference)
+
+
+def test_solver_fallbacks_warn_once_per_run(calib, caplog):
+    import logging
+
+    from prac.correction import summarize
+
+    cfg = PruneConfig(pattern=Unstructured(0.7), correction=CorrectionConfig.of("optimal"))
+    with caplog.at_level(logging.DEBUG, logger="prac"):
+        outcome = prune_model(make_tiny_model("mistral"), torch.randint(0, 4096, (2, 16)), cfg, CPU)
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING and r.name.startswith("prac")]
+    diags = [r.correction for r in outcome.layers]
+    summary = summarize(diags)
+    assert summary["solver_stalled_rows"] == sum(d["solver_stalled_rows"] for d in diags)
+    if summary["layers_with_solver_fallback"]:
+        assert len(warnings) == 1 and "layer(s) needed the Jacobi-PCG fallback" in warnings[0].getMessage()
+    else:
+        assert not warnings
