@@ -119,3 +119,16 @@ def test_solver_fallbacks_warn_once_per_run(calib, caplog):
         assert len(warnings) == 1 and "layer(s) needed the Jacobi-PCG fallback" in warnings[0].getMessage()
     else:
         assert not warnings
+
+
+def test_a_plan_sets_each_linears_sparsity(calib):
+    plan = {"model.layers.0.mlp.down_proj": 0.25, "model.layers.1.self_attn.q_proj": 0.75}
+    outcome = prune_model(make_tiny_model("mistral"), calib, PruneConfig(pattern=Unstructured(0.5), plan=plan), CPU)
+    got = {r.name: r.sparsity for r in outcome.layers}
+    assert got["model.layers.0.mlp.down_proj"] == pytest.approx(0.25, abs=1e-3)
+    assert got["model.layers.1.self_attn.q_proj"] == pytest.approx(0.75, abs=1e-3)
+    assert got["model.layers.0.self_attn.q_proj"] == pytest.approx(0.5, abs=1e-3)
+    from prac.errors import PracError
+
+    with pytest.raises(PracError, match="N:M"):
+        PruneConfig(pattern=NM(2, 4), plan=plan)

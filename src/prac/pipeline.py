@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
@@ -41,7 +41,8 @@ class PruneConfig:
 
     ``settings``: the mask source's own settings dataclass (None: its defaults); ``engine``: how the
     block engine runs; ``collect``: extra statistics to collect regardless of need (verification,
-    ``--measure``).
+    ``--measure``); ``plan``: per-linear unstructured sparsity (full module name -> sparsity) that
+    overrides ``pattern`` for the linears it names (a non-uniform allocation, see ``allocation.py``).
     """
 
     method: str = "wanda"
@@ -51,8 +52,11 @@ class PruneConfig:
     ignore: str | None = None
     engine: EngineConfig = EngineConfig()
     collect: StatsSpec | None = None
+    plan: Mapping[str, float] | None = None
 
     def __post_init__(self) -> None:
+        if self.plan is not None and not isinstance(self.pattern, Unstructured):
+            raise PracError(f"a non-uniform sparsity allocation needs unstructured sparsity; {self.pattern} is N:M")
         entry = get_method(self.method)
         if self.settings is None:
             object.__setattr__(self, "settings", entry.settings())
@@ -110,12 +114,17 @@ class PruneStep:
         self.factorisations[group.names[0]] = group.factorisations
         return staged
 
+    def pattern_of(self, name: str) -> Pattern:
+        """The layer's pattern: its planned sparsity when the config has a plan naming it."""
+        plan = self.cfg.plan
+        return Unstructured(float(plan[name])) if plan is not None and name in plan else self.cfg.pattern
+
     def _prune_linear(self, name: str, module: nn.Module, group: InputGroup) -> tuple[torch.Tensor, LayerRecord]:
         cfg = self.cfg
         started = time.perf_counter()
         w_orig = get_weight(module)
         stats = group.stats
-        result = self.method.fn(w_orig, group if stats is not None else None, cfg.pattern, cfg.settings)
+        result = self.method.fn(w_orig, group if stats is not None else None, self.pattern_of(name), cfg.settings)
         weight = result.weight
         diagnostics: dict[str, Any] = {}
         if cfg.correction.active:
