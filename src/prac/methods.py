@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 import torch
 
+from prac.admm import ADMMSettings, admm_prune
 from prac.errors import PracError
 from prac.group import InputGroup
 from prac.masks import apply_mask, magnitude_scores, mask_from_scores, wanda_scores
@@ -81,11 +82,18 @@ def sparsegpt(weight: torch.Tensor, group: InputGroup | None, pattern: Pattern, 
     return MaskResult(result.weight, result.mask, dict(result.diagnostics))
 
 
+def admm(weight: torch.Tensor, group: InputGroup | None, pattern: Pattern, settings: ADMMSettings) -> MaskResult:
+    """Mask and weights chosen together by ADMM on the group's H (see ``admm.py``)."""
+    return admm_prune(weight, group, pattern, settings)
+
+
 METHODS: dict[str, Method] = {
     "magnitude": Method(magnitude, ScoreSettings, None, "|W|, per row (or per layer with --scope layer)"),
     "wanda": Method(wanda, ScoreSettings, StatsSpec(), "|W|·||X||₂ compared within each output row"),
     "sparsegpt": Method(sparsegpt, SparseGPTConfig, StatsSpec(hessian=True),
                         "OBS-style pruning with weight updates (Frantar & Alistarh 2023)"),
+    "admm": Method(admm, ADMMSettings, StatsSpec(hessian=True),
+                   "mask and weights chosen jointly by ADMM on the layer objective, then solved exactly"),
 }
 
 

@@ -74,6 +74,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--blocksize", type=positive_int, default=None, help=f"SparseGPT column block (default: {_defaults(METHODS, 'blocksize')})")
     g.add_argument("--percdamp", type=float, default=None,
                    help=f"SparseGPT damping, fraction of mean diag(H) (default: {_defaults(METHODS, 'percdamp')})")
+    g.add_argument("--admm-iterations", type=positive_int, default=None, help=f"admm: ADMM steps (default: {_defaults(METHODS, 'iterations')})")
+    g.add_argument("--admm-penalty", type=float, default=None,
+                   help=f"admm: first penalty ρ, relative to the unit diagonal of the scaled H (default: {_defaults(METHODS, 'penalty')})")
+    g.add_argument("--admm-penalty-growth", type=float, default=None,
+                   help=f"admm: ρ multiplied by this after every step (default: {_defaults(METHODS, 'penalty_growth')})")
+    g.add_argument("--admm-damping", type=float, default=None,
+                   help=f"admm: ridge λ on the change, relative (default: {_defaults(METHODS, 'damping')})")
+    g.add_argument("--admm-gradual", type=int, default=None,
+                   help=f"admm: steps over which the projection's sparsity ramps up cubically, 0 = none (default: {_defaults(METHODS, 'gradual')})")
+    g.add_argument("--admm-score", choices=["scaled", "magnitude"], default=None,
+                   help="admm: projection score, |W|·√diag(H) (scaled, Wanda's) or |W| (default: scaled)")
     g = p.add_argument_group("correction (see docs/correction.md); a setting the chosen method does not have is an error")
     g.add_argument("--correction", choices=list(names()), default="none", help="weight correction after pruning (default: none)")
     g.add_argument("--no-correction", action="store_true", help="same as --correction none")
@@ -119,7 +130,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 #: CLI option -> field of a method's settings dataclass (mask source or correction).
-MASK_FLAGS = {"scope": "scope", "blocksize": "blocksize", "percdamp": "percdamp"}
+MASK_FLAGS = {"scope": "scope", "blocksize": "blocksize", "percdamp": "percdamp",
+              "admm_iterations": "iterations", "admm_penalty": "penalty", "admm_penalty_growth": "penalty_growth",
+              "admm_damping": "damping", "admm_gradual": "gradual", "admm_score": "score"}
 CORRECTION_FLAGS = {"selection_strategy": "selection_strategy", "percent_change": "percent_change",
                     "damping": "damping", "max_correction_magnitude": "max_correction_magnitude",
                     "correction_magnitude": "correction_magnitude", "max_activation_samples": "max_activation_samples",
@@ -143,7 +156,7 @@ def _given(args: argparse.Namespace, flags: dict[str, str]) -> dict[str, Any]:
     return {field: getattr(args, flag) for flag, field in flags.items() if getattr(args, flag) is not None}
 
 
-def _settings_for(method: str, cls: type, given: dict[str, Any]):
+def _settings_for(method: str, cls: type, given: dict[str, Any], flags: dict[str, str]):
     """The method's settings dataclass from the options the user gave; one that it lacks is an error."""
     import dataclasses
 
@@ -152,9 +165,8 @@ def _settings_for(method: str, cls: type, given: dict[str, Any]):
     fields = {f.name for f in dataclasses.fields(cls)}
     extra = {k: v for k, v in given.items() if k not in fields}
     if extra:
-        flags = ", ".join("--" + next(f for f, fld in {**MASK_FLAGS, **CORRECTION_FLAGS}.items() if fld == k).replace("_", "-")
-                          for k in sorted(extra))
-        raise PracError(f"{method!r} has no such setting: {flags}")
+        names = ", ".join("--" + next(f for f, fld in flags.items() if fld == k).replace("_", "-") for k in sorted(extra))
+        raise PracError(f"{method!r} has no such setting: {names}")
     return cls(**given)
 
 
@@ -181,10 +193,10 @@ def prune_job_from_args(args: argparse.Namespace):
                             f"{', '.join('--' + k.replace('_', '-') for k in sorted(given))}")
         correction = CorrectionConfig(seed=args.seed, exact_errors=args.exact_errors)
     else:
-        correction = CorrectionConfig(method, _settings_for(method, entry.settings, given), args.exact_errors, args.seed)
+        correction = CorrectionConfig(method, _settings_for(method, entry.settings, given, CORRECTION_FLAGS), args.exact_errors, args.seed)
     mask_source = get_method(args.method)
     prune = PruneConfig(method=args.method, pattern=pattern,
-                        settings=_settings_for(args.method, mask_source.settings, _given(args, MASK_FLAGS)),
+                        settings=_settings_for(args.method, mask_source.settings, _given(args, MASK_FLAGS), MASK_FLAGS),
                         correction=correction, ignore=args.ignore,
                         engine=EngineConfig(batch_size=args.batch_size, offload=args.offload,
                                             layer_batch_size=args.layer_batch_size),
