@@ -163,7 +163,8 @@ def bench_layer(
     spec = StatsSpec(hessian=True, seed=args.seed)
     if correction is not None:
         for m in methods:
-            spec = spec.union(correction.stats_spec(method_config(m)))
+            if m != "admm":  # a mask source, not a correction: it reads H
+                spec = spec.union(correction.stats_spec(method_config(m)))
     stats = collect_stats(x, spec, args.batch_tokens)
     del x
     h = stats.hessian
@@ -197,10 +198,13 @@ def bench_layer(
             "diagnostics": jsonable(sgpt.diagnostics),
         }
     ]
+    sgpt_mask = sgpt.mask
     del sgpt
+    if "admm" in methods:
+        rows.append(admm_row(w, stats, pattern, sgpt_mask, sgpt_seconds, sgpt_error, base, device))
     if correction is None:
         return rows
-    for method in methods:
+    for method in [m for m in methods if m != "admm"]:
         cfg = method_config(method)
         row: dict[str, Any] = {**base, "method": method, "wanda_relative_error": wanda_error}
         try:
@@ -221,6 +225,24 @@ def bench_layer(
         )
         rows.append(row)
     return rows
+
+
+def admm_row(w, stats, pattern, sgpt_mask, sgpt_seconds, sgpt_error, base, device) -> dict[str, Any]:
+    """``--method admm`` on the same layer: time and error next to SparseGPT's, and the exact optimum
+    (the yardstick) on each of the two masks — how much of the gain is the mask, how much the weights."""
+    from prac.admm import ADMMSettings, admm_prune
+    from prac.group import InputGroup
+
+    h = stats.hessian
+    result, seconds = timed(lambda: admm_prune(w, InputGroup(["layer"], stats, device), pattern, ADMMSettings()), device)
+    err = relative_error(result.weight, w, h)
+    scores = wanda_scores(w, stats.l2)
+    optimum_admm = optimal_error(w, apply_mask(w, result.mask), result.mask, stats, scores)
+    optimum_sgpt = optimal_error(w, apply_mask(w, sgpt_mask), sgpt_mask, stats, scores)
+    return {**base, "method": "admm", "seconds": seconds, "ratio_to_sparsegpt": seconds / sgpt_seconds,
+            "relative_error": err, "error_vs_sparsegpt": err / sgpt_error if sgpt_error else None,
+            "optimal_relative_error": optimum_admm, "optimum_on_sparsegpt_mask": optimum_sgpt,
+            "fraction_of_optimal": None, "fraction_comparable": False, "diagnostics": jsonable(result.info)}
 
 
 def method_config(name: str) -> "correction.CorrectionConfig":
@@ -261,6 +283,9 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         frac = fmt(r.get("fraction_of_optimal"), ".3f")
         if not r.get("fraction_comparable", True) and frac != "–":
             frac += " (own mask)"
+        if r["method"] == "admm":
+            frac = (f"own-mask optimum {fmt(r.get('optimal_relative_error'), '.4g')}, "
+                    f"SparseGPT-mask optimum {fmt(r.get('optimum_on_sparsegpt_mask'), '.4g')}")
         lines.append(
             f"{head} {r['seconds']:.3f} | {r['ratio_to_sparsegpt']:.2f} | {r['relative_error']:.4g} | {frac} |"
         )

@@ -7,6 +7,11 @@ evaluated on the bundled held-out text with 256-token windows; results land in
     python bench/quality.py                                   # the whole matrix (CPU: about an hour)
     python bench/quality.py --methods wanda magnitude --corrections none --patterns 50 2:4
     python bench/quality.py --smoke                           # seconds: tiny calibration, a few windows
+    python bench/quality.py --methods admm admm@row sparsegpt --corrections none optimal \
+        --allocations uniform owl error --patterns 70 --out-dir bench/results/joint
+
+A method may carry a variant after ``@`` (``admm@row``: ``--scope row``). Allocations other than
+``uniform`` are skipped for N:M patterns, where they do not apply.
 """
 
 from __future__ import annotations
@@ -23,7 +28,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = ROOT / "tests" / "golden"
-PATTERNS = ["50", "60", "70", "2:4", "4:8"]
+PATTERNS = ["50", "60", "70", "80", "2:4", "4:8"]
+ALLOCATIONS = ["uniform", "owl", "error"]
+VARIANTS = {"row": ["--scope", "row"], "layer": ["--scope", "layer"]}
 CORRECTIONS = ["none", "full", "diagonal", "greedy", "optimal"]
 
 
@@ -31,25 +38,34 @@ def pattern_args(p: str) -> list[str]:
     return ["--nm", p] if ":" in p else ["--sparsity", str(int(p) / 100)]
 
 
-def configs(methods, corrections, patterns) -> list[tuple[str, str, str]]:
+def configs(methods, corrections, patterns, allocations=("uniform",)) -> list[tuple[str, str, str, str]]:
     out = []
     for p in patterns:
         for m in methods:
             for c in corrections:
                 if m == "magnitude" and c != "none":
                     continue
-                out.append((m, c, p))
+                for a in allocations:
+                    if a != "uniform" and ":" in p:
+                        continue
+                    out.append((m, c, p, a))
     return out
 
 
-def key(method: str, correction: str, pattern: str) -> str:
-    return f"{method}+{correction}_{pattern.replace(':', 'of')}"
+def key(method: str, correction: str, pattern: str, allocation: str = "uniform") -> str:
+    alloc = "" if allocation == "uniform" else f"+{allocation}"
+    return f"{method.replace('@', '-')}+{correction}{alloc}_{pattern.replace(':', 'of')}"
 
 
-def run_one(method, correction, pattern, out_dir: Path, smoke: bool, threads: int, extra: list[str]) -> dict:
-    report = out_dir / f"{key(method, correction, pattern)}.json"
-    cmd = [sys.executable, "-m", "prac", "prune", "--no-progress", "--method", method, "--correction", correction,
-           "--measure", "--no-dense-eval", "--report", str(report), *pattern_args(pattern), *extra]
+def method_args(method: str) -> list[str]:
+    name, _, variant = method.partition("@")
+    return ["--method", name, *(VARIANTS[variant] if variant else [])]
+
+
+def run_one(method, correction, pattern, allocation, out_dir: Path, smoke: bool, threads: int, extra: list[str]) -> dict:
+    report = out_dir / f"{key(method, correction, pattern, allocation)}.json"
+    cmd = [sys.executable, "-m", "prac", "prune", "--no-progress", *method_args(method), "--correction", correction,
+           "--allocation", allocation, "--measure", "--no-dense-eval", "--report", str(report), *pattern_args(pattern), *extra]
     if smoke:
         cmd += ["--nsamples", "4", "--seqlen", "64", "--eval", str(out_dir / "smoke_eval.txt")]
     else:
@@ -61,22 +77,23 @@ def run_one(method, correction, pattern, out_dir: Path, smoke: bool, threads: in
     return json.loads(report.read_text())
 
 
-def row(method, correction, pattern, rep) -> dict:
+def row(method, correction, pattern, allocation, rep) -> dict:
     s = rep["summary"]
     c = s.get("correction", {})
-    return {"method": method, "correction": correction, "pattern": pattern, "ppl": s.get("ppl"),
+    return {"method": method, "correction": correction, "pattern": pattern, "allocation": allocation, "ppl": s.get("ppl"),
             "sparsity": s["sparsity"], "mean_relative_error": s.get("mean_relative_error"),
             "fraction_of_optimal": c.get("mean_fraction_of_optimal"), "reverted": c.get("reverted"),
             "prune_seconds": s["prune_seconds"], "peak_memory_mb": s["peak_memory_bytes"] / 2**20}
 
 
 def markdown(rows: list[dict], reference: dict) -> str:
-    lines = ["| pattern | method | correction | ppl | reference ppl | sparsity | mean rel. layer error | of optimum | prune s | peak MiB |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| pattern | method | correction | allocation | ppl | reference ppl | sparsity | mean rel. layer error | of optimum | prune s | peak MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        ref = reference.get(f"{r['method']}_{r['pattern'].replace(':', 'of')}", {}).get("ppl") if r["correction"] == "none" else None
+        uniform = r.get("allocation", "uniform") == "uniform"
+        ref = reference.get(f"{r['method']}_{r['pattern'].replace(':', 'of')}", {}).get("ppl") if r["correction"] == "none" and uniform else None
         fmt = lambda v, f: "–" if v is None else format(v, f)  # noqa: E731
-        lines.append(f"| {r['pattern']} | {r['method']} | {r['correction']} | {fmt(r['ppl'], '.3f')} | {fmt(ref, '.3f')} | "
+        lines.append(f"| {r['pattern']} | {r['method']} | {r['correction']} | {r.get('allocation', 'uniform')} | {fmt(r['ppl'], '.3f')} | {fmt(ref, '.3f')} | "
                      f"{r['sparsity']:.4f} | {fmt(r['mean_relative_error'], '.5f')} | {fmt(r['fraction_of_optimal'], '.3f')} | "
                      f"{r['prune_seconds']:.1f} | {r['peak_memory_mb']:.0f} |")
     return "\n".join(lines)
@@ -91,7 +108,10 @@ def plot(rows: list[dict], dense_ppl: float | None, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     series: dict[str, list] = {}
     for r in rows:
-        series.setdefault(f"{r['method']}+{r['correction']}" if r["correction"] != "none" else r["method"], []).append(r)
+        label = f"{r['method']}+{r['correction']}" if r["correction"] != "none" else r["method"]
+        if r.get("allocation", "uniform") != "uniform":
+            label += f" ({r['allocation']})"
+        series.setdefault(label, []).append(r)
     colors = plt.cm.tab20.colors
     for k, (label, rs) in enumerate(sorted(series.items())):
         un = sorted((r for r in rs if ":" not in r["pattern"]), key=lambda r: r["sparsity"])
@@ -119,6 +139,7 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", nargs="+", default=["magnitude", "wanda", "sparsegpt"])
     ap.add_argument("--corrections", nargs="+", default=CORRECTIONS)
     ap.add_argument("--patterns", nargs="+", default=PATTERNS)
+    ap.add_argument("--allocations", nargs="+", default=["uniform"], choices=ALLOCATIONS)
     ap.add_argument("--out-dir", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--jobs", type=int, default=1, help="configurations run at once (threads are split between them)")
     ap.add_argument("--threads", type=int, default=None, help="threads per configuration (default: CPUs / jobs)")
@@ -134,7 +155,7 @@ def main(argv=None) -> int:
 
         (out / "smoke_eval.txt").write_text(assets.DEFAULT_EVAL.read_text(encoding="utf-8")[:20000], encoding="utf-8")
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
-    todo = configs(args.methods, args.corrections, args.patterns)
+    todo = configs(args.methods, args.corrections, args.patterns, args.allocations)
     rows = []
     if args.resume or args.collect_only:
         for c in list(todo):
@@ -147,11 +168,12 @@ def main(argv=None) -> int:
     with cf.ThreadPoolExecutor(args.jobs) as pool:
         futures = {pool.submit(run_one, *c, out, args.smoke, threads, args.extra): c for c in todo}
         for fut in cf.as_completed(futures):
-            m, c, p = futures[fut]
-            rows.append(row(m, c, p, fut.result()))
-            print(f"done {key(m, c, p)}: ppl {rows[-1]['ppl']:.3f}", file=sys.stderr, flush=True)
+            m, c, p, a = futures[fut]
+            rows.append(row(m, c, p, a, fut.result()))
+            print(f"done {key(m, c, p, a)}: ppl {rows[-1]['ppl']:.3f}", file=sys.stderr, flush=True)
     order = {p: i for i, p in enumerate(PATTERNS)}
-    rows.sort(key=lambda r: (order.get(r["pattern"], 99), args.methods.index(r["method"]), CORRECTIONS.index(r["correction"])))
+    rows.sort(key=lambda r: (order.get(r["pattern"], 99), args.methods.index(r["method"]), CORRECTIONS.index(r["correction"]),
+                             ALLOCATIONS.index(r.get("allocation", "uniform"))))
     reference = json.loads((GOLDEN / "reference.json").read_text())["results"]
     table = markdown(rows, reference)
     stamp = {"date": dt.date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, no GPU",

@@ -51,6 +51,14 @@ def make_tiny_model(arch: str, seed: int = 0):
     return model.eval()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _no_dense_cache(tmp_path_factory):
+    """Runs compute their dense perplexity (tests that count phases expect it); the cache tests turn
+    it back on. Any cache a run does write goes to a temporary folder, never ~/.cache/prac."""
+    os.environ["PRAC_CACHE_DIR"] = str(tmp_path_factory.mktemp("prac-cache"))
+    os.environ["PRAC_NO_CACHE"] = "1"
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny float64 models: intra-op threads are pure overhead (and thrash on a busy machine)."""

@@ -76,3 +76,15 @@ def test_nm_must_divide_in_features():
 def test_sparsity_out_of_range(s):
     with pytest.raises(PracError, match=r"\[0, 1\)"):
         Unstructured(s)
+
+
+def test_lowest_k_equals_a_stable_sort_with_ties():
+    from prac.masks import lowest_k
+
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 5, (6, 40), generator=g).float()  # many ties
+    for k in (0, 1, 7, 20, 39, 40):
+        ref = torch.zeros_like(scores, dtype=torch.bool)
+        if k:
+            ref.scatter_(1, torch.sort(scores, dim=1, stable=True).indices[:, :k], True)
+        assert torch.equal(lowest_k(scores, k), ref), k

@@ -8,7 +8,10 @@ Calibration
   until one is longer than ``seqlen`` tokens, then a random window inside it (the reference C4 sampler).
 
 Evaluation: the text (WikiText-2: the test split joined with ``"\\n\\n"``) is tokenized once and cut
-into non-overlapping ``seqlen`` windows; the trailing partial window is dropped.
+into non-overlapping ``seqlen`` windows; the trailing partial window is dropped. C4 (and ``.jsonl``
+files of documents) follow SparseGPT's protocol instead: the first :data:`C4_EVAL_DOCS` documents of
+the validation shard joined with ``" "``, tokenized, and only the first :data:`C4_EVAL_WINDOWS` ×
+``seqlen`` tokens kept. Several sets are given comma-separated (:func:`split_eval_sets`).
 """
 
 from __future__ import annotations
@@ -25,6 +28,10 @@ from prac.errors import PracError
 
 C4_REPO = "allenai/c4"
 C4_TRAIN_FILE = "en/c4-train.00000-of-01024.json.gz"
+C4_VALIDATION_FILE = "en/c4-validation.00000-of-00008.json.gz"
+# SparseGPT's C4 evaluation: ' '.join of the first 1100 validation documents, first 256 x seqlen tokens.
+C4_EVAL_DOCS = 1100
+C4_EVAL_WINDOWS = 256
 WIKITEXT = ("wikitext", "wikitext-2-raw-v1")
 
 # Calibration windows shorter than this are refused: a block sees its inputs in context, and rows of
@@ -91,9 +98,9 @@ def _read_text(path: Path) -> str:
     return read_text_file(path)
 
 
-def _read_jsonl_texts(path: Path, key: str = "text") -> list[str]:
+def _read_jsonl_texts(path: Path, key: str = "text", what: str = "calibration file") -> list[str]:
     texts = []
-    for lineno, line in enumerate(read_text_file(path, "calibration file").split("\n"), 1):
+    for lineno, line in enumerate(read_text_file(path, what).split("\n"), 1):
         if not line.strip():
             continue
         try:
@@ -239,12 +246,53 @@ def _first_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
-def load_eval_tokens(source: str, tokenizer) -> tuple[torch.Tensor, dict]:
-    """The evaluation text as one token stream ``[T]`` plus its description."""
+def split_eval_sets(spec: str | None) -> list[str]:
+    """``"wikitext2,c4"`` -> ``["wikitext2", "c4"]`` (order kept, repeats dropped); ``none`` or empty -> []."""
+    if spec is None:
+        return []
+    out: list[str] = []
+    for part in (p.strip() for p in spec.split(",")):
+        if part and part not in out:
+            out.append(part)
+    if "none" in out:
+        if len(out) > 1:
+            raise PracError(f"--eval {spec!r}: 'none' cannot be combined with other evaluation sets")
+        return []
+    return out
+
+
+def c4_eval_tokens(texts: list[str], tokenizer, seqlen: int | None) -> torch.Tensor:
+    """SparseGPT's C4 evaluation stream: the first :data:`C4_EVAL_DOCS` documents joined with ``" "``,
+    tokenized once, cut to the first :data:`C4_EVAL_WINDOWS` × ``seqlen`` tokens (fewer if the text is
+    shorter; not cut when ``seqlen`` is None)."""
+    ids = _tokenize(tokenizer, " ".join(texts[:C4_EVAL_DOCS]))
+    return ids if seqlen is None else ids[: C4_EVAL_WINDOWS * seqlen]
+
+
+def load_eval_tokens(source: str, tokenizer, seqlen: int | None = None) -> tuple[torch.Tensor, dict]:
+    """The evaluation text as one token stream ``[T]`` plus its description.
+
+    ``wikitext2``: the test split joined with ``"\\n\\n"``. ``c4``: SparseGPT's protocol on the
+    validation shard (:func:`c4_eval_tokens`; needs ``seqlen``); a ``.jsonl`` file of documents
+    (``"text"`` field) follows the same protocol. Any other path: a UTF-8 text file, whole."""
     if source == "wikitext2":
         data = _load_dataset(*WIKITEXT, split="test")
         return _tokenize(tokenizer, "\n\n".join(data["text"])), {"source": "wikitext2", "split": "test", "join": "\\n\\n"}
+    c4_proto = {"protocol": "sparsegpt-c4", "documents": C4_EVAL_DOCS, "join": " ",
+                "max_tokens": f"{C4_EVAL_WINDOWS} x seqlen"}
+    if source == "c4":
+        if seqlen is None:
+            raise ValueError("the c4 evaluation protocol needs seqlen")
+        data = _load_dataset(C4_REPO, data_files={"validation": C4_VALIDATION_FILE}, split="validation")
+        texts = list(data[:C4_EVAL_DOCS]["text"])
+        return c4_eval_tokens(texts, tokenizer, seqlen), {"source": "c4", "dataset": f"{C4_REPO}:{C4_VALIDATION_FILE}",
+                                                          "split": "validation", **c4_proto}
     path = Path(source).expanduser()
+    if path.suffix == ".jsonl":
+        texts = _read_jsonl_texts(path, what="evaluation file")
+        if not texts:
+            raise PracError(f"evaluation file {str(path)!r} has no documents")
+        return c4_eval_tokens(texts, tokenizer, seqlen), {"source": "file", "file": str(path), **c4_proto}
     return _tokenize(tokenizer, _read_text(path)), {"source": "file", "file": str(path)}
 
 

@@ -13,6 +13,11 @@ For each block, in order:
    (so with ``layer_batch_size`` every chunk is still calibrated on the dense block, as in one pass);
 7. propagate: recompute the block's outputs with its (new) weights; they become the next block's inputs.
 
+With ``parallel`` (:class:`BlockParallel`, see ``prac.distributed``) the run is data-parallel: the
+rank calibrates on its share of the samples, step 4 also reduces the statistics across ranks and
+assigns each group an owner, step 5 runs on the owner only, and before step 6 the owners' new weights
+are exchanged (``exchange``), so every rank applies the same weights and propagates its own share.
+
 Block k is thus calibrated on the outputs of the already processed blocks 0..k-1. A step of
 ``None`` is a dense scan: statistics of the unpruned model, block after block. Calibration
 activations stay on the device when they fit, else on the CPU.
@@ -24,7 +29,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Protocol
 
 import torch
 from torch import nn
@@ -57,6 +62,28 @@ StatsReducer = Callable[[InputGroup], None]
 """``reduce(group)``: combine the group's statistics across processes, in place (identity by default)."""
 
 StatsFactory = Callable[[int, torch.device, StatsSpec], InputStats]
+
+
+class BlockParallel(Protocol):
+    """Data-parallel hooks of the engine (implemented by :class:`prac.distributed.DataParallel`)."""
+
+    def share(self, calib: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """This process's share of the calibration samples."""
+
+    def new_stats(self, stats: InputStats) -> InputStats:
+        """A fresh accumulator made consistent with this share (the sample's random keys)."""
+
+    def assign(self, groups: list[InputGroup], linears: dict[str, nn.Module]) -> None:
+        """Choose the owner of each group of a chunk (the same on every process)."""
+
+    def reduce(self, group: InputGroup) -> None:
+        """Combine the group's statistics across processes (onto its owner at least)."""
+
+    def owns(self, group: InputGroup) -> bool:
+        """Whether this process runs the step of ``group``."""
+
+    def exchange(self, staged: dict[str, torch.Tensor], linears: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+        """Every owner's new weights of the block, on every process."""
 
 
 @dataclass(frozen=True)
@@ -123,12 +150,13 @@ class BlockEngine:
 
     def __init__(self, config: EngineConfig = EngineConfig(), device: torch.device | str = "cpu",
                  progress: Progress = no_progress, reduce: StatsReducer | None = None,
-                 stats_factory: StatsFactory = InputStats):
+                 stats_factory: StatsFactory = InputStats, parallel: BlockParallel | None = None):
         self.config = config
         self.device = torch.device(device)
         self.progress = progress
         self.reduce = reduce
         self.stats_factory = stats_factory
+        self.parallel = parallel
 
     def run(
         self,
@@ -150,6 +178,9 @@ class BlockEngine:
         outcome = EngineOutcome(blocks_path=blocks.path)
         timer = timer or PhaseTimer(self.device, outcome.phase_seconds)
         inputs: BlockInputs | None = None
+        par = self.parallel
+        if par is not None and (spec is not None or return_hidden):
+            calib = par.share(calib, self.config.batch_size)
         if spec is not None or return_hidden:
             hidden_size = model.get_input_embeddings().weight.shape[1]
             store = activation_store(self.config.offload, self.device, calib, hidden_size,
@@ -168,10 +199,17 @@ class BlockEngine:
             if spec is None:
                 if step is not None:
                     with timer("prune"):
-                        for name in linears:
-                            staged.update(step(InputGroup([name], None, self.device), linears) or {})
+                        singles = [InputGroup([name], None, self.device) for name in linears]
+                        if par is not None:
+                            par.assign(singles, linears)
+                        for group in singles:
+                            if par is None or par.owns(group):
+                                staged.update(step(group, linears) or {})
             else:
                 self._calibrated_block(block, linears, inputs, spec, step, timer, staged)
+            if par is not None and step is not None:
+                with timer("exchange"):
+                    staged = par.exchange(staged, linears)
             for name, weight in staged.items():
                 set_weight(linears[name], weight)
             del staged
@@ -194,6 +232,10 @@ class BlockEngine:
             chunk = names[start : start + per_chunk]
             with timer("calibrate"):
                 groups = self._collect(block, chunk, linears, inputs, spec)
+                if self.parallel is not None:
+                    self.parallel.assign(groups, linears)
+                    for group in groups:
+                        self.parallel.reduce(group)
                 if self.reduce is not None:
                     for group in groups:
                         self.reduce(group)
@@ -202,7 +244,7 @@ class BlockEngine:
                     log.warning("%s is never called in the block's forward: left dense", ", ".join(group.names))
                     continue
                 group.stats.check_finite(group.names[0])
-                if step is not None:
+                if step is not None and (self.parallel is None or self.parallel.owns(group)):
                     with timer("prune"):
                         staged.update(step(group, linears) or {})
                 group.release()
@@ -210,13 +252,17 @@ class BlockEngine:
 
     def _collect(self, block, chunk, linears, inputs, spec) -> list[InputGroup]:
         """One forward over all calibration batches, with one accumulator per group in ``chunk``."""
-        groups = [InputGroup(names, self.stats_factory(in_features(linears[names[0]]), self.device, spec), self.device)
+        groups = [InputGroup(names, self._new_stats(in_features(linears[names[0]]), spec), self.device)
                   for names in chunk]
         hooks = {linears[g.names[0]]: input_recorder(g.stats.add_batch) for g in groups}
         with pre_hooks(hooks), torch.no_grad():
             for j in range(len(inputs)):
                 run_block(block, inputs, j, self.device)
         return groups
+
+    def _new_stats(self, dim: int, spec: StatsSpec) -> InputStats:
+        stats = self.stats_factory(dim, self.device, spec)
+        return stats if self.parallel is None else self.parallel.new_stats(stats)
 
     def _propagate(self, block: nn.Module, inputs: BlockInputs) -> None:
         with torch.no_grad():

@@ -30,17 +30,19 @@ from typing import Any
 
 import torch
 
-from prac import assets
+from prac import assets, distributed
 from prac.data import (TokenSet, check_calibration, check_token_ids, eval_windows, load_calibration, load_eval_tokens,
-                       load_token_file)
+                       load_token_file, split_eval_sets)
 from prac.errors import PracError
-from prac.evaluate import last_hidden_states, mean_cosine, perplexity
+from prac.evaluate import default_eval_batch_size, last_hidden_states, mean_cosine, perplexity
+from prac.harness import ZeroShotConfig
 from prac.loading import (check_model_source, is_causal_lm, load_model, load_tokenizer, model_context, model_vocab_size,
                           resolve_device)
 from prac.patterns import pattern_to_dict
 from prac.pipeline import PruneConfig, check_pattern, prune_model
 from prac.progress import Progress, no_progress
-from prac.outputs import Outputs, Sources, check_report_path, check_save_dir, stage_json
+from prac.allocation import AllocationConfig, allocate
+from prac.outputs import Outputs, Sources, StagedFile, check_report_path, check_save_dir, stage_json
 from prac.report import environment, jsonable, peak_memory, summarize_layers
 from prac.saving import stage_model
 
@@ -58,10 +60,14 @@ class PruneJob:
     seqlen: int | None = None
     seed: int = 0
     prune: PruneConfig = PruneConfig()
-    eval: str | None = None  # wikitext2 | FILE.txt | "none"; None: bundled text for the bundled model
+    allocation: AllocationConfig = AllocationConfig()
+    plot: str | None = None  # figure of the allocation plan
+    eval: str | None = None  # wikitext2 | c4 | FILE.txt | FILE.jsonl | "none", comma-separated; None: bundled text for the bundled model
     eval_seqlen: int | None = None
-    eval_batch_size: int = 1
+    eval_batch_size: int | None = None  # None: chosen for the device (prac.evaluate.default_eval_batch_size)
     dense_eval: bool = True
+    cache: bool = True  # reuse/store the dense perplexity (prac.cache); False: always compute it
+    tasks: ZeroShotConfig | None = None  # zero-shot tasks (lm-evaluation-harness) run on the pruned model
     save: str | None = None
     overwrite: bool = False
     report: str | None = None
@@ -187,7 +193,8 @@ def saved_protocol(path_or_id: str) -> dict[str, Any] | None:
         return None
     for key in ("calib", "eval"):
         value = out[key]
-        if value and value not in ("c4", "wikitext2") and not Path(value).expanduser().is_file():
+        parts = split_eval_sets(value) if key == "eval" and value else [value]
+        if value and any(v not in ("c4", "wikitext2") and not Path(v).expanduser().is_file() for v in parts):
             log.warning("%s records %s %r, which no longer exists: not reused", report_path, key, value)
             out[key] = None
             if key == "eval":
@@ -220,8 +227,14 @@ def folder_defaults(path_or_id: str, model) -> tuple[dict[str, Any], str]:
 # --- checks before any work ----------------------------------------------------------------------
 
 def check_prune_inputs(job: PruneJob) -> None:
-    """Checks of a prune's settings that need no model, run before it is loaded: the ``--ignore`` regex."""
+    """Checks of a prune's settings that need no model, run before it is loaded: the ``--ignore`` regex,
+    the ``--eval`` list and the zero-shot tasks (names known, data reachable; see :mod:`prac.harness`)."""
     check_ignore(job.prune.ignore)
+    split_eval_sets(job.eval)
+    if job.tasks is not None:
+        from prac.harness import prepare
+
+        prepare(job.tasks)
 
 
 def check_ignore(regex: str | None) -> None:
@@ -328,6 +341,8 @@ def set_status(summary: dict[str, Any]) -> dict[str, Any]:
     """``summary["status"]``: ``"ok"`` when every metric present is finite, else ``"not_finite"``
     (with ``summary["not_finite"]`` naming them)."""
     bad = [k for k in METRICS if isinstance(summary.get(k), float) and not math.isfinite(summary[k])]
+    for name, result in list((summary.get("eval_sets") or {}).items())[1:]:  # the first is the summary's own
+        bad += [f"{k}[{name}]" for k in METRICS if isinstance(result.get(k), float) and not math.isfinite(result[k])]
     summary["status"] = "not_finite" if bad else "ok"
     if bad:
         summary["not_finite"] = bad
@@ -342,37 +357,121 @@ def json_report(report: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+@dataclass
+class _EvalSet:
+    """One ``--eval`` set: its name, token windows and protocol (for the report)."""
+
+    name: str
+    windows: torch.Tensor
+    protocol: dict[str, Any]
+
+
 class _Evaluator:
-    """Perplexity for causal LMs; cosine similarity to the dense hidden states for encoders."""
+    """Perplexity for causal LMs on every ``--eval`` set, cosine similarity to the dense hidden states
+    for encoders, and zero-shot tasks (:mod:`prac.harness`) on the pruned model.
+
+    The first set gives the summary's ``ppl``/``dense_ppl``; with several, ``eval_sets`` holds each.
+    The dense perplexity is read from :class:`prac.cache.PplCache` when the same weights were
+    evaluated on the same windows under the same protocol before (``job.cache``; the summary's
+    ``dense_ppl_cached`` says so). ``score`` computes a perplexity; it has
+    :func:`prac.evaluate.perplexity`'s signature, so a multi-process scorer can replace it."""
 
     def __init__(self, model, tokenizer, job: PruneJob, device, progress: Progress):
-        tokens, self.protocol = load_eval_tokens(job.eval, tokenizer)
-        self.windows = eval_windows(tokens, job.eval_seqlen)
-        check_token_ids(self.windows, job.model_vocab_size, f"evaluation text {job.eval}")
         self.causal = is_causal_lm(model)
-        self.device, self.batch, self.progress = device, job.eval_batch_size, progress
-        self.dense_hidden: torch.Tensor | None = None
-        self.protocol.update(
+        self.sets = [self._load(name, tokenizer, job) for name in split_eval_sets(job.eval)]
+        if job.tasks is not None and not self.causal:
+            raise PracError(f"{job.model} is not a causal LM: zero-shot tasks (--tasks) need one")
+        first = self.sets[0] if self.sets else None
+        self.windows = first.windows if first else None
+        self.device, self.progress, self.tokenizer, self.tasks = device, progress, tokenizer, job.tasks
+        self.batch = job.eval_batch_size or default_eval_batch_size(model, job.eval_seqlen or 2048, device)
+        self.cache = None
+        if job.cache and self.causal:
+            from prac.cache import PplCache, cache_disabled
+
+            self.cache = None if cache_disabled() else PplCache()
+        self.score = perplexity
+        self.model_name = job.model
+        self.results: dict[str, dict[str, Any]] = {s.name: {} for s in self.sets}
+        self.dense_hidden: dict[str, torch.Tensor] = {}
+        self.protocol: dict[str, Any] | None = dict(first.protocol) if first else None
+        if self.protocol is not None:
+            self.protocol["batch_size"] = self.batch
+            self.protocol["dense_cache"] = ({"enabled": True, "dir": str(self.cache.root)} if self.cache
+                                            else {"enabled": False})
+            if len(self.sets) > 1:
+                self.protocol["sets"] = {s.name: s.protocol for s in self.sets}
+        if job.tasks is not None:
+            self.protocol = self.protocol or {}
+            self.protocol["zeroshot"] = jsonable(job.tasks)
+
+    def _load(self, name: str, tokenizer, job: PruneJob) -> _EvalSet:
+        tokens, protocol = load_eval_tokens(name, tokenizer, job.eval_seqlen)
+        windows = eval_windows(tokens, job.eval_seqlen)
+        check_token_ids(windows, job.model_vocab_size, f"evaluation text {name}")
+        protocol.update(
             metric="perplexity" if self.causal else "mean cosine similarity of last hidden states to the dense model",
-            seqlen=job.eval_seqlen, windows=int(self.windows.shape[0]),
+            seqlen=job.eval_seqlen, windows=int(windows.shape[0]),
             rule="non-overlapping windows, trailing partial window dropped, no BOS added"
             + (", ppl = exp(mean NLL over all predicted tokens)" if self.causal else ""),
         )
+        return _EvalSet(name, windows, protocol)
+
+    def _summary(self, key: str) -> dict[str, Any]:
+        """The first set's ``key`` at the top, and every set's results under ``eval_sets`` when there are several."""
+        out: dict[str, Any] = {}
+        if self.sets and key in self.results[self.sets[0].name]:
+            out[key] = self.results[self.sets[0].name][key]
+        if len(self.sets) > 1:
+            out["eval_sets"] = self.results
+        return out
+
+    def _dense_ppl(self, model, s: _EvalSet, weights: list[str]) -> tuple[dict, bool]:
+        key = None
+        if self.cache is not None:
+            from prac.cache import ppl_key, weights_hash
+
+            if not weights:
+                weights.append(weights_hash(model))
+            key = ppl_key(model, s.windows, self.device, weights=weights[0])
+            hit = self.cache.get(key)
+            if hit is not None:
+                log.info("dense perplexity on %s from the cache (%s)", s.name, self.cache.path(key))
+                return hit, True
+        result = self.score(model, s.windows, self.device, self.batch, self.progress, desc="dense eval")
+        if key is not None:
+            self.cache.put(key, result, {"model": self.model_name, "eval": s.name})
+        return result, False
 
     def dense(self, model) -> dict:
-        if self.causal:
-            return {"dense_ppl": perplexity(model, self.windows, self.device, self.batch, self.progress,
-                                            desc="dense eval")["ppl"]}
-        self.dense_hidden = last_hidden_states(model, self.windows, self.device, self.batch, self.progress,
-                                               desc="dense eval")
-        return {}
+        weights: list[str] = []  # the weights' hash, taken once for all sets
+        for s in self.sets:
+            if self.causal:
+                result, cached = self._dense_ppl(model, s, weights)
+                self.results[s.name].update(dense_ppl=result["ppl"], dense_cached=cached)
+            else:
+                self.dense_hidden[s.name] = last_hidden_states(model, s.windows, self.device, self.batch,
+                                                               self.progress, desc="dense eval")
+        out = self._summary("dense_ppl")
+        if self.causal and self.sets:
+            out["dense_ppl_cached"] = self.results[self.sets[0].name]["dense_cached"]
+        return out
 
     def pruned(self, model) -> dict:
-        if self.causal:
-            return {"ppl": perplexity(model, self.windows, self.device, self.batch, self.progress,
-                                      desc="pruned eval")["ppl"]}
-        hidden = last_hidden_states(model, self.windows, self.device, self.batch, self.progress, desc="pruned eval")
-        return {"cosine_similarity": mean_cosine(self.dense_hidden, hidden)}
+        for s in self.sets:
+            if self.causal:
+                result = self.score(model, s.windows, self.device, self.batch, self.progress, desc="pruned eval")
+                self.results[s.name]["ppl"] = result["ppl"]
+            else:
+                hidden = last_hidden_states(model, s.windows, self.device, self.batch, self.progress,
+                                            desc="pruned eval")
+                self.results[s.name]["cosine_similarity"] = mean_cosine(self.dense_hidden[s.name], hidden)
+        out = self._summary("ppl" if self.causal else "cosine_similarity")
+        if self.tasks is not None:
+            from prac.harness import run_tasks
+
+            out["zeroshot"] = run_tasks(model, self.tokenizer, self.tasks, self.device)
+        return out
 
 
 def run_prune(job: PruneJob, progress: Progress = no_progress) -> dict[str, Any]:
@@ -381,8 +480,10 @@ def run_prune(job: PruneJob, progress: Progress = no_progress) -> dict[str, Any]
     The returned summary keeps non-finite metrics as floats (``nan``); the written JSON has ``null``."""
     check_model_source(job.model)
     check_prune_inputs(job)
+    job.allocation.check(job.prune.pattern)
     check_prune_outputs(job)
-    device = resolve_device(job.device)
+    session = distributed.active()  # a rank of `torchrun … prac prune`, or None
+    device = session.device if session else resolve_device(job.device)
     meter = PhaseMeter(device)
     with meter("load"):
         model = load_model(job.model, job.dtype)
@@ -393,18 +494,27 @@ def run_prune(job: PruneJob, progress: Progress = no_progress) -> dict[str, Any]
     calib = calibration_tokens(job, tokenizer)
     log.info("calibration: %d x %d tokens from %s (defaults from %s)", *calib.input_ids.shape,
              calib.protocol.get("file") or calib.protocol.get("source"), job.defaults_from)
-    evaluator = None if job.eval == "none" else _Evaluator(model, tokenizer, job, device, progress)
-    if evaluator:
-        log.info("evaluation: %d windows of %d tokens from %s", evaluator.windows.shape[0], job.eval_seqlen, job.eval)
+    evaluator = None if job.eval == "none" and job.tasks is None else _Evaluator(model, tokenizer, job, device, progress)
+    if evaluator and evaluator.sets:
+        log.info("evaluation: %s", ", ".join(f"{s.windows.shape[0]} windows of {job.eval_seqlen} tokens from {s.name}"
+                                             for s in evaluator.sets))
 
     summary: dict[str, Any] = {}
     if evaluator and (job.dense_eval or not evaluator.causal):
         with meter("dense_eval"):
-            summary.update(evaluator.dense(model))
+            summary.update(_evaluate(evaluator, model, "dense", session))
         log.info("dense evaluation in %.1f s", meter.seconds["dense_eval"])
+    plan = None
+    if job.allocation.active:
+        with meter("allocate"):
+            plan = allocate(model, calib.input_ids, job.prune.pattern.target_sparsity, job.allocation,
+                            job.prune.engine, device, job.prune.ignore)
+        job = replace(job, prune=replace(job.prune, plan=plan.sparsity))
+        log.info("%s allocation: %d linears, total sparsity %.6f", plan.method, len(plan.sparsity), plan.total())
     started = time.perf_counter()
     with meter("prune"):
-        outcome = prune_model(model, calib.input_ids, job.prune, device, progress)
+        outcome = prune_model(model, calib.input_ids, job.prune, device, progress,
+                              parallel=distributed.DataParallel(session) if session else None)
     summary["prune_seconds"] = round(time.perf_counter() - started, 3)
     log.info("pruned %d layers in %.1f s", len(outcome.layers), summary["prune_seconds"])
     summary["phase_seconds"] = {k: round(v, 3) for k, v in outcome.phase_seconds.items()}
@@ -415,8 +525,8 @@ def run_prune(job: PruneJob, progress: Progress = no_progress) -> dict[str, Any]
         summary["correction"] = correction.summarize([l.correction for l in outcome.layers if l.correction])
     if evaluator:
         with meter("pruned_eval"):
-            summary.update(evaluator.pruned(model))
-    for phase in ("load", "dense_eval", "pruned_eval"):
+            summary.update(_evaluate(evaluator, model, "pruned", session))
+    for phase in ("load", "allocate", "dense_eval", "pruned_eval"):
         if phase in meter.seconds:
             summary["phase_seconds"][phase] = round(meter.seconds[phase], 3)
     summary.update(meter.summary())
@@ -425,32 +535,53 @@ def run_prune(job: PruneJob, progress: Progress = no_progress) -> dict[str, Any]
     report = {
         "config": {**_config_dict(job), "calibration": calib.protocol,
                    "evaluation": evaluator.protocol if evaluator else None,
-                   "blocks": outcome.blocks_path, "activation_device": outcome.activation_device},
-        "environment": _environment(device),
+                   "blocks": outcome.blocks_path, "activation_device": outcome.activation_device,
+                   "allocation_plan": plan.to_dict() if plan else None},
+        "environment": _environment(device, session),
         "layers": [l.to_dict() for l in outcome.layers],
         "summary": summary,
     }
     written = json_report(report)
+    if session:  # every rank got here; only rank 0 writes
+        session.barrier("end of the prune")
+        if not session.is_main:
+            return report
     with Outputs() as outputs:  # both land, or neither (a failed save leaves no report of it)
         if job.save:
             check_save_dir(job.save, _sources(job), job.overwrite)  # again: the folder may have changed
             outputs.add(stage_model(model, tokenizer, job.save, written))
         if job.report:
             outputs.add(stage_json(job.report, written))
+        if job.plot and plan is not None:
+            from prac.allocation_plot import save_allocation_plot
+
+            outputs.add(StagedFile(job.plot, lambda tmp: save_allocation_plot(plan, tmp, Path(job.plot).suffix[1:])))
         outputs.commit()
     return report
 
 
-def _environment(device: torch.device) -> dict[str, Any]:
-    """:func:`prac.report.environment` plus the thread counts bit-identity depends on."""
+def _environment(device: torch.device, session: "distributed.Session | None" = None) -> dict[str, Any]:
+    """:func:`prac.report.environment` plus the thread counts bit-identity depends on, and the launch
+    (``world_size``, ``backend``: 1 and None without torchrun)."""
     env = environment(device)
     env.setdefault("cpu_threads", torch.get_num_threads())
     env["interop_threads"] = torch.get_num_interop_threads()
+    env.update(distributed.describe(session))
     return env
 
 
+def _evaluate(evaluator: "_Evaluator", model, which: str, session: "distributed.Session | None") -> dict[str, Any]:
+    """``evaluator.dense``/``evaluator.pruned``; under torchrun a causal LM's windows are split across
+    the ranks (:func:`prac.distributed.perplexity`); an encoder's cosine is computed whole on every rank."""
+    if session is None or not evaluator.causal:
+        return getattr(evaluator, which)(model)
+    result = distributed.perplexity(session, model, evaluator.windows, evaluator.device, evaluator.batch,
+                                    evaluator.progress, desc=f"{which} eval")
+    return {"dense_ppl" if which == "dense" else "ppl": result["ppl"]}
+
+
 def _sources(job: PruneJob) -> Sources:
-    return Sources(model=job.model, files=tuple(f for f in (job.calib, job.calib_tokens, job.eval) if f))
+    return Sources(model=job.model, files=tuple(f for f in (job.calib, job.calib_tokens, *split_eval_sets(job.eval)) if f))
 
 
 def check_prune_outputs(job: PruneJob) -> None:
@@ -462,6 +593,12 @@ def check_prune_outputs(job: PruneJob) -> None:
         if save is not None and (report == save or save in report.parents):
             raise PracError(f"report file {job.report!r} is inside the --save folder, which prac replaces whole; "
                             f"the folder gets its own prac_report.json")
+    if job.plot:
+        if not job.allocation.active:
+            raise PracError("--plot draws the allocation plan: it needs --allocation owl or error")
+        if Path(job.plot).suffix.lower() not in (".png", ".pdf", ".svg"):
+            raise PracError(f"--plot {job.plot!r}: give a .png, .pdf or .svg file name")
+        check_report_path(job.plot, sources, what="plot file")
 
 
 def _config_dict(job: PruneJob) -> dict[str, Any]:
@@ -472,24 +609,37 @@ def _config_dict(job: PruneJob) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class EvalJob:
+    """A ``prac eval`` run: perplexity on one or more texts and/or zero-shot tasks."""
+
     model: str = str(assets.DEFAULT_MODEL)
-    data: str | None = None
+    data: str | None = None  # comma-separated sets as for --eval; None: as for prune (none when tasks are given)
     seqlen: int | None = None
-    batch_size: int = 1
+    batch_size: int | None = None  # None: chosen for the device (prac.evaluate.default_eval_batch_size)
     device: str = "auto"
     dtype: str = "auto"
     report: str | None = None
+    tasks: ZeroShotConfig | None = None
 
 
 def run_eval(job: EvalJob, progress: Progress = no_progress) -> dict[str, Any]:
-    """Perplexity of a causal LM on a text (``prac eval``).
+    """Perplexity of a causal LM on one or more texts and/or its zero-shot accuracy (``prac eval``).
 
     ``seqlen`` and ``data`` default as for ``prune`` (:func:`folder_defaults`): a folder prac saved
-    is evaluated on the text and window its report records; with no text known, ``wikitext2``."""
+    is evaluated on the text and window its report records; with no text known, ``wikitext2``. With
+    ``tasks`` and no ``data`` only the tasks run. The first set's numbers are the summary's own
+    (``ppl``, ``mean_nll``, ...); with several, ``eval_sets`` holds each set's."""
     check_model_source(job.model)
+    sets = split_eval_sets(job.data)
+    if job.data is not None and not sets and job.tasks is None:
+        raise PracError("--data none leaves nothing to evaluate (give --tasks, or a text)")
+    if job.tasks is not None:
+        from prac.harness import prepare
+
+        prepare(job.tasks)  # unknown task or unreachable data: one line, before the model is loaded
     if job.report:
-        check_report_path(job.report, Sources(model=job.model, files=(job.data,) if job.data else ()))
-    device = resolve_device(job.device)
+        check_report_path(job.report, Sources(model=job.model, files=tuple(sets)))
+    session = distributed.active()  # a rank of `torchrun … prac eval`, or None
+    device = session.device if session else resolve_device(job.device)
     meter = PhaseMeter(device)
     with meter("load"):
         model = load_model(job.model, job.dtype)
@@ -498,22 +648,46 @@ def run_eval(job: EvalJob, progress: Progress = no_progress) -> dict[str, Any]:
         tokenizer = load_tokenizer(job.model)
     resolved = resolve(PruneJob(model=job.model, seqlen=job.seqlen, eval_seqlen=job.seqlen,
                                 eval=job.data or None), model)
-    data = resolved.eval if resolved.eval != "none" else "wikitext2"
-    if data != resolved.eval and resolved.model_context is not None and resolved.eval_seqlen > resolved.model_context:
-        raise PracError(f"--seqlen {resolved.eval_seqlen} is beyond the model's context of "
-                        f"{resolved.model_context} tokens (max_position_embeddings)")
-    tokens, protocol = load_eval_tokens(data, tokenizer)
-    windows = eval_windows(tokens, resolved.eval_seqlen)
-    check_token_ids(windows, resolved.model_vocab_size, f"evaluation text {data}")
+    if job.data is None:
+        sets = [] if job.tasks is not None else split_eval_sets(resolved.eval) or ["wikitext2"]
+        if sets and resolved.eval == "none" and resolved.model_context is not None \
+                and resolved.eval_seqlen > resolved.model_context:
+            raise PracError(f"--seqlen {resolved.eval_seqlen} is beyond the model's context of "
+                            f"{resolved.model_context} tokens (max_position_embeddings)")
+    batch = job.batch_size or default_eval_batch_size(model, resolved.eval_seqlen, device)
+    loaded = []
+    for data in sets:
+        tokens, protocol = load_eval_tokens(data, tokenizer, resolved.eval_seqlen)
+        windows = eval_windows(tokens, resolved.eval_seqlen)
+        check_token_ids(windows, resolved.model_vocab_size, f"evaluation text {data}")
+        loaded.append((data, windows, protocol))
+    result: dict[str, Any] = {}
+    per_set: dict[str, dict[str, Any]] = {}
     with meter("eval"):
-        result = perplexity(model, windows, device, job.batch_size, progress, desc="eval")
+        for data, windows, _ in loaded:
+            per_set[data] = (distributed.perplexity(session, model, windows, device, batch, progress, desc="eval")
+                             if session else perplexity(model, windows, device, batch, progress, desc=f"eval {data}"))
+    if loaded:
+        result.update(per_set[loaded[0][0]])
+        if len(loaded) > 1:
+            result["eval_sets"] = per_set
+    if job.tasks is not None:
+        from prac.harness import run_tasks
+
+        with meter("zeroshot"):
+            result["zeroshot"] = run_tasks(model, tokenizer, job.tasks, device)
     result["phase_seconds"] = {k: round(v, 3) for k, v in meter.seconds.items()}
     result.update(meter.summary())
     set_status(result)
-    report = {"config": {**jsonable(job), "seqlen": resolved.eval_seqlen, "data_resolved": data,
-                         "defaults_from": resolved.defaults_from, "evaluation": protocol},
-              "environment": _environment(device), "summary": result}
-    if job.report:
+    report = {"config": {**jsonable(job), "seqlen": resolved.eval_seqlen,
+                         "data_resolved": ",".join(sets) if sets else None, "batch_size_resolved": batch,
+                         "defaults_from": resolved.defaults_from,
+                         "evaluation": loaded[0][2] if loaded else None,
+                         **({"evaluation_sets": {d: p for d, _, p in loaded}} if len(loaded) > 1 else {})},
+              "environment": _environment(device, session), "summary": result}
+    if session:  # every rank got here; only rank 0 writes
+        session.barrier("end of the evaluation")
+    if job.report and (session is None or session.is_main):
         with Outputs() as outputs:
             outputs.add(stage_json(job.report, json_report(report)))
             outputs.commit()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import torch
 from torch import nn
@@ -28,6 +28,9 @@ from prac.patterns import Pattern, Unstructured
 from prac.progress import Progress, no_progress
 from prac.records import LayerRecord
 from prac.stats import StatsSpec
+
+if TYPE_CHECKING:
+    from prac.distributed import DataParallel
 
 log = logging.getLogger(__name__)
 
@@ -161,15 +164,23 @@ def prune_model(
     return_hidden: bool = False,
     observer: StatsObserver | None = None,
     reduce: StatsReducer | None = None,
+    parallel: "DataParallel | None" = None,
 ) -> PruneOutcome:
-    """Prune ``model`` in place, block by block, from calibration token ids ``[n, seqlen]``."""
+    """Prune ``model`` in place, block by block, from calibration token ids ``[n, seqlen]``.
+
+    ``parallel`` (:class:`prac.distributed.DataParallel`): one rank of a data-parallel run — ``calib``
+    is the whole calibration set (the rank takes its share), the observer sees only the groups this
+    rank owns, ``final_hidden`` is this rank's share, and the records of every rank come back in the
+    single-process order."""
     check_pattern(model, cfg.pattern, cfg.ignore)
     spec = stats_spec_for(cfg)
     step = PruneStep(cfg, observer)
     outcome = PruneOutcome()
-    engine = BlockEngine(cfg.engine, device, progress, reduce=reduce)
+    engine = BlockEngine(cfg.engine, device, progress, reduce=reduce, parallel=parallel)
     run = engine.run(model, calib, spec, step, ignore=cfg.ignore, return_hidden=return_hidden,
                      timer=PhaseTimer(device, outcome.phase_seconds))
+    if parallel is not None:
+        step.records, step.factorisations = parallel.gather_records(step.records, step.factorisations)
     outcome.layers = step.records
     outcome.blocks_path = run.blocks_path
     outcome.activation_device = run.activation_device

@@ -7,6 +7,11 @@ names and one-line help of the commands (:data:`COMMANDS`); a command's module i
 arguments are added only when that command is parsed, so ``prac --help`` imports neither torch
 nor transformers.
 
+Under ``torchrun`` (``WORLD_SIZE`` > 1) :func:`main` runs the command on every rank data-parallel
+(``prune``, ``eval``; see :mod:`prac.distributed`), or on rank 0 alone while the others wait
+(``verify``, ``spectrum``). Only rank 0 prints; an error is printed once, by the first rank that
+failed, and every rank exits with its code.
+
 Exit codes: 0 success, 1 a result that is not usable (a failed check, a non-finite
 perplexity), 2 bad input (argument errors and :class:`prac.errors.PracError`, one line each),
 130/143 interrupted/terminated.
@@ -17,7 +22,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
+import traceback
 from dataclasses import dataclass
 from typing import Any, NoReturn, Sequence
 
@@ -36,11 +43,13 @@ class Command:
 
     module: str
     help: str
+    data_parallel: bool = False  # under torchrun: every rank works (else rank 0 alone)
 
 
 COMMANDS: dict[str, Command] = {
-    "prune": Command("prac.cli.prune", "prune a model block by block (Wanda, magnitude, SparseGPT) with optional correction"),
-    "eval": Command("prac.cli.eval", "perplexity of a causal LM on a text"),
+    "prune": Command("prac.cli.prune", "prune a model block by block (Wanda, magnitude, SparseGPT) with optional correction",
+                     data_parallel=True),
+    "eval": Command("prac.cli.eval", "perplexity of a causal LM on a text", data_parallel=True),
     "verify": Command("prac.cli.verify", "check the statistics and correction invariants on a model"),
     "spectrum": Command("prac.cli.spectrum", "per-block Fisher eigenvalue spectra from per-sample gradients"),
 }
@@ -129,12 +138,11 @@ def configure_logging(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``prac`` with ``argv`` (default ``sys.argv[1:]``) and return the exit code."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
+    if _world_size() > 1:
+        return _main_rank(argv)
+    args = _parsed(argv)
+    if args is None:
         return EXIT_USAGE
-    configure_logging(args)
     from prac.errors import PracError
     from prac.outputs import Terminated, install_signal_handlers
 
@@ -152,3 +160,78 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Terminated:
         print("terminated: nothing was written", file=sys.stderr)
         return 143
+
+
+def _parsed(argv: Sequence[str] | None) -> argparse.Namespace | None:
+    """The parsed arguments with logging set up; None (after printing the help) when no command was given."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return None
+    configure_logging(args)
+    return args
+
+
+def _world_size() -> int:
+    """``WORLD_SIZE`` as torchrun sets it (1 without torchrun), read without importing torch."""
+    try:
+        return int(os.environ.get("WORLD_SIZE") or 1)
+    except ValueError:
+        return 1
+
+
+def _main_rank(argv: Sequence[str] | None) -> int:
+    """:func:`main` for one rank of a ``torchrun`` launch; exits the process itself on failure.
+
+    Ranks other than 0 print nothing; a failure is posted on the launcher's store
+    (:class:`prac.distributed.FailureBoard`) so every rank stops within a collective's poll, and only
+    the first rank that failed prints its one line. A failed rank leaves with ``os._exit``: a process
+    group with a collective still pending must not be torn down politely (it can wait forever)."""
+    from prac import distributed
+    from prac.errors import PracError
+    from prac.outputs import Terminated, install_signal_handlers
+
+    launch = distributed.launch_info()
+    stderr = sys.stderr
+    board = None
+    args = argparse.Namespace(command=None, debug=False)
+    with distributed.quiet_unless_main(launch):
+        try:
+            args = _parsed(argv)
+            if args is None:
+                return EXIT_USAGE
+            install_signal_handlers()
+            board = distributed.FailureBoard.connect(launch, distributed.timeout_s())
+            session = distributed.init(launch, getattr(args, "device", "auto"), board)
+            if COMMANDS[args.command].data_parallel:
+                code = args.func(args)
+            else:  # rank 0 runs it, the others wait for its exit code
+                code = args.func(args) if launch.is_main else 0
+                code = session.all_gather_objects(code, "exit code")[0]
+            session.barrier("end of the command")
+            distributed.shutdown()
+            return code
+        except SystemExit:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - every failure must reach the other ranks
+            if isinstance(exc, distributed.PeerFailed):
+                code, line = exc.code, None
+            elif isinstance(exc, PracError):
+                code, line = EXIT_USAGE, f"prac {args.command}: error: {exc}"
+            elif isinstance(exc, KeyboardInterrupt):
+                code, line = 130, "interrupted: nothing was written"
+            elif isinstance(exc, Terminated):
+                code, line = 143, "terminated: nothing was written"
+            else:
+                code, line = EXIT_FAILED, f"prac {args.command}: error: {type(exc).__name__}: {exc}"
+            if line is not None and launch.distributed:
+                line += f" (process {launch.rank} of {launch.world})"
+            first = board.fail(code, line or "") if board is not None else True
+            if first and line is not None:
+                if args.debug:
+                    traceback.print_exception(exc, file=stderr)
+                print(line, file=stderr)
+            for stream in (sys.stdout, stderr):
+                stream.flush()
+            os._exit(code)

@@ -1,4 +1,4 @@
-"""``prac eval``: perplexity of a causal LM on a text."""
+"""``prac eval``: perplexity of a causal LM on one or more texts, and zero-shot tasks (lm-evaluation-harness)."""
 
 from __future__ import annotations
 
@@ -7,25 +7,90 @@ import sys
 from typing import Any
 
 from prac import assets
-from prac.cli.common import add_common, not_finite, number, positive_int, progress
+from prac.cli.common import add_common, non_negative_int, not_finite, number, positive_int, progress
 
-DESCRIPTION = "Perplexity on non-overlapping seqlen windows, ppl = exp(mean NLL over all predicted tokens)."
+DESCRIPTION = ("Perplexity on non-overlapping seqlen windows, ppl = exp(mean NLL over all predicted tokens); "
+               "zero-shot accuracy through lm-evaluation-harness (--tasks).")
+
+EPILOG = """\
+examples:
+  prac eval --model out/mistral-50 --data wikitext2,c4 --seqlen 2048
+  prac eval --model out/mistral-50 --tasks paper7          # BoolQ, RTE, HellaSwag, WinoGrande, ARC-e/c, OBQA
+  prac eval --tasks prac_pycode --include-path tests/data/zeroshot   # a local task, offline
+"""
+
+
+def limit_value(text: str) -> float:
+    """argparse type: a document count (>= 1) or a fraction of the documents (0 < x < 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a count or a fraction, got {text!r}")
+    if not value > 0 or value != value or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a count >= 1 or a fraction in (0, 1), got {text!r}")
+    return value
+
+
+def add_zeroshot_arguments(g: Any) -> None:
+    """``--tasks``, ``--num-fewshot``, ``--limit``, ``--include-path`` (shared with ``prac prune``)."""
+    g.add_argument("--tasks", default=None,
+                   help="zero-shot tasks of lm-evaluation-harness, comma-separated; 'paper7' = boolq, rte, hellaswag, "
+                        "winogrande, arc_easy, arc_challenge, openbookqa (needs pip install 'prac[eval]')")
+    g.add_argument("--num-fewshot", type=non_negative_int, default=None, help="few-shot examples per task (default: the task's, else 0)")
+    g.add_argument("--limit", type=limit_value, default=None, help="documents per task (a count, or a fraction < 1); for quick checks")
+    g.add_argument("--include-path", default=None, metavar="DIR", help="folder of local task YAMLs, as lm-eval's --include_path")
+
+
+def zeroshot_config(args: argparse.Namespace, batch_size: int | None):
+    """The :class:`prac.harness.ZeroShotConfig` of the arguments, or None without ``--tasks``."""
+    from prac.errors import PracError
+
+    if args.tasks is None:
+        given = [f for f in ("num_fewshot", "limit", "include_path") if getattr(args, f) is not None]
+        if given:
+            raise PracError(f"{', '.join('--' + f.replace('_', '-') for f in given)} given without --tasks")
+        return None
+    from prac.harness import parse_tasks
+
+    return parse_tasks(args.tasks, args.num_fewshot, args.limit, batch_size, args.include_path)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Every option of ``prac eval``."""
     p.add_argument("--model", default=str(assets.DEFAULT_MODEL), help="model folder or hub id (default: bundled)")
-    p.add_argument("--data", default=None, help="wikitext2 | FILE.txt (default: bundled eval text for the bundled model, else wikitext2)")
+    p.add_argument("--data", default=None,
+                   help="wikitext2 | c4 | FILE.txt | FILE.jsonl, comma-separated for several (default: bundled eval "
+                        "text for the bundled model, else wikitext2; none with --tasks)")
     p.add_argument("--seqlen", type=positive_int, default=None, help="window length (default as for prune)")
-    p.add_argument("--batch-size", type=positive_int, default=1, help="windows per forward (default: 1)")
+    p.add_argument("--batch-size", "--eval-batch-size", type=positive_int, default=None,
+                   help="windows (and harness requests) per forward (default: chosen for the device: "
+                        "8192 tokens' worth on the CPU, from free memory on CUDA)")
     p.add_argument("--report", default=None, metavar="FILE", help="write the JSON report here")
+    add_zeroshot_arguments(p.add_argument_group("zero-shot tasks (lm-evaluation-harness)"))
     add_common(p)
 
 
+def format_perplexity(summary: dict[str, Any]) -> list[str]:
+    """One line per evaluation set (the first is the summary's own)."""
+    sets = summary.get("eval_sets") or {}
+    if sets:
+        return [f"perplexity {number(r.get('ppl'))} on {name} over {r.get('windows')} windows of {r.get('seqlen')} tokens"
+                for name, r in sets.items()]
+    if "ppl" not in summary:
+        return []
+    return [f"perplexity {number(summary.get('ppl'))} over {summary.get('windows')} windows of "
+            f"{summary.get('seqlen')} tokens ({summary.get('predicted_tokens')} predicted)"]
+
+
 def print_summary(summary: dict[str, Any]) -> int:
-    """Print the perplexity line (``nan`` when it is missing or not finite); 1 when the status is not "ok"."""
-    print(f"perplexity {number(summary.get('ppl'))} over {summary.get('windows')} windows of "
-          f"{summary.get('seqlen')} tokens ({summary.get('predicted_tokens')} predicted)")
+    """Print the perplexity lines and the zero-shot table (``nan`` for a missing or non-finite number);
+    1 when the status is not "ok"."""
+    for line in format_perplexity(summary):
+        print(line)
+    if "zeroshot" in summary:
+        from prac.harness import format_table
+
+        print(format_table(summary["zeroshot"]))
     status = not_finite(summary)
     if status is not None:
         print(f"prac eval: the result is not usable (status {status})", file=sys.stderr)
@@ -34,9 +99,10 @@ def print_summary(summary: dict[str, Any]) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Evaluate and print the perplexity."""
+    """Evaluate and print the perplexity and/or the zero-shot table."""
     from prac.jobs import EvalJob, run_eval
 
     job = EvalJob(model=args.model, data=args.data, seqlen=args.seqlen, batch_size=args.batch_size,
-                  device=args.device, dtype=args.dtype, report=args.report)
+                  device=args.device, dtype=args.dtype, report=args.report,
+                  tasks=zeroshot_config(args, args.batch_size))
     return print_summary(run_eval(job, progress(args))["summary"])

@@ -9,6 +9,7 @@ from typing import Any
 
 from prac import assets
 from prac.cli.common import add_common, not_finite, number, positive_int, progress, sparsity
+from prac.cli.eval import add_zeroshot_arguments, zeroshot_config
 
 DESCRIPTION = ("Prune every Linear/Conv1D inside the model's repeated blocks, sequentially: "
                "block k is calibrated on the outputs of the already pruned blocks before it.")
@@ -85,6 +86,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"admm: steps over which the projection's sparsity ramps up cubically, 0 = none (default: {_defaults(METHODS, 'gradual')})")
     g.add_argument("--admm-score", choices=["scaled", "magnitude"], default=None,
                    help="admm: projection score, |W|·√diag(H) (scaled, Wanda's) or |W| (default: scaled)")
+    g.add_argument("--allocation", choices=["uniform", "owl", "error"], default="uniform",
+                   help="per-layer sparsities at the same total, from a dense scan: uniform (default), owl (outlier "
+                        "ratio, Yin et al. 2024), error (measured layer error at trial sparsities); unstructured only")
+    g.add_argument("--owl-lambda", type=float, default=None, help="owl: half-width λ of the sparsity range (default: 0.08)")
+    g.add_argument("--owl-m", type=float, default=None, help="owl: outlier threshold M, times the mean score (default: 5)")
+    g.add_argument("--plot", default=None, metavar="FILE.png", help="write the allocation plan's figure (sparsity per block and projection)")
     g = p.add_argument_group("correction (see docs/correction.md); a setting the chosen method does not have is an error")
     g.add_argument("--correction", choices=list(names()), default="none", help="weight correction after pruning (default: none)")
     g.add_argument("--no-correction", action="store_true", help="same as --correction none")
@@ -119,10 +126,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"layer errors of uncorrected methods too: collect H for every layer (any method) to report "
                         f"its exact relative reconstruction error; costs {_H_COST}")
     g = p.add_argument_group("evaluation and output")
-    g.add_argument("--eval", default=None, help="wikitext2 | FILE.txt | none (default: bundled text for the bundled model, else none)")
+    g.add_argument("--eval", default=None,
+                   help="wikitext2 | c4 | FILE.txt | FILE.jsonl | none, comma-separated for several; the first is the "
+                        "summary's ppl (default: bundled text for the bundled model, else none)")
     g.add_argument("--eval-seqlen", type=positive_int, default=None, help="evaluation window (default: --seqlen)")
-    g.add_argument("--eval-batch-size", type=positive_int, default=1, help="windows per evaluation forward (default: 1)")
+    g.add_argument("--eval-batch-size", type=positive_int, default=None,
+                   help="windows (and harness requests) per evaluation forward (default: chosen for the device: "
+                        "8192 tokens' worth on the CPU, from free memory on CUDA)")
     g.add_argument("--no-dense-eval", action="store_true", help="evaluate only the pruned model (skip the dense baseline)")
+    g.add_argument("--no-cache", action="store_true",
+                   help="compute the dense perplexity even when the cache has it ($PRAC_CACHE_DIR, else ~/.cache/prac)")
+    add_zeroshot_arguments(g)
     g.add_argument("--save", default=None, metavar="OUT_DIR", help="write the pruned model (safetensors), tokenizer and prac_report.json")
     g.add_argument("--overwrite", action="store_true", help="replace OUT_DIR when it holds only a previous prac save")
     g.add_argument("--report", default=None, metavar="FILE", help="write the JSON report here")
@@ -201,9 +215,18 @@ def prune_job_from_args(args: argparse.Namespace):
                         engine=EngineConfig(batch_size=args.batch_size, offload=args.offload,
                                             layer_batch_size=args.layer_batch_size),
                         collect=StatsSpec(hessian=True) if args.measure else None)
-    return PruneJob(model=args.model, calib=args.calib, calib_tokens=args.calib_tokens, nsamples=args.nsamples,
+    from prac.allocation import AllocationConfig
+
+    owl = {k: v for k, v in (("owl_lambda", args.owl_lambda), ("owl_m", args.owl_m)) if v is not None}
+    if owl and args.allocation != "owl":
+        raise PracError("--owl-lambda/--owl-m need --allocation owl")
+    allocation = AllocationConfig(method=args.allocation, **owl)
+    allocation.check(pattern)
+    return PruneJob(allocation=allocation, plot=args.plot,
+                    model=args.model, calib=args.calib, calib_tokens=args.calib_tokens, nsamples=args.nsamples,
                     seqlen=args.seqlen, seed=args.seed, prune=prune, eval=args.eval, eval_seqlen=args.eval_seqlen,
-                    eval_batch_size=args.eval_batch_size, dense_eval=not args.no_dense_eval, save=args.save, overwrite=args.overwrite,
+                    eval_batch_size=args.eval_batch_size, dense_eval=not args.no_dense_eval, cache=not args.no_cache,
+                    tasks=zeroshot_config(args, args.eval_batch_size), save=args.save, overwrite=args.overwrite,
                     report=args.report, device=args.device, dtype=args.dtype)
 
 
@@ -214,10 +237,21 @@ def format_summary(report: dict[str, Any], save: str | None = None, report_path:
     lines = [f"pruned {s.get('pruned_layers')} layers in {report.get('config', {}).get('blocks')}: "
              f"sparsity {number(s.get('sparsity'))} in {number(s.get('prune_seconds'), '.1f')}s "
              f"(peak memory {number(None if memory is None else memory / 2**20, '.0f')} MiB)"]
-    if "dense_ppl" in s:
-        lines.append(f"perplexity: dense {number(s['dense_ppl'])} -> pruned {number(s.get('ppl'))}")
-    elif "ppl" in s:
-        lines.append(f"perplexity: pruned {number(s['ppl'])}")
+    sets = s.get("eval_sets") or ({"": {k: s[k] for k in ("dense_ppl", "ppl", "dense_cached") if k in s}}
+                                  if "ppl" in s or "dense_ppl" in s else {})
+    if "dense_ppl_cached" in s and "" in sets:
+        sets[""]["dense_cached"] = s["dense_ppl_cached"]
+    for name, r in sets.items():
+        on = f" on {name}" if name else ""
+        cached = " (cached)" if r.get("dense_cached") else ""
+        if "dense_ppl" in r:
+            lines.append(f"perplexity{on}: dense {number(r['dense_ppl'])}{cached} -> pruned {number(r.get('ppl'))}")
+        elif "ppl" in r:
+            lines.append(f"perplexity{on}: pruned {number(r['ppl'])}")
+    if "zeroshot" in s:
+        from prac.harness import format_table
+
+        lines.append(format_table(s["zeroshot"]))
     if "cosine_similarity" in s:
         lines.append(f"cosine similarity of last hidden states to dense: {number(s['cosine_similarity'], '.6f')}")
     if "mean_relative_error" in s:
