@@ -31,11 +31,11 @@ import torch
 from torch import nn
 
 from prac.blocks import find_blocks, find_linears, get_weight
-from prac.correction.objective import relative_error
+from prac.correction.objective import quadratic_rows
 from prac.engine import BlockEngine, EngineConfig
 from prac.errors import PracError
 from prac.group import InputGroup
-from prac.masks import apply_mask, mask_from_scores, wanda_scores
+from prac.masks import mask_from_scores, wanda_scores
 from prac.patterns import Unstructured
 from prac.stats import StatsSpec
 
@@ -170,8 +170,12 @@ def _error_observer(config: AllocationConfig, target: float, out: dict) -> Obser
         for name in group.names:
             w = get_weight(linears[name]).to(h.device)
             scores = wanda_scores(w, group.stats.l2)
-            out[name] = [(s, relative_error(apply_mask(w, mask_from_scores(scores, Unstructured(s))), w, h))
-                         for s in trials]
+            energy = float(quadratic_rows(w, h).sum())  # once per linear, not per trial
+            curve = []
+            for s in trials:
+                removed = w.masked_fill(~mask_from_scores(scores, Unstructured(s)), 0.0)  # W₀ − W_s
+                curve.append((s, float(quadratic_rows(removed, h).sum()) / energy if energy > 0 else 0.0))
+            out[name] = curve
 
     return observe
 
