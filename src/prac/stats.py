@@ -35,7 +35,7 @@ class InputStats:
     - ``count``: tokens seen; ``sum``: Σ x; ``sumsq``: Σ x² (Wanda's L2 salience, from all tokens).
     - ``hessian`` (optional): Σ x xᵀ, unnormalised, fp32.
     - ``samples`` (optional): a seeded uniform sample without replacement of at most
-      ``max_samples`` token rows, kept by bottom-k random keys so it is independent of batching.
+      ``max_samples`` token rows, kept by their largest random keys (top-k) so it is independent of batching.
     """
 
     def __init__(self, dim: int, device: torch.device | str = "cpu", spec: StatsSpec = StatsSpec()):
