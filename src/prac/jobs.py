@@ -571,13 +571,15 @@ def _environment(device: torch.device, session: "distributed.Session | None" = N
 
 
 def _evaluate(evaluator: "_Evaluator", model, which: str, session: "distributed.Session | None") -> dict[str, Any]:
-    """``evaluator.dense``/``evaluator.pruned``; under torchrun a causal LM's windows are split across
-    the ranks (:func:`prac.distributed.perplexity`); an encoder's cosine is computed whole on every rank."""
-    if session is None or not evaluator.causal:
-        return getattr(evaluator, which)(model)
-    result = distributed.perplexity(session, model, evaluator.windows, evaluator.device, evaluator.batch,
-                                    evaluator.progress, desc=f"{which} eval")
-    return {"dense_ppl" if which == "dense" else "ppl": result["ppl"]}
+    """``evaluator.dense``/``evaluator.pruned``; under torchrun a causal LM's windows are scored split
+    across the ranks (:func:`prac.distributed.perplexity`); an encoder's cosine is computed whole on every rank."""
+    if session is not None and evaluator.causal:
+        import functools
+
+        # Every set, the dense-ppl cache and the report fields stay the single-process ones; only the
+        # scoring of windows is split across the ranks.
+        evaluator.score = functools.partial(distributed.perplexity, session)
+    return getattr(evaluator, which)(model)
 
 
 def _sources(job: PruneJob) -> Sources:
