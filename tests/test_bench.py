@@ -48,3 +48,12 @@ def test_gpu_script_resumes_in_parts(tmp_path):
     rows = json.loads((tmp_path / "g.json").read_text())["rows"]
     assert rows[0] == first[0]  # kept, not re-run
     assert [(r["run"], r["blocks"]) for r in rows] == [("wanda", 2), ("sparsegpt", 2), ("wanda", 4)]
+
+
+def test_shared_factorisation_and_admm_sweep_smoke(tmp_path):
+    out = _run([str(ROOT / "bench" / "shared_factorisation.py"), "--in-features", "128", "--tokens", "512",
+                "--rounds", "1"], tmp_path)
+    assert "weights identical: True" in out
+    out = _run([str(ROOT / "bench" / "admm_sweep.py"), "--nsamples", "2", "--sparsity", "2:4",
+                "--set", "iterations=2"], tmp_path)
+    assert "iterations=2: mean layer error" in out
