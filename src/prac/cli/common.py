@@ -87,3 +87,15 @@ def not_finite(summary: dict[str, Any]) -> str | None:
     """The report's status when it says the result is not usable (anything but "ok"), else None."""
     status = summary.get("status")
     return None if status is None or status == "ok" else str(status)
+
+
+def add_calibration(g, nsamples: int) -> None:
+    """``--model`` and the calibration options shared by ``prune`` and ``verify``."""
+    from prac import assets
+
+    g.add_argument("--model", default=str(assets.DEFAULT_MODEL), help="model folder or hub id (default: the bundled tiny Mistral)")
+    g.add_argument("--calib", default=None, help="c4 | wikitext2 | FILE.txt | FILE.jsonl (default: bundled text for the bundled model, else c4)")
+    g.add_argument("--calib-tokens", default=None, metavar="FILE", help="safetensors file with integer input_ids [n, seqlen]: use exactly these tokens")
+    g.add_argument("--nsamples", type=positive_int, default=nsamples, help=f"calibration sequences (default: {nsamples})")
+    g.add_argument("--seqlen", type=positive_int, default=None, help="calibration length (default: 2048 capped at the model's context; 256 for the bundled model)")
+    g.add_argument("--seed", type=int, default=0, help="seed for calibration sampling and stored-token samples (default: 0)")

@@ -7,8 +7,7 @@ import math
 import sys
 from typing import Any
 
-from prac import assets
-from prac.cli.common import add_common, not_finite, number, positive_int, progress, sparsity
+from prac.cli.common import add_calibration, add_common, not_finite, number, positive_int, progress, sparsity
 from prac.cli.eval import add_zeroshot_arguments, zeroshot_config
 
 DESCRIPTION = ("Prune every Linear/Conv1D inside the model's repeated blocks, sequentially: "
@@ -56,12 +55,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     entries = {name: entry.settings for name, entry in corrections().items()}
 
     g = p.add_argument_group("model and data")
-    g.add_argument("--model", default=str(assets.DEFAULT_MODEL), help="model folder or hub id (default: the bundled tiny Mistral)")
-    g.add_argument("--calib", default=None, help="c4 | wikitext2 | FILE.txt | FILE.jsonl (default: bundled text for the bundled model, else c4)")
-    g.add_argument("--calib-tokens", default=None, metavar="FILE", help="safetensors file with integer input_ids [n, seqlen]: use exactly these tokens")
-    g.add_argument("--nsamples", type=positive_int, default=128, help="calibration sequences (default: 128)")
-    g.add_argument("--seqlen", type=positive_int, default=None, help="calibration length (default: 2048 capped at the model's context; 256 for the bundled model)")
-    g.add_argument("--seed", type=int, default=0, help="seed for calibration sampling and stored-token samples (default: 0)")
+    add_calibration(g, 128)
     g.add_argument("--batch-size", type=positive_int, default=8, help="sequences per calibration forward (default: 8)")
     g.add_argument("--offload", choices=["auto", "device", "cpu"], default="auto", help="where calibration activations live (default: auto = device if they fit)")
     g = p.add_argument_group("pruning")

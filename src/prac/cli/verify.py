@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from prac import assets
-from prac.cli.common import add_logging_options, positive_int, sparsity
+from prac.cli.common import add_calibration, add_logging_options, positive_int, sparsity
 
 DESCRIPTION = """\
 Check, on a given model and calibration set, the invariants every run relies on:
@@ -26,12 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """Every option of ``prac verify``."""
     from prac.methods import METHODS
 
-    p.add_argument("--model", default=str(assets.DEFAULT_MODEL), help="model folder or hub id (default: bundled)")
-    p.add_argument("--calib", default=None, help="c4 | wikitext2 | FILE.txt | FILE.jsonl (default as for prune)")
-    p.add_argument("--calib-tokens", default=None, metavar="FILE", help="safetensors file with integer input_ids [n, seqlen]: use exactly these tokens")
-    p.add_argument("--nsamples", type=positive_int, default=16, help="calibration sequences (default: 16)")
-    p.add_argument("--seqlen", type=positive_int, default=None, help="calibration length (default as for prune)")
-    p.add_argument("--seed", type=int, default=0, help="seed for calibration sampling and stored-token samples (default: 0)")
+    add_calibration(p, 16)
     pat = p.add_mutually_exclusive_group()
     pat.add_argument("--sparsity", type=sparsity, default=None, help="unstructured sparsity in [0, 1) (default: 0.5)")
     pat.add_argument("--nm", default=None, metavar="N:M", help="keep N weights in every M consecutive inputs of a row, e.g. 2:4")
