@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from prac import assets
 from prac.distributed import (DataParallel, FailureBoard, Launch, Session, assign_owners, split_range)
 from prac.group import InputGroup
-from prac.stats import InputStats, StatsSpec
+from prac.stats import InputStats, StatsSpec, holdout_rows
 from tests.conftest import GOLDEN
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -130,6 +130,20 @@ def test_two_processes_evaluate_like_one(inputs, tmp_path):
     assert abs(ppl[2] / ppl[1] - 1) < 1e-6, ppl
 
 
+@pytest.mark.slow
+def test_two_processes_verify_like_one(inputs, tmp_path):
+    """`prac verify` data-parallel: every check passes, the table is printed once, with the same checks
+    and the same model hash (correction none) as in one process."""
+    tables = {}
+    for world in (1, 2):
+        proc = _prac(["verify", "--calib-tokens", str(inputs / "calib.safetensors"), "--nm", "2:4"],
+                     world, tmp_path, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout
+        assert proc.stdout.count("passed,") == 1 and "0 failed" in proc.stdout, proc.stdout
+        tables[world] = [line.split()[0] for line in proc.stdout.splitlines()[2:-1]]
+    assert tables[1] == tables[2] and len(tables[1]) >= 7
+
+
 FAILING = """
 import os, sys
 from prac import stats
@@ -139,11 +153,11 @@ if os.environ["RANK"] == "1":  # rank 1 raises in its third calibration forward;
     calls = [0]
     add_batch = stats.InputStats.add_batch
 
-    def failing(self, x):
+    def failing(self, x, held=None):
         calls[0] += 1
         if calls[0] == 9:
             raise RuntimeError("injected failure on one rank")
-        add_batch(self, x)
+        add_batch(self, x, held)
 
     stats.InputStats.add_batch = failing
 raise SystemExit(main(sys.argv[1:]))
@@ -203,29 +217,34 @@ def _merge_worker(rank: int, world: int, port: int, x: torch.Tensor, batch: int,
     store = torch.distributed.TCPStore("127.0.0.1", port, world, is_master=rank == 0)
     session = Session(launch, torch.device("cpu"), FailureBoard(store, launch), 60.0)
     par = DataParallel(session)
-    share = par.share(x, batch)  # x: [n, seqlen, dim] stands in for the calibration samples
+    rows = par.share(x.shape[0], x.shape[1], batch)  # x: [n, seqlen, dim] stands in for the calibration samples
+    held = holdout_rows(x.shape[0], spec.holdout, spec.seed)
     stats = par.new_stats(InputStats(x.shape[-1], "cpu", spec))
-    for b in share.split(batch):
-        stats.add_batch(b)
+    for b, h in zip(x[rows].split(batch), held[rows].split(batch) if held is not None else [None] * len(x)):
+        stats.add_batch(b, held=h)
     group = InputGroup(["layer"], stats)
     par.assign([group], {"layer": torch.nn.Linear(x.shape[-1], 3)})
     par.reduce(group)
     if par.owns(group):
+        ho = stats.heldout
         torch.save({"count": stats.count, "sum": stats.sum, "sumsq": stats.sumsq, "hessian": stats.hessian,
-                    "samples": stats.samples, "keys": stats._keys}, out)
+                    "samples": stats.samples, "keys": stats._keys, "sample_held": stats.sample_held,
+                    "held": None if ho is None else (ho.count, ho.sum, ho.hessian)}, out)
     session.barrier("done")
     session.close()
 
 
-@pytest.mark.parametrize("world", [2, 3])
-def test_reduced_statistics_equal_one_process(world, tmp_path):
-    """Counts and the token sample bit-identical; sums and H to float32 rounding."""
+@pytest.mark.parametrize("world,holdout", [(2, 0.0), (3, 0.0), (2, 0.3), (3, 0.3)])
+def test_reduced_statistics_equal_one_process(world, holdout, tmp_path):
+    """Counts and the token sample (with its held-out flags) bit-identical; sums and H to float32
+    rounding; the same for the held-out share's statistics."""
     torch.manual_seed(0)
     x = torch.randn(10, 16, 6)  # 10 samples of 16 tokens, 6 features; batches of 2 -> 5 batches
-    spec = StatsSpec(hessian=True, max_samples=40, seed=3)
+    spec = StatsSpec(hessian=True, max_samples=40, seed=3, holdout=holdout)
     one = InputStats(6, "cpu", spec)
-    for b in x.split(2):
-        one.add_batch(b)
+    held = holdout_rows(10, holdout, 3)
+    for j, b in enumerate(x.split(2)):
+        one.add_batch(b, held=None if held is None else held[2 * j : 2 * j + 2])
     out = str(tmp_path / "stats.pt")
     mp.spawn(_merge_worker, args=(world, _free_port(), x, 2, spec, out), nprocs=world, join=True)
     got = torch.load(out)
@@ -233,3 +252,11 @@ def test_reduced_statistics_equal_one_process(world, tmp_path):
     assert torch.equal(got["samples"], one.samples) and torch.equal(got["keys"], one._keys)
     for key, ref in (("sum", one.sum), ("sumsq", one.sumsq), ("hessian", one.hessian)):
         torch.testing.assert_close(got[key], ref, rtol=1e-5, atol=1e-5)
+    if holdout:
+        assert torch.equal(got["sample_held"], one.sample_held) and 0 < int(one.sample_held.sum()) < 40
+        count, total, hessian = got["held"]
+        assert count == one.heldout.count == 3 * 16
+        torch.testing.assert_close(total, one.heldout.sum, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(hessian, one.heldout.hessian, rtol=1e-5, atol=1e-5)
+    else:
+        assert got["held"] is None and got["sample_held"] is None

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from prac.correction import YARDSTICK_DAMPING, CorrectionConfig
+from prac.correction.base import Holdout
 from prac.engine import EngineConfig, calibrate
 from prac.linalg import damped_cholesky, symmetric_inverse
 from prac.patterns import NM, Unstructured
@@ -36,12 +37,27 @@ def _qkv(outcome, block=0):
     (True, YARDSTICK_DAMPING, 1),  # same damping: the yardstick reuses the method's
 ])
 def test_optimal_factorises_once_per_input_group(calib, exact_errors, damping, expected):
-    cfg = PruneConfig(correction=CorrectionConfig.of("optimal", exact_errors=exact_errors, damping=damping),
+    cfg = PruneConfig(correction=CorrectionConfig.of("optimal", exact_errors=exact_errors, holdout=Holdout(0.0),
+                                                     damping=damping),
                       engine=EngineConfig(batch_size=3))
     outcome = prune_model(make_tiny_model("mistral"), calib, cfg, CPU)
     q = _qkv(outcome)
     assert outcome.factorisations[q] == expected
     assert set(outcome.factorisations.values()) == {expected}  # every group, however many linears share it
+
+
+@pytest.mark.parametrize("refit", [True, False])
+def test_held_out_acceptance_factorises_once_per_share(calib, refit):
+    """With a held-out share: one factorisation of the fit share's H per group, shared by its linears,
+    and (refit) one of the whole H when some linear of the group passed; no yardstick (exact errors off)."""
+    cfg = PruneConfig(correction=CorrectionConfig.of("optimal", exact_errors=False, holdout=Holdout(0.34, refit=refit)),
+                      engine=EngineConfig(batch_size=3))
+    outcome = prune_model(make_tiny_model("mistral"), calib, cfg, CPU)
+    for group, count in outcome.factorisations.items():
+        passed = any(r.correction["status"] == "accepted" for r in outcome.layers if r.group == group)
+        assert count == 1 + (refit and passed), group
+    held = [r.correction["heldout_tokens"] for r in outcome.layers]
+    assert set(held) == {2 * 32}  # round(0.34 * 6) = 2 of the 6 sequences, 32 tokens each
 
 
 def test_sparsegpt_factorises_once_per_input_group(calib):

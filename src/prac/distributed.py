@@ -366,19 +366,19 @@ class DataParallel:
         self._block_names: list[str] = []
 
     # calibration share
-    def share(self, calib: torch.Tensor, batch_size: int) -> torch.Tensor:
-        """This rank's contiguous run of whole ``batch_size`` batches of ``calib`` ``[n, seqlen]``."""
-        n, world = calib.shape[0], self.session.world
+    def share(self, n: int, seqlen: int, batch_size: int) -> slice:
+        """This rank's contiguous run of whole ``batch_size`` batches of the ``n`` calibration sequences
+        of ``seqlen`` tokens."""
+        world = self.session.world
         batches = math.ceil(n / batch_size)
         if batches < world:
             raise PracError(f"{n} calibration sequences make {batches} batch(es) of {batch_size} for {world} "
                             f"processes: every process needs one (more --nsamples or a smaller --batch-size)")
         start, stop = split_range(batches, world, self.session.rank)
-        seqlen = calib.shape[1]
         self._skip_rows = [min(batch_size, n - b * batch_size) * seqlen for b in range(start)]
         log.info("rank %d calibrates on sequences %d..%d of %d", self.session.rank, start * batch_size,
                  min(stop * batch_size, n), n)
-        return calib[start * batch_size : min(stop * batch_size, n)]
+        return slice(start * batch_size, min(stop * batch_size, n))
 
     def new_stats(self, stats: InputStats) -> InputStats:
         """Advance a fresh accumulator's sample generator past the batches before this rank's share
@@ -407,11 +407,19 @@ class DataParallel:
     # statistics
     def reduce(self, group: InputGroup) -> None:
         """Count, Σx and Σx² summed on every rank; H summed on the owner (dropped elsewhere); the token
-        sample merged on the owner (dropped elsewhere)."""
+        sample merged on the owner (dropped elsewhere); the same for the held-out share's statistics."""
         stats = group.stats
         if stats is None:
             return
-        s, name, owner = self.session, group.names[0], self.owner(group)
+        name, owner = group.names[0], self.owner(group)
+        self._reduce_sums(stats, owner, name)
+        if stats.heldout is not None:
+            self._reduce_sums(stats.heldout, owner, f"held-out share of {name}")
+        if stats.spec.max_samples > 0:
+            self._merge_samples(stats, owner, name)
+
+    def _reduce_sums(self, stats: InputStats, owner: int, name: str) -> None:
+        s = self.session
         count = s.all_reduce(torch.tensor([stats.count], dtype=torch.int64, device=stats.device), f"count of {name}")
         stats.count = int(count.item())
         moments = s.all_reduce(torch.cat([stats.sum, stats.sumsq]), f"sums of {name}")
@@ -421,32 +429,34 @@ class DataParallel:
             s.reduce(stats.hessian, owner, f"Hessian of {name}")
             if owner != s.rank:
                 stats.hessian = None
-        if stats.spec.max_samples > 0:
-            self._merge_samples(stats, owner, name)
 
     def _merge_samples(self, stats: InputStats, owner: int, name: str) -> None:
-        """The single-process sample: every rank's candidates (≤ k each, with their keys) gathered, the
-        k largest keys kept, in token order — what ``InputStats._add_samples`` keeps over all batches."""
+        """The single-process sample: every rank's candidates (≤ k each, with their keys and held-out
+        flags) gathered, the k largest keys kept, in token order — what ``InputStats._add_samples``
+        keeps over all batches."""
         k, s = stats.spec.max_samples, self.session
         have = 0 if stats.samples is None else stats.samples.shape[0]
-        table = torch.zeros(k, stats.dim + 1, dtype=torch.float32, device=stats.device)
+        table = torch.zeros(k, stats.dim + 2, dtype=torch.float32, device=stats.device)
         if have:
             table[:have, : stats.dim] = stats.samples
             table[:have, stats.dim] = stats._keys
+            if stats.sample_held is not None:
+                table[:have, stats.dim + 1] = stats.sample_held.float()
         counts = s.all_gather(torch.tensor([have], dtype=torch.int64, device=stats.device), f"samples of {name}")
         tables = s.all_gather(table, f"samples of {name}")
         if owner != s.rank:
-            stats.samples, stats._keys = None, None
+            stats.samples, stats._keys, stats.sample_held = None, None, None
             return
         merged = torch.cat([t[: int(c)] for t, c in zip(tables, counts)])
         if merged.shape[0] == 0:
-            stats.samples, stats._keys = None, None
+            stats.samples, stats._keys, stats.sample_held = None, None, None
             return
-        rows, keys = merged[:, : stats.dim], merged[:, stats.dim]
-        if rows.shape[0] > k:
-            keep = torch.topk(keys, k, sorted=False).indices.sort().values
-            rows, keys = rows[keep], keys[keep]
-        stats.samples, stats._keys = rows.contiguous(), keys.contiguous()
+        if merged.shape[0] > k:
+            keep = torch.topk(merged[:, stats.dim], k, sorted=False).indices.sort().values
+            merged = merged[keep]
+        stats.samples = merged[:, : stats.dim].contiguous()
+        stats._keys = merged[:, stats.dim].contiguous()
+        stats.sample_held = merged[:, stats.dim + 1] > 0.5 if stats.heldout is not None else None
 
     # weights and records
     def exchange(self, staged: dict[str, torch.Tensor], linears: dict[str, nn.Module]) -> dict[str, torch.Tensor]:

@@ -50,7 +50,7 @@ from prac.blocks import (
 from prac.errors import PracError
 from prac.group import InputGroup
 from prac.progress import Progress, no_progress
-from prac.stats import InputStats, StatsSpec
+from prac.stats import InputStats, StatsSpec, holdout_rows
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +67,8 @@ StatsFactory = Callable[[int, torch.device, StatsSpec], InputStats]
 class BlockParallel(Protocol):
     """Data-parallel hooks of the engine (implemented by :class:`prac.distributed.DataParallel`)."""
 
-    def share(self, calib: torch.Tensor, batch_size: int) -> torch.Tensor:
-        """This process's share of the calibration samples."""
+    def share(self, n: int, seqlen: int, batch_size: int) -> slice:
+        """This process's share of the ``n`` calibration samples of ``seqlen`` tokens (whole batches)."""
 
     def new_stats(self, stats: InputStats) -> InputStats:
         """A fresh accumulator made consistent with this share (the sample's random keys)."""
@@ -157,6 +157,7 @@ class BlockEngine:
         self.reduce = reduce
         self.stats_factory = stats_factory
         self.parallel = parallel
+        self._held: list[torch.Tensor] | None = None  # held-out flags per calibration batch (this run)
 
     def run(
         self,
@@ -179,8 +180,11 @@ class BlockEngine:
         timer = timer or PhaseTimer(self.device, outcome.phase_seconds)
         inputs: BlockInputs | None = None
         par = self.parallel
+        held = holdout_rows(calib.shape[0], spec.holdout, spec.seed) if spec is not None else None
         if par is not None and (spec is not None or return_hidden):
-            calib = par.share(calib, self.config.batch_size)
+            rows = par.share(calib.shape[0], calib.shape[1], self.config.batch_size)
+            calib, held = calib[rows], (held[rows] if held is not None else None)
+        self._held = list(held.split(self.config.batch_size)) if held is not None else None
         if spec is not None or return_hidden:
             hidden_size = model.get_input_embeddings().weight.shape[1]
             store = activation_store(self.config.offload, self.device, calib, hidden_size,
@@ -254,9 +258,15 @@ class BlockEngine:
         """One forward over all calibration batches, with one accumulator per group in ``chunk``."""
         groups = [InputGroup(names, self._new_stats(in_features(linears[names[0]]), spec), self.device)
                   for names in chunk]
-        hooks = {linears[g.names[0]]: input_recorder(g.stats.add_batch) for g in groups}
+        batch = [None]  # the held-out flags of the batch being run, for the recorders
+
+        def recorder(stats: InputStats):
+            return input_recorder(lambda x: stats.add_batch(x, held=batch[0]))
+
+        hooks = {linears[g.names[0]]: recorder(g.stats) for g in groups}
         with pre_hooks(hooks), torch.no_grad():
             for j in range(len(inputs)):
+                batch[0] = self._held[j] if self._held is not None else None
                 run_block(block, inputs, j, self.device)
         return groups
 

@@ -19,11 +19,13 @@ from prac.stats import InputStats
 class InputGroup:
     """The linears ``names`` (full module names, forward order) and the statistics of their input."""
 
-    def __init__(self, names: list[str], stats: InputStats | None, device: torch.device | str = "cpu"):
+    def __init__(self, names: list[str], stats: InputStats | None, device: torch.device | str = "cpu",
+                 parent: "InputGroup | None" = None):
         self.names = list(names)
         self.stats = stats
         self.device = torch.device(device)
         self.factorisations = 0
+        self.parent = parent  # the group whose held-out split this is (it counts our factorisations too)
         self._memo: dict[Hashable, Any] = {}
 
     @property
@@ -49,7 +51,10 @@ class InputGroup:
 
         def counted() -> DampedFactor:
             result = build()
-            self.factorisations += result.attempts
+            group: InputGroup | None = self
+            while group is not None:
+                group.factorisations += result.attempts
+                group = group.parent
             return result
 
         return self.shared(("factor", key), counted)
@@ -63,6 +68,19 @@ class InputGroup:
             return damped_cholesky(h, relative_damping, torch.diagonal(h).float().mean(), symmetric_inverse)
 
         return self.factor(("inverse", float(relative_damping)), build)
+
+    def holdout(self) -> "tuple[InputGroup, InputGroup] | None":
+        """(fit, held-out): this group's linears on the statistics of the calibration rows outside the
+        held-out sequences and of those in them (:meth:`InputStats.split`), each group with its own
+        H and factorisations, built once. None when nothing is held out."""
+
+        def build():
+            parts = self.stats.split() if self.stats is not None else None
+            if parts is None:
+                return None
+            return tuple(InputGroup(self.names, part, self.device, parent=self) for part in parts)
+
+        return self.shared("holdout", build)
 
     def release(self) -> None:
         """Drop everything derived from the statistics (the group is done)."""

@@ -92,7 +92,7 @@ def stats_spec_for(cfg: PruneConfig) -> StatsSpec | None:
     if cfg.collect is not None:
         spec = cfg.collect if spec is None else spec.union(cfg.collect)
     if spec is not None:
-        spec = StatsSpec(spec.hessian, spec.max_samples, cfg.correction.seed)
+        spec = StatsSpec(spec.hessian, spec.max_samples, cfg.correction.seed, spec.holdout)
     return spec
 
 

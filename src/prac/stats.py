@@ -20,13 +20,33 @@ class StatsSpec:
     hessian: bool = False
     max_samples: int = 0
     seed: int = 0
+    #: share of the calibration *sequences* whose rows are also kept apart (``InputStats.heldout``)
+    holdout: float = 0.0
 
     def union(self, other: "StatsSpec") -> "StatsSpec":
         return StatsSpec(
             hessian=self.hessian or other.hessian,
             max_samples=max(self.max_samples, other.max_samples),
             seed=self.seed,
+            holdout=max(self.holdout, other.holdout),
         )
+
+
+def holdout_rows(n: int, share: float, seed: int) -> torch.Tensor | None:
+    """Which of ``n`` calibration sequences are held out: ``round(share · n)`` of them (at least one,
+    and one fewer than ``n`` at most), drawn by a permutation seeded with ``seed``; bool ``[n]``.
+
+    None when nothing is held out (``share`` 0, or a single sequence). Whole sequences, not tokens:
+    the tokens of one sequence are correlated, so a token-level split would leak into the held-out share.
+    The draw depends only on ``(n, share, seed)``, never on batching or the number of processes.
+    """
+    if share <= 0.0 or n < 2:
+        return None
+    k = min(max(int(round(share * n)), 1), n - 1)
+    generator = torch.Generator().manual_seed(int(seed) + 0x5EED)
+    held = torch.zeros(n, dtype=torch.bool)
+    held[torch.randperm(n, generator=generator)[:k]] = True
+    return held
 
 
 class InputStats:
@@ -36,6 +56,10 @@ class InputStats:
     - ``hessian`` (optional): Σ x xᵀ, unnormalised, fp32.
     - ``samples`` (optional): a seeded uniform sample without replacement of at most
       ``max_samples`` token rows, kept by their largest random keys (top-k) so it is independent of batching.
+    - ``heldout`` (when ``spec.holdout`` > 0): the count, sums and H of the rows of held-out sequences
+      alone (``add_batch(x, held=...)``), which are *also* in the totals above: every mask source
+      sees all tokens, and :meth:`split` gives a correction the rest to fit on and the held-out share
+      to be judged on. ``sample_held`` flags the sample rows that come from held-out sequences.
     """
 
     def __init__(self, dim: int, device: torch.device | str = "cpu", spec: StatsSpec = StatsSpec()):
@@ -51,12 +75,20 @@ class InputStats:
         self.samples: torch.Tensor | None = None
         self._keys: torch.Tensor | None = None
         self._generator: torch.Generator | None = None
+        self.heldout: InputStats | None = None
+        self.sample_held: torch.Tensor | None = None
+        if spec.holdout > 0:
+            self.heldout = InputStats(dim, self.device, StatsSpec(hessian=spec.hessian))
         if spec.max_samples > 0:
             self._generator = torch.Generator(device=self.device)
             self._generator.manual_seed(spec.seed)
 
-    def add_batch(self, x: torch.Tensor) -> None:
-        """Add the token rows of ``x`` (any leading shape, last dim = features)."""
+    def add_batch(self, x: torch.Tensor, held: torch.Tensor | None = None) -> None:
+        """Add the token rows of ``x`` (any leading shape, last dim = features).
+
+        ``held`` (bool, one flag per sequence: ``x``'s first dimension): which sequences are held
+        out; their rows go to the totals and to :attr:`heldout` as well.
+        """
         if x.shape[-1] != self.dim:
             raise ValueError(f"input has {x.shape[-1]} features, statistics expect {self.dim}")
         rows = x.reshape(-1, self.dim).to(device=self.device, dtype=torch.float32)
@@ -65,18 +97,58 @@ class InputStats:
         self.sumsq += rows.square().sum(dim=0)
         if self.hessian is not None:
             self.hessian.addmm_(rows.T, rows)
+        flags = None
+        if self.heldout is not None:
+            flags = self._row_flags(x, held, rows.shape[0])
+            if bool(flags.any()):
+                self.heldout.add_batch(rows[flags])
         if self._generator is not None:
-            self._add_samples(rows)
+            self._add_samples(rows, flags)
 
-    def _add_samples(self, rows: torch.Tensor) -> None:
+    def _row_flags(self, x: torch.Tensor, held: torch.Tensor | None, n_rows: int) -> torch.Tensor:
+        if held is None:
+            return torch.zeros(n_rows, dtype=torch.bool, device=self.device)
+        if x.dim() < 2 or x.shape[0] != held.numel():
+            raise PracError(f"cannot hold out calibration sequences: a layer input of shape {tuple(x.shape)} does "
+                            f"not start with the {held.numel()} sequences of its batch (use --holdout 0)")
+        per_seq = n_rows // held.numel()
+        return held.to(self.device).repeat_interleave(per_seq)
+
+    def _add_samples(self, rows: torch.Tensor, flags: torch.Tensor | None = None) -> None:
         keys = torch.rand(rows.shape[0], generator=self._generator, device=self.device)
         if self.samples is not None:
             rows = torch.cat([self.samples, rows])
             keys = torch.cat([self._keys, keys])
+            if flags is not None:
+                flags = torch.cat([self.sample_held, flags])
         if rows.shape[0] > self.spec.max_samples:
             keep = torch.topk(keys, self.spec.max_samples, sorted=False).indices.sort().values
             rows, keys = rows[keep], keys[keep]
+            if flags is not None:
+                flags = flags[keep]
         self.samples, self._keys = rows.contiguous(), keys
+        self.sample_held = flags
+
+    def split(self) -> "tuple[InputStats, InputStats] | None":
+        """(fit, held-out): the statistics of the rows outside the held-out sequences and of those in
+        them, as two bare accumulators (their samples the sample rows of each share). None when
+        nothing is held out or either share is empty (then a correction can only be judged in-sample).
+        """
+        ho = self.heldout
+        if ho is None or ho.count == 0 or ho.count >= self.count:
+            return None
+        fit = InputStats(self.dim, self.device, StatsSpec())
+        fit.count = self.count - ho.count
+        fit.sum = self.sum - ho.sum
+        fit.sumsq = (self.sumsq - ho.sumsq).clamp(min=0.0)
+        if self.hessian is not None:
+            fit.hessian = self.hessian - ho.hessian
+        held = InputStats(self.dim, self.device, StatsSpec())
+        held.count, held.sum, held.sumsq, held.hessian = ho.count, ho.sum, ho.sumsq, ho.hessian
+        if self.samples is not None and self.sample_held is not None:
+            fit.samples = self.samples[~self.sample_held]
+            held.samples = self.samples[self.sample_held]
+        return fit, held
 
     @property
     def l2(self) -> torch.Tensor:
@@ -108,4 +180,6 @@ class InputStats:
             total += self.hessian.nbytes
         if self.samples is not None:
             total += self.samples.nbytes
+        if self.heldout is not None:
+            total += self.heldout.nbytes()
         return total

@@ -4,7 +4,13 @@
 2. Statistics accumulated batch by batch equal those accumulated in one shot (≤ 1e-5 relative).
 3. With correction ``none`` every method's collection mode (Hessian, stored samples) yields the
    identical model, bit for bit.
-4. Every corrected layer ends with a lower error than uncorrected (or is reverted to it).
+4. Every corrected layer ends with a lower error than uncorrected (or is reverted to it), on the
+   calibration tokens and on the held-out share it was not fitted to.
+
+Under ``torchrun`` (``session``: a :class:`prac.distributed.Session`) every check runs data-parallel:
+the pruning runs of checks 1, 3 and 4 are the data-parallel prune (statistics reduced, each group
+checked by its owner, the worst case gathered), and check 2 compares each rank's batches with its
+own share in one shot; every rank ends with the same table.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ from __future__ import annotations
 import copy
 import hashlib
 from dataclasses import dataclass, replace
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import nn
@@ -23,6 +29,9 @@ from prac.engine import calibrate
 from prac.group import InputGroup
 from prac.pipeline import PruneConfig, prune_model
 from prac.stats import InputStats, StatsSpec
+
+if TYPE_CHECKING:
+    from prac.distributed import Session
 
 TOLERANCE = 1e-5
 
@@ -47,8 +56,24 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
-def check_l2_salience(model, calib, cfg: PruneConfig, device) -> Check:
-    worst = [0.0, ""]
+def _parallel(session: "Session | None"):
+    """A fresh data-parallel engine hook for one pruning run (None in one process)."""
+    if session is None:
+        return None
+    from prac.distributed import DataParallel
+
+    return DataParallel(session)
+
+
+def _worst(session: "Session | None", worst: list) -> list:
+    """The largest ``[value, where]`` over every rank (each rank saw the groups it owns)."""
+    if session is None:
+        return worst
+    return max(session.all_gather_objects(worst, "worst case of a check"), key=lambda w: w[0])
+
+
+def check_l2_salience(model, calib, cfg: PruneConfig, device, session: "Session | None" = None) -> Check:
+    worst: list[Any] = [0.0, ""]
 
     def observe(group: InputGroup) -> None:
         st = group.stats
@@ -57,7 +82,9 @@ def check_l2_salience(model, calib, cfg: PruneConfig, device) -> Check:
         if rel >= worst[0]:
             worst[:] = [rel, group.names[0]]
 
-    prune_model(copy.deepcopy(model), calib, replace(cfg, collect=StatsSpec(hessian=True)), device, observer=observe)
+    prune_model(copy.deepcopy(model), calib, replace(cfg, collect=StatsSpec(hessian=True)), device, observer=observe,
+                parallel=_parallel(session))
+    worst = _worst(session, worst)
     return Check("L2 salience: sum of squares vs diag(H)", worst[0] <= TOLERANCE,
                  f"max relative difference {worst[0]:.2e} ({worst[1]})")
 
@@ -69,14 +96,17 @@ class _RecordingStats(InputStats):
         super().__init__(dim, device, spec)
         self.rows: list[torch.Tensor] = []
 
-    def add_batch(self, x: torch.Tensor) -> None:
-        super().add_batch(x)
+    def add_batch(self, x: torch.Tensor, held: torch.Tensor | None = None) -> None:
+        super().add_batch(x, held)
         self.rows.append(x.detach().reshape(-1, self.dim).float())
 
 
-def check_incremental(model, calib, cfg: PruneConfig, device) -> Check:
-    """Block 0's linear inputs, accumulated per batch vs in one ``add_batch`` of all tokens."""
+def check_incremental(model, calib, cfg: PruneConfig, device, session: "Session | None" = None) -> Check:
+    """Block 0's linear inputs, accumulated per batch vs in one ``add_batch`` of all tokens (of this
+    rank's share, under torchrun)."""
     spec = StatsSpec(hessian=True)
+    if session is not None:
+        calib = calib[_parallel(session).share(calib.shape[0], calib.shape[1], cfg.engine.batch_size)]
     groups: list[_RecordingStats] = []
     calibrate(model, calib, spec, lambda g: groups.append(g.stats), cfg.engine, device, cfg.ignore,
               max_blocks=1, stats_factory=_RecordingStats)
@@ -87,20 +117,21 @@ def check_incremental(model, calib, cfg: PruneConfig, device) -> Check:
         worst = max(worst, _rel(st.sum, one.sum), _rel(st.sumsq, one.sumsq), _rel(st.hessian, one.hessian))
         if st.count != one.count:
             worst = float("inf")
+    worst = _worst(session, [worst])[0]
     return Check("incremental vs one-shot statistics", worst <= TOLERANCE,
                  f"max relative difference {worst:.2e} over {len(groups)} inputs of block 0")
 
 
-def check_none_identical(model, calib, cfg: PruneConfig, device) -> Check:
+def check_none_identical(model, calib, cfg: PruneConfig, device, session: "Session | None" = None) -> Check:
     base_cfg = replace(cfg, correction=CorrectionConfig(seed=cfg.correction.seed), collect=None)
     reference = copy.deepcopy(model)
-    prune_model(reference, calib, base_cfg, device)
+    prune_model(reference, calib, base_cfg, device, parallel=_parallel(session))
     ref_hash = weights_hash(reference)
     differing = []
     for method in corrections():
         spec = correction.stats_spec(CorrectionConfig.of(method, seed=cfg.correction.seed))
         candidate = copy.deepcopy(model)
-        prune_model(candidate, calib, replace(base_cfg, collect=spec), device)
+        prune_model(candidate, calib, replace(base_cfg, collect=spec), device, parallel=_parallel(session))
         if weights_hash(candidate) != ref_hash:
             differing.append(method)
     return Check("correction none: identical model in every collection mode", not differing,
@@ -108,30 +139,36 @@ def check_none_identical(model, calib, cfg: PruneConfig, device) -> Check:
                  else f"differs under the statistics of: {', '.join(differing)}")
 
 
-def check_corrections_lower_error(model, calib, cfg: PruneConfig, device) -> list[Check]:
+def check_corrections_lower_error(model, calib, cfg: PruneConfig, device,
+                                  session: "Session | None" = None) -> list[Check]:
     out = []
     for method in corrections():
         run_cfg = replace(cfg, correction=CorrectionConfig.of(method, seed=cfg.correction.seed))
-        layers = prune_model(copy.deepcopy(model), calib, run_cfg, device).layers
+        layers = prune_model(copy.deepcopy(model), calib, run_cfg, device, parallel=_parallel(session)).layers
         diags = [l.correction for l in layers]
         worse = [l.name for l, d in zip(layers, diags) if not d["error_after"] <= d["error_before"]]
         accepted = sum(1 for d in diags if d["status"] == "accepted")
         strict = all(d["error_after"] < d["error_before"] for d in diags if d["status"] == "accepted")
-        out.append(Check(f"{method}: corrected layers have lower error", not worse and strict,
-                         f"{accepted}/{len(diags)} accepted, {sum(d['reverted'] for d in diags)} reverted"
+        # ... and, where a share was held out, lower error on the tokens the correction did not fit
+        held = all(d["heldout_error_after"] < d["heldout_error_before"]
+                   for d in diags if d["status"] == "accepted" and "heldout_error_before" in d)
+        out.append(Check(f"{method}: corrected layers have lower error", not worse and strict and held,
+                         f"{accepted}/{len(diags)} accepted, {sum(d['reverted'] for d in diags)} reverted, "
+                         f"{sum(d.get('refused', False) for d in diags)} refused on held-out tokens"
                          + (f"; worse: {', '.join(worse)}" if worse else "")))
     return out
 
 
 def run_checks(model: nn.Module, calib: torch.Tensor, cfg: PruneConfig, device: torch.device,
-               progress: Callable[[str], None] = lambda name: None) -> list[Check]:
-    """Run every check on copies of ``model`` (the model itself is left untouched)."""
+               progress: Callable[[str], None] = lambda name: None, session: "Session | None" = None) -> list[Check]:
+    """Run every check on copies of ``model`` (the model itself is left untouched); ``session``: one
+    rank of a data-parallel run (``calib`` is the whole calibration set on every rank)."""
     checks = []
     for name, fn in (("l2", check_l2_salience), ("incremental", check_incremental), ("none", check_none_identical)):
         progress(name)
-        checks.append(fn(model, calib, cfg, device))
+        checks.append(fn(model, calib, cfg, device, session))
     progress("corrections")
-    checks.extend(check_corrections_lower_error(model, calib, cfg, device))
+    checks.extend(check_corrections_lower_error(model, calib, cfg, device, session))
     return checks
 
 

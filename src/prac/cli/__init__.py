@@ -8,8 +8,8 @@ arguments are added only when that command is parsed, so ``prac --help`` imports
 nor transformers.
 
 Under ``torchrun`` (``WORLD_SIZE`` > 1) :func:`main` runs the command on every rank data-parallel
-(``prune``, ``eval``; see :mod:`prac.distributed`), or on rank 0 alone while the others wait
-(``verify``, ``spectrum``). Only rank 0 prints; an error is printed once, by the first rank that
+(``prune``, ``eval``, ``verify``; see :mod:`prac.distributed`), or on rank 0 alone while the others
+wait (``spectrum``). Only rank 0 prints; an error is printed once, by the first rank that
 failed, and every rank exits with its code.
 
 Exit codes: 0 success, 1 a result that is not usable (a failed check, a non-finite
@@ -50,7 +50,8 @@ COMMANDS: dict[str, Command] = {
     "prune": Command("prac.cli.prune", "prune a model block by block (Wanda, magnitude, SparseGPT) with optional correction",
                      data_parallel=True),
     "eval": Command("prac.cli.eval", "perplexity of a causal LM on a text", data_parallel=True),
-    "verify": Command("prac.cli.verify", "check the statistics and correction invariants on a model"),
+    "verify": Command("prac.cli.verify", "check the statistics and correction invariants on a model",
+                      data_parallel=True),
     "spectrum": Command("prac.cli.spectrum", "per-block Fisher eigenvalue spectra from per-sample gradients"),
 }
 

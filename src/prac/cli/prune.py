@@ -50,6 +50,7 @@ class _DeprecatedNoMeasure(argparse.Action):
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Every option of ``prac prune``."""
     from prac.correction import STRATEGIES, corrections, names
+    from prac.correction.base import DEFAULT_HOLDOUT
     from prac.methods import METHODS
 
     entries = {name: entry.settings for name, entry in corrections().items()}
@@ -108,6 +109,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--optimal-tol", type=float, default=None,
                    help=f"optimal: relative residual at which a row's solve stops (default: {_defaults(entries, 'tol')}: "
                         "the same fraction of the optimum as 1e-4 to 3 digits, in 30-40%% less time)")
+    g.add_argument("--holdout", type=float, default=None, metavar="SHARE",
+                   help="share of the calibration sequences (a seeded draw) the correction does not fit: it is fitted "
+                        "on the rest and kept only if the layer's error on the held-out share drops too; 0 = judge "
+                        f"on the fitted tokens (default: {DEFAULT_HOLDOUT})")
+    g.add_argument("--holdout-dampings", default=None, metavar="D1,D2,...",
+                   help="candidate dampings, each fitted on the rest; the lowest held-out error wins, per layer "
+                        "(methods with --damping; needs --holdout > 0; default: the method's damping only)")
+    g.add_argument("--holdout-refit", action=argparse.BooleanOptionalAction, default=None,
+                   help="solve an accepted correction again on all tokens, at its chosen damping (default: on)")
     g.add_argument("--layer-batch-size", type=int, default=0, help="distinct layer inputs whose statistics are held at once (0 = all of a block); fewer = less memory, one more calibration forward per chunk")
     g.add_argument("--exact-errors", dest="exact_errors", action=argparse.BooleanOptionalAction, default=True,
                    help="correction: exact before/after error of every corrected layer and the optimal yardstick "
@@ -178,6 +188,31 @@ def _settings_for(method: str, cls: type, given: dict[str, Any], flags: dict[str
     return cls(**given)
 
 
+def _holdout_from_args(args: argparse.Namespace, settings_type: type):
+    """The correction's :class:`Holdout` from ``--holdout``, ``--holdout-dampings``, ``--holdout-refit``."""
+    import dataclasses
+
+    from prac.correction.base import DEFAULT_HOLDOUT, Holdout
+    from prac.errors import PracError
+
+    share = DEFAULT_HOLDOUT if args.holdout is None else args.holdout
+    dampings: tuple[float, ...] = ()
+    if args.holdout_dampings is not None:
+        try:
+            dampings = tuple(float(x) for x in args.holdout_dampings.split(",") if x.strip())
+        except ValueError:
+            raise PracError(f"--holdout-dampings must be comma-separated numbers, got {args.holdout_dampings!r}") from None
+        if not dampings:
+            raise PracError("--holdout-dampings names no damping")
+        if "damping" not in {f.name for f in dataclasses.fields(settings_type)}:
+            raise PracError(f"--holdout-dampings: correction {args.correction!r} has no damping")
+        if share <= 0:
+            raise PracError("--holdout-dampings needs --holdout > 0 (the dampings are chosen on the held-out share)")
+    if args.holdout_refit is not None and share <= 0:
+        raise PracError("--holdout-refit needs --holdout > 0")
+    return Holdout(share=share, refit=True if args.holdout_refit is None else args.holdout_refit, dampings=dampings)
+
+
 def prune_job_from_args(args: argparse.Namespace):
     """Fill the job dataclasses from parsed arguments (each method gets only its own settings)."""
     from prac.correction import CorrectionConfig, get_correction
@@ -195,13 +230,16 @@ def prune_job_from_args(args: argparse.Namespace):
     if args.no_clamp:
         given["max_correction_magnitude"] = math.inf
     entry = get_correction(method)
+    held = {k: v for k, v in (("holdout", args.holdout), ("holdout_dampings", args.holdout_dampings),
+                              ("holdout_refit", args.holdout_refit)) if v is not None}
     if entry is None:
-        if given:
+        if given or held:
             raise PracError(f"correction settings given without a correction: "
-                            f"{', '.join('--' + k.replace('_', '-') for k in sorted(given))}")
+                            f"{', '.join('--' + k.replace('_', '-') for k in sorted({**given, **held}))}")
         correction = CorrectionConfig(seed=args.seed, exact_errors=args.exact_errors)
     else:
-        correction = CorrectionConfig(method, _settings_for(method, entry.settings, given, CORRECTION_FLAGS), args.exact_errors, args.seed)
+        correction = CorrectionConfig(method, _settings_for(method, entry.settings, given, CORRECTION_FLAGS),
+                                      args.exact_errors, args.seed, _holdout_from_args(args, entry.settings))
     mask_source = get_method(args.method)
     prune = PruneConfig(method=args.method, pattern=pattern,
                         settings=_settings_for(args.method, mask_source.settings, _given(args, MASK_FLAGS), MASK_FLAGS),

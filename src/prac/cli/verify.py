@@ -16,7 +16,10 @@ Check, on a given model and calibration set, the invariants every run relies on:
      (at most 1e-5 relative).
   3. With correction none, every method's collection mode (Hessian, stored samples) yields
      the identical model, bit for bit.
-  4. Every corrected layer ends with a lower error than uncorrected (or is reverted to it).
+  4. Every corrected layer ends with a lower error than uncorrected (or is reverted to it), on the
+     calibration tokens and on the held-out share it was not fitted to (--holdout of prune).
+
+Under torchrun (torchrun --nproc-per-node N -m prac verify ...) the checks run data-parallel.
 
 Prints one row per check; exit code 0 when all pass, 1 when one fails."""
 
@@ -45,8 +48,11 @@ def run(args: argparse.Namespace) -> int:
     from prac.pipeline import PruneConfig
     from prac.verify import format_table, run_checks
 
+    from prac import distributed
+
     check_model_source(args.model)
-    device = resolve_device(args.device)
+    session = distributed.active()  # a rank of `torchrun … prac verify`, or None
+    device = session.device if session else resolve_device(args.device)
     model = load_model(args.model)
     tokenizer = load_tokenizer(args.model)
     pattern = parse_nm(args.nm) if args.nm else Unstructured(0.5 if args.sparsity is None else args.sparsity)
@@ -55,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
     job = resolve(PruneJob(model=args.model, calib=args.calib, calib_tokens=args.calib_tokens,
                            nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, prune=cfg, eval="none"), model)
     calib = calibration_tokens(job, tokenizer).input_ids
-    checks = run_checks(model, calib, cfg, device, lambda name: print(f"checking {name} ...", file=sys.stderr))
+    checks = run_checks(model, calib, cfg, device, lambda name: print(f"checking {name} ...", file=sys.stderr),
+                        session=session)
     print(format_table(checks))
     return 0 if all(c.passed for c in checks) else 1

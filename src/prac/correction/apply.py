@@ -9,6 +9,7 @@ its shared factorisation.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from typing import Any
@@ -27,6 +28,7 @@ from prac.correction.objective import LayerError, error_matrix
 from prac.correction.optimal import PCGOutcome, optimal_delta
 from prac.correction.registry import get_correction
 from prac.correction.selection import select
+from prac.errors import PracError
 from prac.group import InputGroup
 from prac.stats import InputStats, StatsSpec
 
@@ -36,7 +38,7 @@ def stats_spec(cfg: CorrectionConfig) -> StatsSpec:
     entry = get_correction(cfg.method)
     if entry is None:
         return StatsSpec(seed=cfg.seed)
-    return entry.stats(cfg.settings, cfg.exact_errors, cfg.seed)
+    return dataclasses.replace(entry.stats(cfg.settings, cfg.exact_errors, cfg.seed), holdout=cfg.holdout.share)
 
 
 def _as_group(stats: InputStats | InputGroup, device: torch.device) -> InputGroup:
@@ -76,14 +78,21 @@ def correct(
     meter = LayerError.of(w_orig, w_pruned, h_err)
     selected = select(scores, mask, settings.selection_strategy, settings.percent_change)
     problem = LayerProblem(w_orig, w_pruned, mask, selected, scores, group, meter, source)
-    proposal = entry.propose(problem, settings)
-    delta = proposal.delta.masked_fill(~selected, 0.0)
+    split = _held_out_groups(group) if cfg.holdout.active else None
+    if split is None:
+        proposal = entry.propose(problem, settings)
+        delta = proposal.delta.masked_fill(~selected, 0.0)
+        gain = meter.reduction(delta, proposal.quad)
+        judged: dict[str, Any] = {"holdout": "unavailable"} if cfg.holdout.active else {}
+        passed = True
+    else:
+        settings, proposal, delta, gain, judged = _judge(entry, problem, split, cfg)
+        passed = judged["passed"]
     candidate = (w_pruned + delta).masked_fill(mask, 0.0)
 
-    gain = meter.reduction(delta, proposal.quad)
     before = meter.relative(meter.before)
-    proposed = meter.relative(meter.before - gain)
-    accepted = math.isfinite(gain) and gain > 0
+    proposed = meter.relative(meter.before - gain) if passed else judged["error_proposed"]
+    accepted = passed and math.isfinite(gain) and gain > 0
     after = proposed if accepted else before
     n_selected = int(selected.sum())
     magnitude = delta.abs()
@@ -104,18 +113,120 @@ def correct(
         "solve_failures": 0,
     }
     diagnostics.update(proposal.info)
+    diagnostics.update({k: v for k, v in judged.items() if k not in ("passed", "error_proposed")})
     if hasattr(settings, "damping"):
         diagnostics["damping"] = float(settings.damping)
     if entry.clamps:
         diagnostics["clamp_bound"] = float(settings.max_correction_magnitude)
     diagnostics["clamped_pct"] = 100.0 * diagnostics["clamped"] / max(n_selected, 1)
     if cfg.exact_errors and source == "hessian":
-        diagnostics.update(_measure_optimal(mask, meter, group, cfg, proposal.optimum, before, after))
-    # A layer with nothing to repair (no error before) is "unchanged", not a failed correction.
-    diagnostics["status"] = "accepted" if accepted else ("unchanged" if meter.before <= 0 else "reverted")
-    diagnostics["reverted"] = diagnostics["status"] == "reverted"
+        # The method's own optimum doubles as the yardstick only when it was solved on all tokens.
+        own = proposal.optimum if split is None or (passed and cfg.holdout.refit) else None
+        diagnostics.update(_measure_optimal(mask, meter, group, settings, own, before, after))
+    # A layer with nothing to repair (no error before) is "unchanged", not a failed correction;
+    # one whose held-out error would rise is "refused" (its in-sample error fell).
+    if accepted:
+        status = "accepted"
+    elif meter.before <= 0:
+        status = "unchanged"
+    else:
+        status = "refused" if judged.get("refused") else "reverted"
+    diagnostics["status"] = status
+    diagnostics["reverted"] = status == "reverted"
+    diagnostics["refused"] = status == "refused"
     diagnostics["seconds"] = time.perf_counter() - start
     return CorrectionResult(weight=candidate if accepted else w_pruned.clone(), diagnostics=diagnostics)
+
+
+def _held_out_groups(group: InputGroup) -> tuple[InputGroup, InputGroup] | None:
+    """The group's (fit, held-out) split when both shares can measure an error of their own."""
+    split = group.holdout()
+    if split is None:
+        return None
+    try:
+        error_matrix(split[0]), error_matrix(split[1])
+    except PracError:  # no token of one share in the stored sample (exact errors off, tiny sample)
+        return None
+    return split
+
+
+def _candidates(cfg: CorrectionConfig) -> list[Any]:
+    """The method's settings, once per candidate damping of ``cfg.holdout`` (if the method has one),
+    its own damping among them."""
+    s = cfg.settings
+    if not cfg.holdout.dampings or not hasattr(s, "damping"):
+        return [s]
+    dampings = sorted(set(cfg.holdout.dampings) | {float(s.damping)})
+    return [dataclasses.replace(s, damping=d) for d in dampings]
+
+
+#: Another damping replaces the method's own only if it lowers the held-out error by more than this
+#: fraction: where the held-out errors of the candidates agree, the damping does not matter and the
+#: configured one is kept, rather than a winner by noise.
+DAMPING_MARGIN = 0.01
+
+
+def _choose(trials: list, held_meter: LayerError, own: Any) -> tuple:
+    """The trial with the lowest held-out error, the method's own damping unless beaten by the margin."""
+    finite = [t for t in trials if math.isfinite(t[3]) and math.isfinite(t[4])]
+    if not finite:
+        return trials[0]
+    best = max(finite, key=lambda t: t[4])
+    mine = [t for t in finite if getattr(t[0], "damping", None) == getattr(own, "damping", None)]
+    if mine and best is not mine[0]:
+        error = lambda t: held_meter.before - t[4]  # noqa: E731 - held-out error (absolute)
+        if error(best) > (1.0 - DAMPING_MARGIN) * error(mine[0]):
+            return mine[0]
+    return best
+
+
+def _judge(entry, problem: LayerProblem, split: tuple[InputGroup, InputGroup], cfg: CorrectionConfig):
+    """Fit on the rest, judge on the held-out share, then (``refit``) solve again on all tokens.
+
+    Every candidate setting is fitted on the fit share; the one with the lowest held-out error is
+    judged: it passes when it lowers the error on the fit share *and* on the held-out share.
+    Returns (settings, proposal, δ, reduction on all tokens, diagnostics); δ is zero when it fails.
+    """
+    fit_group, held_group = split
+    h_fit, fit_source = error_matrix(fit_group)
+    h_held, _ = error_matrix(held_group)
+    p, meter = problem, problem.meter
+    fit_meter = LayerError.of(p.w_orig, p.w_pruned, h_fit)
+    held_meter = LayerError.of(p.w_orig, p.w_pruned, h_held)
+    fit_problem = LayerProblem(p.w_orig, p.w_pruned, p.mask, p.selected, p.scores, fit_group, fit_meter, fit_source)
+    trials = []
+    for settings in _candidates(cfg):
+        proposal = entry.propose(fit_problem, settings)
+        delta = proposal.delta.masked_fill(~p.selected, 0.0)
+        fit_gain, held_gain = fit_meter.reduction(delta, proposal.quad), held_meter.reduction(delta)
+        trials.append((settings, proposal, delta, fit_gain, held_gain))
+    settings, proposal, delta, fit_gain, held_gain = _choose(trials, held_meter, cfg.settings)
+    fitted = math.isfinite(fit_gain) and fit_gain > 0
+    passed = fitted and math.isfinite(held_gain) and held_gain > 0
+    info: dict[str, Any] = {
+        "holdout_share": cfg.holdout.share,
+        "fit_tokens": fit_group.stats.count,
+        "heldout_tokens": held_group.stats.count,
+        "fit_error_before": fit_meter.relative(fit_meter.before),
+        "fit_error_proposed": fit_meter.relative(fit_meter.before - fit_gain),
+        "heldout_error_before": held_meter.relative(held_meter.before),
+        "heldout_error_proposed": held_meter.relative(held_meter.before - held_gain),
+        "passed": passed,
+        "refused": fitted and not passed,
+        "refit": cfg.holdout.refit,
+    }
+    info["heldout_error_after"] = info["heldout_error_proposed"] if passed else info["heldout_error_before"]
+    if len(trials) > 1:
+        info["damping_heldout_errors"] = {repr(t[0].damping): held_meter.relative(held_meter.before - t[4])
+                                          for t in trials}
+    if not passed:
+        info["error_proposed"] = meter.relative(meter.before - meter.reduction(delta))
+        return settings, proposal, torch.zeros_like(delta), 0.0, info
+    if cfg.holdout.refit:
+        proposal = entry.propose(problem, settings)
+        delta = proposal.delta.masked_fill(~p.selected, 0.0)
+        return settings, proposal, delta, meter.reduction(delta, proposal.quad), info
+    return settings, proposal, delta, meter.reduction(delta), info
 
 
 def yardstick(mask: torch.Tensor, meter: LayerError, group: InputGroup, max_iter: int = YARDSTICK_MAX_ITER) -> PCGOutcome:
@@ -130,13 +241,13 @@ def _measure_optimal(
     mask: torch.Tensor,
     meter: LayerError,
     group: InputGroup,
-    cfg: CorrectionConfig,
+    s: Any,
     own: PCGOutcome | None,
     before: float,
     after: float,
 ) -> dict[str, Any]:
-    """The yardstick's optimum, and the fraction of its reduction the correction reached."""
-    s = cfg.settings
+    """The yardstick's optimum, and the fraction of its reduction the correction reached (``s``: the
+    settings the correction ran with; its own optimum is reused when they match the yardstick's)."""
     reuse = (
         own is not None and s.selection_strategy == "all" and s.damping == YARDSTICK_DAMPING and s.tol <= YARDSTICK_TOL
     )

@@ -65,6 +65,38 @@ def check_clamp(bound: float) -> None:
         raise invalid(f"max-correction-magnitude must be > 0 (inf: no clamp), got {bound}")
 
 
+#: Share of the calibration sequences a correction does not fit, and is judged on (``Holdout.share``).
+DEFAULT_HOLDOUT = 0.125
+
+
+@dataclass(frozen=True)
+class Holdout:
+    """Corrections judged on data they did not fit (docs/correction.md, "Held-out acceptance").
+
+    ``share`` of the calibration sequences (a seeded draw, :func:`prac.stats.holdout_rows`) is kept
+    apart: the correction is fitted on the rest, and kept only if it lowers the layer's error on the
+    held-out share too. ``dampings``: for methods with a ``damping``, the candidates tried (each fitted
+    on the rest, the one with the lowest held-out error wins); empty: the method's own damping only.
+    ``refit``: once accepted (and its damping chosen), the correction is solved again on all tokens.
+    ``share`` 0 turns all of this off (never-worse on the tokens fitted, as before).
+    """
+
+    share: float = DEFAULT_HOLDOUT
+    refit: bool = True
+    dampings: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.share) and 0.0 <= self.share < 1.0):
+            raise invalid(f"holdout must be in [0, 1), got {self.share}")
+        object.__setattr__(self, "dampings", tuple(float(d) for d in self.dampings))
+        for d in self.dampings:
+            check_damping(d)
+
+    @property
+    def active(self) -> bool:
+        return self.share > 0.0
+
+
 @dataclass(frozen=True)
 class CorrectionConfig:
     """Which correction runs and with what settings.
@@ -72,13 +104,15 @@ class CorrectionConfig:
     ``settings``: the method's own dataclass (None: its defaults). ``exact_errors``: measure each
     layer's error before and after on the full H, and the optimum it is compared with (the
     yardstick); costs an in×in fp32 H per distinct layer input even for methods that need none.
-    Without it the never-worse check runs on a stored token sample. ``seed``: token sampling.
+    Without it the never-worse check runs on a stored token sample. ``seed``: token sampling and
+    the held-out draw. ``holdout``: which tokens the correction is judged on (:class:`Holdout`).
     """
 
     method: str = "none"
     settings: Any = None
     exact_errors: bool = True
     seed: int = 0
+    holdout: Holdout = Holdout()
 
     def __post_init__(self) -> None:
         from prac.correction.registry import get_correction
@@ -94,7 +128,8 @@ class CorrectionConfig:
             raise invalid(f"{self.method!r} takes {entry.settings.__name__}, got {type(self.settings).__name__}")
 
     @classmethod
-    def of(cls, method: str, exact_errors: bool = True, seed: int = 0, **settings: Any) -> "CorrectionConfig":
+    def of(cls, method: str, exact_errors: bool = True, seed: int = 0, holdout: Holdout = Holdout(),
+           **settings: Any) -> "CorrectionConfig":
         """A config from flat keyword settings, each checked against the method's dataclass."""
         from prac.correction.registry import get_correction
 
@@ -102,21 +137,21 @@ class CorrectionConfig:
         if entry is None:
             if settings:
                 raise invalid(f"correction 'none' takes no settings (got {', '.join(sorted(settings))})")
-            return cls(method, None, exact_errors, seed)
+            return cls(method, None, exact_errors, seed, holdout)
         names = {f.name for f in dataclasses.fields(entry.settings)}
         unknown = sorted(set(settings) - names)
         if unknown:
             raise invalid(f"{method!r} has no setting {', '.join(unknown)} (it has {', '.join(sorted(names))})")
-        return cls(method, entry.settings(**settings), exact_errors, seed)
+        return cls(method, entry.settings(**settings), exact_errors, seed, holdout)
 
     def replace(self, **changes: Any) -> "CorrectionConfig":
-        """A copy with ``changes`` applied: ``method``/``exact_errors``/``seed`` here, the rest to the
-        method's settings (the settings are kept when the method stays the same)."""
-        top = {k: changes.pop(k) for k in ("method", "exact_errors", "seed") if k in changes}
+        """A copy with ``changes`` applied: ``method``/``exact_errors``/``seed``/``holdout`` here, the rest
+        to the method's settings (the settings are kept when the method stays the same)."""
+        top = {k: changes.pop(k) for k in ("method", "exact_errors", "seed", "holdout") if k in changes}
         method = top.get("method", self.method)
         kept = dataclasses.asdict(self.settings) if self.settings is not None and method == self.method else {}
         return CorrectionConfig.of(method, top.get("exact_errors", self.exact_errors), top.get("seed", self.seed),
-                                   **{**kept, **changes})
+                                   top.get("holdout", self.holdout), **{**kept, **changes})
 
     @property
     def active(self) -> bool:

@@ -24,6 +24,14 @@ def summarize(diagnostics: list[dict]) -> dict:
         "layers_with_solver_fallback": sum(1 for d in rows if d.get("solver_fallback")),
         "solver_converged": all(d.get("solver_converged", True) for d in rows),
     }
+    judged = [d for d in rows if "heldout_error_before" in d]
+    if judged:  # held-out acceptance ran: how the corrections fared on tokens they did not fit
+        summary["refused"] = sum(1 for d in rows if d.get("refused"))
+        summary["heldout_layers"] = len(judged)
+        summary["mean_fit_error_before"] = sum(d["fit_error_before"] for d in judged) / len(judged)
+        summary["mean_fit_error_proposed"] = sum(d["fit_error_proposed"] for d in judged) / len(judged)
+        summary["mean_heldout_error_before"] = sum(d["heldout_error_before"] for d in judged) / len(judged)
+        summary["mean_heldout_error_after"] = sum(d["heldout_error_after"] for d in judged) / len(judged)
     if any("fraction_of_optimal" in d for d in rows):  # only when the yardstick was measured
         summary["mean_fraction_of_optimal"] = mean("fraction_of_optimal")
     return summary
@@ -41,6 +49,13 @@ def format_diagnostics(name: str, d: dict) -> str:
         + (f"  (rejected proposal: {d['error_proposed']:.6g})" if d.get("reverted") else ""),
         f"  Reduction: {d['reduction']:.6g} ({d['reduction_pct']:.2f}%)",
     ]
+    if "heldout_error_before" in d:
+        lines.append(
+            f"  Held-out ({d['heldout_tokens']} tokens, fitted on {d['fit_tokens']}): "
+            f"{d['heldout_error_before']:.6g} -> {d['heldout_error_proposed']:.6g}"
+            f" (fitted tokens {d['fit_error_before']:.6g} -> {d['fit_error_proposed']:.6g})"
+            + (", refused" if d.get("refused") else "")
+        )
     if "fraction_of_optimal" in d:
         lines.append(
             f"  Fraction of optimal: {d['fraction_of_optimal']:.3f} (optimum {d['optimal_error']:.6g}, "

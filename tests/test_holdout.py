@@ -1,0 +1,186 @@
+"""Corrections judged on calibration tokens they were not fitted to (issue 13's held-out acceptance)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from prac.correction import CorrectionConfig, correct
+from prac.correction.apply import DAMPING_MARGIN, _choose
+from prac.correction.base import Holdout
+from prac.correction.objective import LayerError
+from prac.engine import EngineConfig
+from prac.errors import PracError
+from prac.group import InputGroup
+from prac.pipeline import PruneConfig, prune_model
+from prac.stats import InputStats, StatsSpec, holdout_rows
+
+from .conftest import make_tiny_model
+
+
+def test_holdout_draw_is_seeded_and_sized():
+    a = holdout_rows(128, 0.125, seed=0)
+    assert a.dtype == torch.bool and int(a.sum()) == 16
+    assert torch.equal(a, holdout_rows(128, 0.125, seed=0))
+    assert not torch.equal(a, holdout_rows(128, 0.125, seed=1))
+    assert int(holdout_rows(4, 0.125, 0).sum()) == 1  # at least one sequence ...
+    assert int(holdout_rows(4, 0.9, 0).sum()) == 3  # ... and one left to fit on
+    assert holdout_rows(1, 0.5, 0) is None and holdout_rows(10, 0.0, 0) is None
+
+
+def test_split_adds_up_and_equals_separate_accumulation():
+    torch.manual_seed(0)
+    x = torch.randn(6, 10, 5)
+    held = torch.tensor([False, True, False, False, True, False])
+    spec = StatsSpec(hessian=True, max_samples=1000, seed=3, holdout=0.3)
+    stats = InputStats(5, "cpu", spec)
+    for part, flags in zip(x.split(4), held.split(4)):  # batching does not matter
+        stats.add_batch(part, held=flags)
+    fit, ho = stats.split()
+    assert (fit.count, ho.count) == (40, 20)
+    own_fit, own_ho = InputStats(5, "cpu", StatsSpec(hessian=True)), InputStats(5, "cpu", StatsSpec(hessian=True))
+    own_fit.add_batch(x[~held])
+    own_ho.add_batch(x[held])
+    for mine, own in ((fit, own_fit), (ho, own_ho)):
+        torch.testing.assert_close(mine.sum, own.sum, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(mine.sumsq, own.sumsq, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(mine.hessian, own.hessian, rtol=1e-5, atol=1e-5)
+    # every token is in the sample (1000 > 60): its held-out flags partition it exactly
+    assert fit.samples.shape[0] == 40 and ho.samples.shape[0] == 20
+    torch.testing.assert_close(torch.sort(ho.samples, dim=0).values, torch.sort(x[held].reshape(-1, 5), dim=0).values)
+    # the totals are what they were without a held-out share (the mask sources see every token)
+    plain = InputStats(5, "cpu", StatsSpec(hessian=True, max_samples=1000, seed=3))
+    for part in x.split(4):
+        plain.add_batch(part)
+    assert torch.equal(plain.hessian, stats.hessian) and torch.equal(plain.samples, stats.samples)
+
+
+def _flipped_layer(holdout: float):
+    """A layer whose pruned input 0 equals input 1 in the fitted sequences and is its negative in the
+    held-out one: moving column 0's weight onto column 1 repairs the fit and quadruples the held-out error."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 64, 8, generator=g)
+    x[0, :, 1] = x[0, :, 0]
+    x[1, :, 1] = -x[1, :, 0]
+    stats = InputStats(8, "cpu", StatsSpec(hessian=True, holdout=holdout))
+    stats.add_batch(x, held=torch.tensor([False, True]) if holdout else None)
+    w = torch.randn(4, 8, generator=g)
+    mask = torch.zeros(4, 8, dtype=torch.bool)
+    mask[:, 0] = True
+    return w, w.masked_fill(mask, 0.0), mask, stats, x
+
+
+def test_correction_that_fits_but_does_not_generalise_is_refused():
+    w, w_pruned, mask, stats, _ = _flipped_layer(holdout=0.5)
+    result = correct(w, w_pruned, mask, InputGroup(["layer"], stats), w.abs(), CorrectionConfig.of("optimal"))
+    d = result.diagnostics
+    assert d["fit_error_proposed"] < 0.01 * d["fit_error_before"]  # in-sample it all but vanishes ...
+    assert d["heldout_error_proposed"] > 3.0 * d["heldout_error_before"]  # ... held out it quadruples
+    assert d["status"] == "refused" and d["refused"] and not d["reverted"]
+    assert torch.equal(result.weight, w_pruned)
+    assert d["heldout_error_after"] == d["heldout_error_before"] and d["error_after"] == d["error_before"]
+    assert (d["fit_tokens"], d["heldout_tokens"]) == (64, 64)
+
+
+def test_without_a_held_out_share_the_same_correction_is_accepted():
+    """Judged on the tokens it fitted (the former never-worse check), the same correction passes."""
+    w, w_pruned, mask, _, x = _flipped_layer(holdout=0.0)
+    fitted = InputStats(8, "cpu", StatsSpec(hessian=True))
+    fitted.add_batch(x[:1])
+    cfg = CorrectionConfig.of("optimal", holdout=Holdout(0.0))
+    d = correct(w, w_pruned, mask, InputGroup(["layer"], fitted), w.abs(), cfg).diagnostics
+    assert d["status"] == "accepted" and d["error_after"] < 0.01 * d["error_before"]
+    assert "heldout_error_before" not in d
+
+
+@pytest.mark.parametrize("method", ["diagonal", "greedy"])
+def test_sample_based_methods_are_judged_on_held_out_samples(method):
+    """Without exact errors the fit and held-out errors come from the two shares of the token sample."""
+    w, w_pruned, mask, _, x = _flipped_layer(holdout=0.5)
+    stats = InputStats(8, "cpu", StatsSpec(max_samples=1000, holdout=0.5))
+    stats.add_batch(x, held=torch.tensor([False, True]))
+    cfg = CorrectionConfig.of(method, exact_errors=False)
+    d = correct(w, w_pruned, mask, InputGroup(["layer"], stats), w.abs(), cfg).diagnostics
+    assert d["error_source"] == "samples" and (d["fit_tokens"], d["heldout_tokens"]) == (64, 64)
+    assert d["status"] in ("accepted", "refused", "reverted")
+    if d["status"] == "accepted":
+        assert d["heldout_error_after"] < d["heldout_error_before"]
+
+
+def test_damping_is_chosen_by_held_out_error_only_where_it_matters():
+    meter = LayerError(h=torch.eye(2), d=torch.zeros(1, 2), dh=torch.zeros(1, 2), energy=1.0, before=1.0)
+    own = CorrectionConfig.of("optimal").settings  # damping 1e-2
+    trial = lambda damping, held_error: (own.__class__(damping=damping), None, None, 0.5, 1.0 - held_error)  # noqa: E731
+    near = [trial(1e-3, 0.500), trial(1e-2, 0.501), trial(1e-1, 0.4999)]
+    assert _choose(near, meter, own)[0].damping == 1e-2  # within the margin: keep the configured one
+    far = [trial(1e-3, 0.500), trial(1e-2, 0.500), trial(1e-1, 0.500 * (1 - 2 * DAMPING_MARGIN))]
+    assert _choose(far, meter, own)[0].damping == 1e-1
+
+
+def test_damping_candidates_on_an_overfitting_layer():
+    """Few tokens per feature: the held-out share prefers a larger damping than the fitted one."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 12, 16, generator=g) @ torch.randn(16, 16, generator=g)  # 36 fitted tokens, 16 features
+    stats = InputStats(16, "cpu", StatsSpec(hessian=True, holdout=0.25))
+    stats.add_batch(x, held=torch.tensor([False, False, False, True]))
+    w = torch.randn(8, 16, generator=g)
+    mask = torch.rand(8, 16, generator=g) < 0.7
+    cfg = CorrectionConfig.of("optimal", holdout=Holdout(0.25, dampings=(1e-4, 1.0, 10.0)))
+    d = correct(w, w.masked_fill(mask, 0.0), mask, InputGroup(["layer"], stats), w.abs(), cfg).diagnostics
+    errors = d["damping_heldout_errors"]
+    assert set(errors) == {"0.0001", "0.01", "1.0", "10.0"}  # the method's own damping is always a candidate
+    best = min(errors, key=errors.get)
+    assert d["damping"] == float(best) or errors[best] > (1 - DAMPING_MARGIN) * errors["0.01"]
+
+
+def test_prune_reports_in_sample_and_held_out_errors(tmp_path):
+    calib = torch.randint(0, 4096, (8, 32), generator=torch.Generator().manual_seed(0))
+    cfg = PruneConfig(correction=CorrectionConfig.of("optimal"), engine=EngineConfig(batch_size=3))
+    layers = prune_model(make_tiny_model("mistral"), calib, cfg, torch.device("cpu")).layers
+    for r in layers:
+        c = r.correction
+        assert (c["fit_tokens"], c["heldout_tokens"]) == (7 * 32, 32)  # round(0.125 * 8) = 1 sequence
+        for key in ("fit_error_before", "fit_error_proposed", "heldout_error_before", "heldout_error_after"):
+            assert c[key] >= 0
+        if c["status"] == "accepted":
+            assert c["heldout_error_after"] < c["heldout_error_before"]
+            assert c["fit_error_proposed"] < c["fit_error_before"]
+    # the draw does not depend on the batch size
+    other = prune_model(make_tiny_model("mistral"), calib, PruneConfig(
+        correction=CorrectionConfig.of("optimal"), engine=EngineConfig(batch_size=8)), torch.device("cpu")).layers
+    for a, b in zip(layers, other):
+        assert a.correction["heldout_error_before"] == pytest.approx(b.correction["heldout_error_before"], rel=1e-4)
+
+
+def test_holdout_settings_are_checked():
+    with pytest.raises(PracError, match="holdout must be in"):
+        Holdout(1.0)
+    with pytest.raises(PracError, match="damping must be"):
+        Holdout(0.1, dampings=(-1.0,))
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--correction", "greedy", "--holdout-dampings", "1e-2"], "has no damping"),
+    (["--correction", "optimal", "--holdout", "0", "--holdout-dampings", "1e-2"], "needs --holdout > 0"),
+    (["--correction", "optimal", "--holdout-dampings", "a,b"], "comma-separated numbers"),
+    (["--holdout", "0.2"], "without a correction"),
+    (["--correction", "optimal", "--holdout", "1.5"], "holdout must be in"),
+])
+def test_cli_holdout_errors(args, message):
+    proc = subprocess.run([sys.executable, "-m", "prac", "prune", *args, "--eval", "none"], capture_output=True, text=True)
+    assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) <= 2, proc.stderr
+
+
+def test_cli_report_has_the_held_out_summary(tmp_path):
+    report = tmp_path / "r.json"
+    proc = subprocess.run([sys.executable, "-m", "prac", "prune", "--correction", "optimal", "--nsamples", "8",
+                           "--seqlen", "32", "--eval", "none", "--no-progress", "--holdout", "0.25",
+                           "--report", str(report)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    rep = json.loads(report.read_text())
+    s = rep["summary"]["correction"]
+    assert s["heldout_layers"] == s["layers"] == 28 and 0 <= s["refused"] <= 28
+    assert s["mean_heldout_error_after"] <= s["mean_heldout_error_before"]
+    assert rep["config"]["prune"]["correction"]["holdout"] == {"share": 0.25, "refit": True, "dampings": []}
