@@ -68,3 +68,12 @@ def test_plan_drives_the_pruning_run(calib):
 def test_bad_allocation_is_a_one_line_error():
     with pytest.raises(PracError, match="unknown allocation"):
         AllocationConfig(method="dlp")
+
+
+def test_scan_samples_reads_only_the_first_sequences(calib):
+    model = make_tiny_model("mistral")
+    short = allocate(model, calib, 0.6, AllocationConfig(method="error", scan_samples=2))
+    assert short.sparsity == allocate(model, calib[:2], 0.6, AllocationConfig(method="error")).sparsity
+    assert short.sparsity != allocate(model, calib, 0.6, AllocationConfig(method="error")).sparsity
+    with pytest.raises(PracError, match="scan samples"):
+        AllocationConfig(method="error", scan_samples=-1)

@@ -79,6 +79,8 @@ def test_correction_that_fits_but_does_not_generalise_is_refused():
     assert d["fit_error_proposed"] < 0.01 * d["fit_error_before"]  # in-sample it all but vanishes ...
     assert d["heldout_error_proposed"] > 3.0 * d["heldout_error_before"]  # ... held out it quadruples
     assert d["status"] == "refused" and d["refused"] and not d["reverted"]
+    assert not d["damping_escalated"] and set(d["damping_heldout_errors"]) == {"0.01", "0.1", "1.0", "10.0"}
+    assert all(e > d["heldout_error_before"] for e in d["damping_heldout_errors"].values())  # no damping helps
     assert torch.equal(result.weight, w_pruned)
     assert d["heldout_error_after"] == d["heldout_error_before"] and d["error_after"] == d["error_before"]
     assert (d["fit_tokens"], d["heldout_tokens"]) == (64, 64)
@@ -117,6 +119,30 @@ def test_damping_is_chosen_by_held_out_error_only_where_it_matters():
     assert _choose(near, meter, own)[0].damping == 1e-2  # within the margin: keep the configured one
     far = [trial(1e-3, 0.500), trial(1e-2, 0.500), trial(1e-1, 0.500 * (1 - 2 * DAMPING_MARGIN))]
     assert _choose(far, meter, own)[0].damping == 1e-1
+
+
+def test_escalation_rescues_a_correction_that_overfits_only_at_small_damping():
+    """Few tokens per feature: undamped, the fit fails on the held-out share; more damping (a smaller,
+    safer δ) passes, so the layer is corrected instead of refused (and refused with escalation off)."""
+    outcomes = {}
+    for seed in range(40):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(2, 20, 16, generator=g) @ torch.randn(16, 16, generator=g)
+        stats = InputStats(16, "cpu", StatsSpec(hessian=True, holdout=0.5))
+        stats.add_batch(x, held=torch.tensor([False, True]))
+        w = torch.randn(8, 16, generator=g)
+        mask = torch.rand(8, 16, generator=g) < 0.6
+        for escalate in (True, False):
+            cfg = CorrectionConfig.of("optimal", holdout=Holdout(0.5, escalate=escalate), damping=1e-4)
+            outcomes[seed, escalate] = correct(w, w.masked_fill(mask, 0.0), mask, InputGroup(["l"], stats), w.abs(),
+                                               cfg).diagnostics
+    rescued = [s for s in range(40) if outcomes[s, True]["damping_escalated"]]
+    assert rescued, "no layer needed a stronger damping"
+    for s in rescued:
+        on, off = outcomes[s, True], outcomes[s, False]
+        assert on["status"] == "accepted" and on["damping"] in (1e-3, 1e-2, 1e-1)
+        assert on["heldout_error_proposed"] < on["heldout_error_before"]
+        assert off["status"] == "refused" and off["damping"] == 1e-4
 
 
 def test_damping_candidates_on_an_overfitting_layer():
@@ -183,4 +209,5 @@ def test_cli_report_has_the_held_out_summary(tmp_path):
     s = rep["summary"]["correction"]
     assert s["heldout_layers"] == s["layers"] == 28 and 0 <= s["refused"] <= 28
     assert s["mean_heldout_error_after"] <= s["mean_heldout_error_before"]
-    assert rep["config"]["prune"]["correction"]["holdout"] == {"share": 0.25, "refit": True, "dampings": []}
+    assert rep["config"]["prune"]["correction"]["holdout"] == {"share": 0.25, "refit": True, "dampings": [],
+                                                                "escalate": True}

@@ -47,13 +47,16 @@ class AllocationConfig:
     """``method``: one of ALLOCATORS. OWL: ``owl_lambda`` (λ, the half-width of the sparsity range)
     and ``owl_m`` (M, the outlier threshold as a multiple of the mean score), the paper's LLaMA
     values 0.08 and 5 by default. Error: ``error_trials`` sparsity offsets around the target.
-    ``max_sparsity`` caps any layer."""
+    ``max_sparsity`` caps any layer. ``scan_samples``: calibration sequences the dense scan reads
+    (the first ones; 0 = all): a plan needs each layer's error *curve*, which far fewer tokens than
+    the pruning pass give to within its resolution (measured in the README)."""
 
     method: str = "uniform"
     owl_lambda: float = 0.08
     owl_m: float = 5.0
     error_trials: tuple[float, ...] = (-0.2, -0.1, -0.05, 0.0, 0.05, 0.1, 0.2)
     max_sparsity: float = 0.95
+    scan_samples: int = 0
 
     @property
     def active(self) -> bool:
@@ -73,6 +76,8 @@ class AllocationConfig:
             raise PracError(f"OWL needs 0 <= lambda < 0.5 and M > 0, got {self.owl_lambda}, {self.owl_m}")
         if not 0 < self.max_sparsity < 1:
             raise PracError(f"max sparsity must be in (0, 1), got {self.max_sparsity}")
+        if self.scan_samples < 0:
+            raise PracError(f"allocation scan samples must be >= 0 (0: all), got {self.scan_samples}")
 
 
 @dataclass
@@ -145,6 +150,8 @@ def allocate(model: nn.Module, calib: torch.Tensor, target: float, config: Alloc
     collected: dict[str, object] = {}
     observe = _owl_observer(config, collected) if config.method == "owl" else _error_observer(config, target, collected)
     runner = BlockEngine(engine, device, progress) if progress is not None else BlockEngine(engine, device)
+    if config.scan_samples:
+        calib = calib[: config.scan_samples]
     runner.run(model, calib, spec, observe, ignore=ignore)  # a dense scan: the step changes nothing
     if config.method == "owl":
         return _owl_plan(target, config, collected, numel, block_of)
@@ -172,7 +179,7 @@ def _error_observer(config: AllocationConfig, target: float, out: dict) -> Obser
             scores = wanda_scores(w, group.stats.l2)
             energy = float(quadratic_rows(w, h).sum())  # once per linear, not per trial
             curve = []
-            for s in trials:
+            for s in trials:  # one [out, in] product per trial, so memory stays at one weight's size
                 removed = w.masked_fill(~mask_from_scores(scores, Unstructured(s)), 0.0)  # W₀ − W_s
                 curve.append((s, float(quadratic_rows(removed, h).sum()) / energy if energy > 0 else 0.0))
             out[name] = curve

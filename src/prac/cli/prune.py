@@ -86,6 +86,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "ratio, Yin et al. 2024), error (measured layer error at trial sparsities); unstructured only")
     g.add_argument("--owl-lambda", type=float, default=None, help="owl: half-width λ of the sparsity range (default: 0.08)")
     g.add_argument("--owl-m", type=float, default=None, help="owl: outlier threshold M, times the mean score (default: 5)")
+    g.add_argument("--allocation-samples", type=int, default=None, metavar="N",
+                   help="calibration sequences the allocation's dense scan reads, the first N (0: all; "
+                        "default: all)")
     g.add_argument("--plot", default=None, metavar="FILE.png", help="write the allocation plan's figure (sparsity per block and projection)")
     g = p.add_argument_group("correction (see docs/correction.md); a setting the chosen method does not have is an error")
     g.add_argument("--correction", choices=list(names()), default="none", help="weight correction after pruning (default: none)")
@@ -116,6 +119,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--holdout-dampings", default=None, metavar="D1,D2,...",
                    help="candidate dampings, each fitted on the rest; the lowest held-out error wins, per layer "
                         "(methods with --damping; needs --holdout > 0; default: the method's damping only)")
+    g.add_argument("--holdout-escalate", action=argparse.BooleanOptionalAction, default=None,
+                   help="a correction that fails on the held-out share is tried at 10x, 100x, 1000x its damping "
+                        "before it is refused (methods with --damping; default: on)")
     g.add_argument("--holdout-refit", action=argparse.BooleanOptionalAction, default=None,
                    help="solve an accepted correction again on all tokens, at its chosen damping (default: on)")
     g.add_argument("--layer-batch-size", type=int, default=0, help="distinct layer inputs whose statistics are held at once (0 = all of a block); fewer = less memory, one more calibration forward per chunk")
@@ -208,9 +214,11 @@ def _holdout_from_args(args: argparse.Namespace, settings_type: type):
             raise PracError(f"--holdout-dampings: correction {args.correction!r} has no damping")
         if share <= 0:
             raise PracError("--holdout-dampings needs --holdout > 0 (the dampings are chosen on the held-out share)")
-    if args.holdout_refit is not None and share <= 0:
-        raise PracError("--holdout-refit needs --holdout > 0")
-    return Holdout(share=share, refit=True if args.holdout_refit is None else args.holdout_refit, dampings=dampings)
+    for flag in ("refit", "escalate"):
+        if getattr(args, f"holdout_{flag}") is not None and share <= 0:
+            raise PracError(f"--holdout-{flag} needs --holdout > 0")
+    return Holdout(share=share, refit=True if args.holdout_refit is None else args.holdout_refit, dampings=dampings,
+                   escalate=True if args.holdout_escalate is None else args.holdout_escalate)
 
 
 def prune_job_from_args(args: argparse.Namespace):
@@ -231,7 +239,8 @@ def prune_job_from_args(args: argparse.Namespace):
         given["max_correction_magnitude"] = math.inf
     entry = get_correction(method)
     held = {k: v for k, v in (("holdout", args.holdout), ("holdout_dampings", args.holdout_dampings),
-                              ("holdout_refit", args.holdout_refit)) if v is not None}
+                              ("holdout_refit", args.holdout_refit), ("holdout_escalate", args.holdout_escalate))
+            if v is not None}
     if entry is None:
         if given or held:
             raise PracError(f"correction settings given without a correction: "
@@ -252,6 +261,10 @@ def prune_job_from_args(args: argparse.Namespace):
     owl = {k: v for k, v in (("owl_lambda", args.owl_lambda), ("owl_m", args.owl_m)) if v is not None}
     if owl and args.allocation != "owl":
         raise PracError("--owl-lambda/--owl-m need --allocation owl")
+    if args.allocation_samples is not None:
+        if args.allocation == "uniform":
+            raise PracError("--allocation-samples needs --allocation owl or error (uniform needs no scan)")
+        owl["scan_samples"] = args.allocation_samples
     allocation = AllocationConfig(method=args.allocation, **owl)
     allocation.check(pattern)
     return PruneJob(allocation=allocation, plot=args.plot,

@@ -160,6 +160,9 @@ def _candidates(cfg: CorrectionConfig) -> list[Any]:
     return [dataclasses.replace(s, damping=d) for d in dampings]
 
 
+#: Factors of the damping tried, in order, when a correction fails on the held-out share (``Holdout.escalate``).
+ESCALATION = (10.0, 100.0, 1000.0)
+
 #: Another damping replaces the method's own only if it lowers the held-out error by more than this
 #: fraction: where the held-out errors of the candidates agree, the damping does not matter and the
 #: configured one is kept, rather than a winner by noise.
@@ -194,15 +197,28 @@ def _judge(entry, problem: LayerProblem, split: tuple[InputGroup, InputGroup], c
     fit_meter = LayerError.of(p.w_orig, p.w_pruned, h_fit)
     held_meter = LayerError.of(p.w_orig, p.w_pruned, h_held)
     fit_problem = LayerProblem(p.w_orig, p.w_pruned, p.mask, p.selected, p.scores, fit_group, fit_meter, fit_source)
-    trials = []
-    for settings in _candidates(cfg):
+    def trial(settings: Any) -> tuple:
         proposal = entry.propose(fit_problem, settings)
         delta = proposal.delta.masked_fill(~p.selected, 0.0)
-        fit_gain, held_gain = fit_meter.reduction(delta, proposal.quad), held_meter.reduction(delta)
-        trials.append((settings, proposal, delta, fit_gain, held_gain))
-    settings, proposal, delta, fit_gain, held_gain = _choose(trials, held_meter, cfg.settings)
+        return settings, proposal, delta, fit_meter.reduction(delta, proposal.quad), held_meter.reduction(delta)
+
+    def passes(t: tuple) -> bool:
+        return math.isfinite(t[3]) and t[3] > 0 and math.isfinite(t[4]) and t[4] > 0
+
+    trials = [trial(s) for s in _candidates(cfg)]
+    chosen = _choose(trials, held_meter, cfg.settings)
+    escalated = False
+    if not passes(chosen) and cfg.holdout.escalate and hasattr(chosen[0], "damping") and chosen[0].damping > 0:
+        # Where the damping matters: the correction overfits at this damping, so try stronger ones
+        # (shrinking δ toward no change) before refusing; the passing one with the lowest held-out error wins.
+        more = [trial(dataclasses.replace(chosen[0], damping=chosen[0].damping * f)) for f in ESCALATION]
+        trials += more
+        good = [t for t in more if passes(t)]
+        if good:
+            chosen, escalated = max(good, key=lambda t: t[4]), True
+    settings, proposal, delta, fit_gain, held_gain = chosen
     fitted = math.isfinite(fit_gain) and fit_gain > 0
-    passed = fitted and math.isfinite(held_gain) and held_gain > 0
+    passed = passes(chosen)
     info: dict[str, Any] = {
         "holdout_share": cfg.holdout.share,
         "fit_tokens": fit_group.stats.count,
@@ -214,6 +230,7 @@ def _judge(entry, problem: LayerProblem, split: tuple[InputGroup, InputGroup], c
         "passed": passed,
         "refused": fitted and not passed,
         "refit": cfg.holdout.refit,
+        "damping_escalated": escalated,
     }
     info["heldout_error_after"] = info["heldout_error_proposed"] if passed else info["heldout_error_before"]
     if len(trials) > 1:

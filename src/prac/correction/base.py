@@ -77,6 +77,8 @@ class Holdout:
     apart: the correction is fitted on the rest, and kept only if it lowers the layer's error on the
     held-out share too. ``dampings``: for methods with a ``damping``, the candidates tried (each fitted
     on the rest, the one with the lowest held-out error wins); empty: the method's own damping only.
+    ``escalate``: where the damping matters — a correction that fails on the held-out share — the
+    damping is raised 10×, 100×, 1000× (each fitted on the rest) before the correction is refused.
     ``refit``: once accepted (and its damping chosen), the correction is solved again on all tokens.
     ``share`` 0 turns all of this off (never-worse on the tokens fitted, as before).
     """
@@ -84,6 +86,7 @@ class Holdout:
     share: float = DEFAULT_HOLDOUT
     refit: bool = True
     dampings: tuple[float, ...] = ()
+    escalate: bool = True
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.share) and 0.0 <= self.share < 1.0):
