@@ -74,6 +74,7 @@ def test_scan_samples_reads_only_the_first_sequences(calib):
     model = make_tiny_model("mistral")
     short = allocate(model, calib, 0.6, AllocationConfig(method="error", scan_samples=2))
     assert short.sparsity == allocate(model, calib[:2], 0.6, AllocationConfig(method="error")).sparsity
-    assert short.sparsity != allocate(model, calib, 0.6, AllocationConfig(method="error")).sparsity
+    assert short.sparsity != allocate(model, calib, 0.6, AllocationConfig(method="error", scan_samples=0)).sparsity
+    assert AllocationConfig(method="error").scan == 16 and AllocationConfig(method="owl").scan == 0
     with pytest.raises(PracError, match="scan samples"):
         AllocationConfig(method="error", scan_samples=-1)

@@ -40,6 +40,8 @@ from prac.patterns import Unstructured
 from prac.stats import StatsSpec
 
 ALLOCATORS = ("uniform", "owl", "error")
+#: Calibration sequences the ``error`` allocator's dense scan reads by default (the first ones).
+ERROR_SCAN_SAMPLES = 16
 
 
 @dataclass(frozen=True)
@@ -48,15 +50,23 @@ class AllocationConfig:
     and ``owl_m`` (M, the outlier threshold as a multiple of the mean score), the paper's LLaMA
     values 0.08 and 5 by default. Error: ``error_trials`` sparsity offsets around the target.
     ``max_sparsity`` caps any layer. ``scan_samples``: calibration sequences the dense scan reads
-    (the first ones; 0 = all): a plan needs each layer's error *curve*, which far fewer tokens than
-    the pruning pass give to within its resolution (measured in the README)."""
+    (the first ones; 0 = all; None = :data:`ERROR_SCAN_SAMPLES` for ``error``, all for ``owl``): a
+    plan needs each layer's error *curve*, which far fewer tokens than the pruning pass resolve
+    well enough (measured in the README: 16 of 128 sequences give the same quality, 2.5× faster)."""
 
     method: str = "uniform"
     owl_lambda: float = 0.08
     owl_m: float = 5.0
     error_trials: tuple[float, ...] = (-0.2, -0.1, -0.05, 0.0, 0.05, 0.1, 0.2)
     max_sparsity: float = 0.95
-    scan_samples: int = 0
+    scan_samples: int | None = None
+
+    @property
+    def scan(self) -> int:
+        """Sequences the dense scan reads (0: all)."""
+        if self.scan_samples is not None:
+            return self.scan_samples
+        return ERROR_SCAN_SAMPLES if self.method == "error" else 0
 
     @property
     def active(self) -> bool:
@@ -76,7 +86,7 @@ class AllocationConfig:
             raise PracError(f"OWL needs 0 <= lambda < 0.5 and M > 0, got {self.owl_lambda}, {self.owl_m}")
         if not 0 < self.max_sparsity < 1:
             raise PracError(f"max sparsity must be in (0, 1), got {self.max_sparsity}")
-        if self.scan_samples < 0:
+        if self.scan_samples is not None and self.scan_samples < 0:
             raise PracError(f"allocation scan samples must be >= 0 (0: all), got {self.scan_samples}")
 
 
@@ -150,8 +160,8 @@ def allocate(model: nn.Module, calib: torch.Tensor, target: float, config: Alloc
     collected: dict[str, object] = {}
     observe = _owl_observer(config, collected) if config.method == "owl" else _error_observer(config, target, collected)
     runner = BlockEngine(engine, device, progress) if progress is not None else BlockEngine(engine, device)
-    if config.scan_samples:
-        calib = calib[: config.scan_samples]
+    if config.scan:
+        calib = calib[: config.scan]
     runner.run(model, calib, spec, observe, ignore=ignore)  # a dense scan: the step changes nothing
     if config.method == "owl":
         return _owl_plan(target, config, collected, numel, block_of)

@@ -88,7 +88,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--owl-m", type=float, default=None, help="owl: outlier threshold M, times the mean score (default: 5)")
     g.add_argument("--allocation-samples", type=int, default=None, metavar="N",
                    help="calibration sequences the allocation's dense scan reads, the first N (0: all; "
-                        "default: all)")
+                        "default: 16 for error, all for owl)")
     g.add_argument("--plot", default=None, metavar="FILE.png", help="write the allocation plan's figure (sparsity per block and projection)")
     g = p.add_argument_group("correction (see docs/correction.md); a setting the chosen method does not have is an error")
     g.add_argument("--correction", choices=list(names()), default="none", help="weight correction after pruning (default: none)")
