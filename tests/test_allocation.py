@@ -76,5 +76,14 @@ def test_scan_samples_reads_only_the_first_sequences(calib):
     assert short.sparsity == allocate(model, calib[:2], 0.6, AllocationConfig(method="error")).sparsity
     assert short.sparsity != allocate(model, calib, 0.6, AllocationConfig(method="error", scan_samples=0)).sparsity
     assert AllocationConfig(method="error").scan == 16 and AllocationConfig(method="owl").scan == 0
+    assert short.to_dict()["detail"]["scan_sequences"] == 2
     with pytest.raises(PracError, match="scan samples"):
         AllocationConfig(method="error", scan_samples=-1)
+
+
+def test_allocation_samples_needs_a_scanning_allocator(capsys):
+    from prac.cli import main
+
+    assert main(["prune", "--allocation-samples", "4", "--eval", "none"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) <= 2 and "--allocation-samples needs --allocation owl or error" in err[0]

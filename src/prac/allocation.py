@@ -163,9 +163,9 @@ def allocate(model: nn.Module, calib: torch.Tensor, target: float, config: Alloc
     if config.scan:
         calib = calib[: config.scan]
     runner.run(model, calib, spec, observe, ignore=ignore)  # a dense scan: the step changes nothing
-    if config.method == "owl":
-        return _owl_plan(target, config, collected, numel, block_of)
-    return _error_plan(target, config, collected, numel, block_of)
+    plan = (_owl_plan if config.method == "owl" else _error_plan)(target, config, collected, numel, block_of)
+    plan.detail["scan_sequences"] = int(calib.shape[0])
+    return plan
 
 
 Observer = Callable[[InputGroup, dict[str, nn.Module]], None]
