@@ -83,7 +83,7 @@ def row(method, correction, pattern, allocation, rep) -> dict:
     return {"method": method, "correction": correction, "pattern": pattern, "allocation": allocation, "ppl": s.get("ppl"),
             "sparsity": s["sparsity"], "mean_relative_error": s.get("mean_relative_error"),
             "fraction_of_optimal": c.get("mean_fraction_of_optimal"), "reverted": c.get("reverted"),
-            "refused": c.get("refused"), "corrected_layers": c.get("layers"), "prune_seconds": s["prune_seconds"], "peak_memory_mb": s["peak_memory_bytes"] / 2**20}
+            "refused": c.get("refused"), "escalated": c.get("damping_escalated"), "corrected_layers": c.get("layers"), "prune_seconds": s["prune_seconds"], "peak_memory_mb": s["peak_memory_bytes"] / 2**20}
 
 
 def markdown(rows: list[dict], reference: dict) -> str:

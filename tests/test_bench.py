@@ -25,10 +25,11 @@ def test_quality_smoke(tmp_path):
     for r in rows:
         if r["correction"] == "optimal":
             # 4 x 64 calibration tokens: the held-out sequence refuses corrections that overfit the other
-            # three (fraction 0 for those layers); the accepted ones reach the optimum
-            n, refused = r["corrected_layers"], r["refused"]
-            assert n == 28 and refused is not None and 0 <= refused < n, (n, refused)
-            assert 0.9 * (n - refused) / n < r["fraction_of_optimal"] <= 1.01
+            # three (fraction 0 for those layers) or has them damped harder (a smaller fraction); the
+            # others reach the optimum
+            n, refused, escalated = r["corrected_layers"], r["refused"], r["escalated"]
+            assert n == 28 and refused is not None and 0 <= refused + escalated < n, (n, refused, escalated)
+            assert 0.9 * (n - refused - escalated) / n < r["fraction_of_optimal"] <= 1.01
 
 
 def test_gpu_script_smoke_on_cpu(tmp_path):

@@ -27,6 +27,7 @@ def summarize(diagnostics: list[dict]) -> dict:
     judged = [d for d in rows if "heldout_error_before" in d]
     if judged:  # held-out acceptance ran: how the corrections fared on tokens they did not fit
         summary["refused"] = sum(1 for d in rows if d.get("refused"))
+        summary["damping_escalated"] = sum(1 for d in rows if d.get("damping_escalated"))
         summary["heldout_layers"] = len(judged)
         summary["mean_fit_error_before"] = sum(d["fit_error_before"] for d in judged) / len(judged)
         summary["mean_fit_error_proposed"] = sum(d["fit_error_proposed"] for d in judged) / len(judged)
