@@ -197,6 +197,7 @@ def _judge(entry, problem: LayerProblem, split: tuple[InputGroup, InputGroup], c
     fit_meter = LayerError.of(p.w_orig, p.w_pruned, h_fit)
     held_meter = LayerError.of(p.w_orig, p.w_pruned, h_held)
     fit_problem = LayerProblem(p.w_orig, p.w_pruned, p.mask, p.selected, p.scores, fit_group, fit_meter, fit_source)
+
     def trial(settings: Any) -> tuple:
         proposal = entry.propose(fit_problem, settings)
         delta = proposal.delta.masked_fill(~p.selected, 0.0)
