@@ -10,7 +10,9 @@ evaluated on the bundled held-out text with 256-token windows; results land in
     python bench/quality.py --methods admm admm@row sparsegpt --corrections none optimal \
         --allocations uniform owl error --patterns 70 --out-dir bench/results/joint
 
-A method may carry a variant after ``@`` (``admm@row``: ``--scope row``). Allocations other than
+A method may carry variants after ``@``, joined by ``,`` (``admm@row``: ``--scope row``;
+``admm@seq``: ``--sequential``; ``admm@dt``/``admm@nodt``: ``--dense-target``/``--no-dense-target``;
+``admm@row,seq``: both). Allocations other than
 ``uniform`` are skipped for N:M patterns, where they do not apply.
 """
 
@@ -30,7 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = ROOT / "tests" / "golden"
 PATTERNS = ["50", "60", "70", "80", "2:4", "4:8"]
 ALLOCATIONS = ["uniform", "owl", "error"]
-VARIANTS = {"row": ["--scope", "row"], "layer": ["--scope", "layer"]}
+VARIANTS = {"row": ["--scope", "row"], "layer": ["--scope", "layer"], "seq": ["--sequential"], "dt": ["--dense-target"],
+            "nodt": ["--no-dense-target"]}
 CORRECTIONS = ["none", "full", "diagonal", "greedy", "optimal"]
 
 
@@ -54,12 +57,12 @@ def configs(methods, corrections, patterns, allocations=("uniform",)) -> list[tu
 
 def key(method: str, correction: str, pattern: str, allocation: str = "uniform") -> str:
     alloc = "" if allocation == "uniform" else f"+{allocation}"
-    return f"{method.replace('@', '-')}+{correction}{alloc}_{pattern.replace(':', 'of')}"
+    return f"{method.replace('@', '-').replace(',', '-')}+{correction}{alloc}_{pattern.replace(':', 'of')}"
 
 
 def method_args(method: str) -> list[str]:
-    name, _, variant = method.partition("@")
-    return ["--method", name, *(VARIANTS[variant] if variant else [])]
+    name, _, variants = method.partition("@")
+    return ["--method", name, *(arg for v in variants.split(",") if v for arg in VARIANTS[v])]
 
 
 def run_one(method, correction, pattern, allocation, out_dir: Path, smoke: bool, threads: int, extra: list[str]) -> dict:
@@ -86,12 +89,19 @@ def row(method, correction, pattern, allocation, rep) -> dict:
             "refused": c.get("refused"), "escalated": c.get("damping_escalated"), "corrected_layers": c.get("layers"), "prune_seconds": s["prune_seconds"], "peak_memory_mb": s["peak_memory_bytes"] / 2**20}
 
 
+def reference_name(method: str) -> str:
+    """The reference implementation a row compares to: the method itself, whatever its objective variants
+    (dense target, sequential), but not with another scope."""
+    name, _, variants = method.partition("@")
+    return name if set(filter(None, variants.split(","))) <= {"dt", "nodt", "seq"} else method
+
+
 def markdown(rows: list[dict], reference: dict) -> str:
     lines = ["| pattern | method | correction | allocation | ppl | reference ppl | sparsity | mean rel. layer error | of optimum | prune s | peak MiB |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         uniform = r.get("allocation", "uniform") == "uniform"
-        ref = reference.get(f"{r['method']}_{r['pattern'].replace(':', 'of')}", {}).get("ppl") if r["correction"] == "none" and uniform else None
+        ref = reference.get(f"{reference_name(r['method'])}_{r['pattern'].replace(':', 'of')}", {}).get("ppl") if r["correction"] == "none" and uniform else None
         fmt = lambda v, f: "–" if v is None else format(v, f)  # noqa: E731
         lines.append(f"| {r['pattern']} | {r['method']} | {r['correction']} | {r.get('allocation', 'uniform')} | {fmt(r['ppl'], '.3f')} | {fmt(ref, '.3f')} | "
                      f"{r['sparsity']:.4f} | {fmt(r['mean_relative_error'], '.5f')} | {fmt(r['fraction_of_optimal'], '.3f')} | "

@@ -87,3 +87,19 @@ def test_allocation_samples_needs_a_scanning_allocator(capsys):
     assert main(["prune", "--allocation-samples", "4", "--eval", "none"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) <= 2 and "--allocation-samples needs --allocation owl or error" in err[0]
+
+
+def test_the_scan_is_dense_whatever_the_pruning_engine(calib):
+    """The pruning run's ``dense_target``/``sequential`` do not change the dense scan (nor its plan)."""
+    from prac.engine import EngineConfig
+
+    model = make_tiny_model("mistral")
+    plain = allocate(model, calib, 0.6, AllocationConfig(method="error"))
+    other = allocate(model, calib, 0.6, AllocationConfig(method="error"),
+                     engine=EngineConfig(dense_target=True, sequential=True))
+    assert plain.sparsity == other.sparsity
+    cfg = PruneConfig(method="admm", pattern=Unstructured(0.6), plan=other.sparsity,
+                      engine=EngineConfig(dense_target=True))
+    outcome = prune_model(copy.deepcopy(model), calib, cfg, CPU)
+    assert sum(r.sparsity * r.shape[0] * r.shape[1] for r in outcome.layers) == pytest.approx(
+        0.6 * sum(r.shape[0] * r.shape[1] for r in outcome.layers), rel=1e-3)

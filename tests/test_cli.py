@@ -258,3 +258,22 @@ def test_prune_verbose_logs_each_phase(tiny_model_dir, small, restore_prac_loggi
     assert main(["prune", "--no-progress", "-v", "--model", str(tiny_model_dir("mistral")), *small]) == 0
     err = capsys.readouterr().err
     assert "INFO prac.jobs: calibration: 4 x 32 tokens" in err and "INFO prac.jobs: pruned" in err
+
+
+@pytest.mark.parametrize("flags, expected", [(["--method", "admm"], True), (["--method", "sparsegpt"], False),
+                                             (["--method", "admm", "--no-dense-target"], False),
+                                             (["--method", "wanda", "--dense-target"], True)])
+def test_dense_target_is_on_by_default_for_admm_only(flags, expected, tiny_model_dir, small, tmp_path, capsys):
+    report = tmp_path / "run.json"
+    code, err = _run(["--model", str(tiny_model_dir("mistral")), *small, "--sparsity", "0.5", *flags,
+                      "--report", str(report)], capsys)
+    assert code == 0, err
+    engine = json.loads(report.read_text())["config"]["prune"]["engine"]
+    assert engine["dense_target"] is expected
+    assert json.loads(report.read_text())["config"]["prune"]["dense_target_damping"] == 0.01
+
+
+def test_dense_target_damping_must_be_positive(tiny_model_dir, small, capsys):
+    code, err = _run(["--model", str(tiny_model_dir("mistral")), *small, "--method", "admm",
+                      "--dense-target-damping", "0"], capsys)
+    _assert_one_line_error(code, err, "dense-target damping")

@@ -83,6 +83,8 @@ def _differences(a, b, path: str = "") -> list[str]:
 CASES = {
     "wanda-50": ["--method", "wanda", "--sparsity", "0.5"],
     "sparsegpt-2of4-optimal": ["--method", "sparsegpt", "--nm", "2:4", "--correction", "optimal"],
+    "wanda-60-sequential": ["--method", "wanda", "--sparsity", "0.6", "--sequential"],
+    "sparsegpt-70-dense-target": ["--method", "sparsegpt", "--sparsity", "0.7", "--dense-target"],
 }
 
 

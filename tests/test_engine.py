@@ -151,3 +151,40 @@ def test_a_plan_sets_each_linears_sparsity(calib):
 
     with pytest.raises(PracError, match="N:M"):
         PruneConfig(pattern=NM(2, 4), plan=plan)
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+def test_sequential_calibrates_each_group_on_the_pruned_groups_before_it(calib, sequential):
+    """A step that zeroes every linear it is given: with ``sequential`` the groups after q/k/v (o_proj
+    reads softmax·V = 0) and after gate/up (down_proj reads act(gate)·up = 0) see zero inputs; without
+    it every group is calibrated on the dense block. The first group of each block sees its dense input."""
+    from prac.engine import BlockEngine
+
+    seen = {}
+
+    def zero(group, linears):
+        seen[group.names[0]] = float(group.stats.hessian.abs().max())
+        return {n: torch.zeros_like(linears[n].weight, dtype=torch.float32) for n in group.names}
+
+    model = make_tiny_model("mistral")
+    engine = BlockEngine(EngineConfig(batch_size=4, sequential=sequential), CPU)
+    engine.run(model, calib, StatsSpec(hessian=True), zero)
+    for b in range(2):
+        layer = f"model.layers.{b}"
+        assert seen[f"{layer}.self_attn.q_proj"] > 0
+        for name in (f"{layer}.self_attn.o_proj", f"{layer}.mlp.down_proj"):
+            assert (seen[name] == 0) == sequential, (name, seen[name])
+        assert seen[f"{layer}.mlp.gate_proj"] > 0  # the residual stream carries the block input past attention
+    assert all(float(p.detach().abs().max()) == 0 for n, p in model.named_parameters() if n.endswith("proj.weight"))
+
+
+def test_sequential_changes_the_masks_and_reruns_bit_identically(calib):
+    def run(sequential):
+        model = make_tiny_model("mistral")
+        cfg = PruneConfig(method="sparsegpt", pattern=Unstructured(0.6), engine=EngineConfig(batch_size=3, sequential=sequential))
+        outcome = prune_model(model, calib, cfg, CPU)
+        return state_hash(model), outcome
+
+    (plain, _), (seq, outcome), (again, _) = run(False), run(True), run(True)
+    assert seq == again and seq != plain
+    assert all(r.sparsity == pytest.approx(0.6, abs=1e-3) for r in outcome.layers)

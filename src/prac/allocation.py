@@ -23,6 +23,8 @@ sparsity of a linear can differ from its plan by that rounding; the report gives
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 from dataclasses import dataclass, field
 from typing import Callable
@@ -159,6 +161,7 @@ def allocate(model: nn.Module, calib: torch.Tensor, target: float, config: Alloc
     spec = StatsSpec(hessian=config.method == "error")
     collected: dict[str, object] = {}
     observe = _owl_observer(config, collected) if config.method == "owl" else _error_observer(config, target, collected)
+    engine = dataclasses.replace(engine, sequential=False, dense_target=False)  # a dense scan: one stream, one pass
     runner = BlockEngine(engine, device, progress) if progress is not None else BlockEngine(engine, device)
     if config.scan:
         calib = calib[: config.scan]

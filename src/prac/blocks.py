@@ -115,7 +115,29 @@ def input_recorder(sink: Callable[[torch.Tensor], None]) -> Callable:
 
 
 class _StopForward(Exception):
-    """Raised by the capture hook so the model does not run past the first block."""
+    """Raised by a hook so the forward does not run past the point it needs (the first block's
+    input at capture; the last recorded layer input of a calibration chunk)."""
+
+
+StopForward = _StopForward
+
+
+def stopping(hook: Callable) -> Callable:
+    """The pre-hook ``hook``, then stop the forward: nothing after this module is needed."""
+
+    def stop(module, args):
+        hook(module, args)
+        raise _StopForward
+
+    return stop
+
+
+def run_block_until(block: nn.Module, inputs: "BlockInputs", index: int, device: torch.device) -> None:
+    """:func:`run_block` for its hooks only: a :func:`stopping` hook may end it early."""
+    try:
+        run_block(block, inputs, index, device)
+    except _StopForward:
+        pass
 
 
 @dataclass
@@ -204,13 +226,21 @@ def run_block(block: nn.Module, inputs: BlockInputs, index: int, device: torch.d
     return block_output(block(hidden, *args, **kwargs))
 
 
-def group_by_input(block: nn.Module, linears: dict[str, nn.Module], inputs: BlockInputs, device: torch.device) -> list[list[str]]:
+def group_by_input(block: nn.Module, linears: dict[str, nn.Module], inputs: BlockInputs, device: torch.device,
+                   calls: dict[str, int] | None = None) -> list[list[str]]:
     """Group linears that read the very same input tensor (q/k/v, gate/up), in forward order.
 
-    One probe forward on the first batch records which tensor object each linear received.
+    One probe forward on the first batch records which tensor object each linear received (and,
+    into ``calls``, how many times each linear was called).
     """
     seen: dict[str, torch.Tensor] = {}
-    hooks = {module: input_recorder(lambda x, _name=name: seen.setdefault(_name, x)) for name, module in linears.items()}
+    counts = calls if calls is not None else {}
+
+    def record(name: str, x: torch.Tensor) -> None:
+        seen.setdefault(name, x)
+        counts[name] = counts.get(name, 0) + 1
+
+    hooks = {module: input_recorder(lambda x, _name=name: record(_name, x)) for name, module in linears.items()}
     with pre_hooks(hooks), torch.no_grad():
         run_block(block, inputs, 0, device)
     groups: list[list[str]] = []

@@ -11,12 +11,22 @@ For each block, in order:
    (a calibrate-only pass); it returns the new weights of the group's linears (or nothing);
 6. apply: once every group of the block is done, the new weights are written into the block
    (so with ``layer_batch_size`` every chunk is still calibrated on the dense block, as in one pass);
+   with ``sequential`` every group is its own chunk, in forward order, and its new weights are
+   written as soon as it is done, so q/k/v's pruning is seen by o_proj's statistics, attention's by
+   the MLP's (SparseGPT's "true sequential");
 7. propagate: recompute the block's outputs with its (new) weights; they become the next block's inputs.
 
 With ``parallel`` (:class:`BlockParallel`, see ``prac.distributed``) the run is data-parallel: the
 rank calibrates on its share of the samples, step 4 also reduces the statistics across ranks and
 assigns each group an owner, step 5 runs on the owner only, and before step 6 the owners' new weights
 are exchanged (``exchange``), so every rank applies the same weights and propagates its own share.
+
+With ``dense_target`` a second stream of hidden states, the dense model's, runs beside the pruned
+one: before step 2 the still dense block runs once over the dense stream, keeping every group's
+input (its dense input, x_d) and replacing the stream by the block's output (the dense stream's
+propagation); step 3 then also accumulates, per group, Σ x_d xᵀ for the same tokens
+(:meth:`prac.stats.InputStats.add_cross`). The step can then reconstruct the dense model's output
+(``prac.pipeline.dense_target_weight``) instead of the current inputs' one.
 
 Block k is thus calibrated on the outputs of the already processed blocks 0..k-1. A step of
 ``None`` is a dense scan: statistics of the unpruned model, block after block. Calibration
@@ -26,6 +36,7 @@ activations stay on the device when they fit, else on the CPU.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -45,7 +56,9 @@ from prac.blocks import (
     input_recorder,
     pre_hooks,
     run_block,
+    run_block_until,
     set_weight,
+    stopping,
 )
 from prac.errors import PracError
 from prac.group import InputGroup
@@ -90,11 +103,21 @@ class BlockParallel(Protocol):
 class EngineConfig:
     """How the engine runs: ``batch_size`` sequences per forward; ``offload`` where calibration
     activations live (auto | device | cpu); ``layer_batch_size`` input groups whose statistics are
-    held at once (0: every group of a block, one forward; k: one forward per k groups)."""
+    held at once (0: every group of a block, one forward; k: one forward per k groups);
+    ``sequential``: calibrate each group on the block with its earlier groups already pruned (one
+    forward per group, in forward order; overrides ``layer_batch_size``); ``dense_target``: also run
+    the dense model's stream of hidden states beside the pruned one (twice the activations, one more
+    forward per block, and every group's dense inputs of the current block kept while it is pruned)
+    so every layer can reconstruct the dense model's output, correcting the error of the layers
+    before it. It implies ``sequential``:
+    calibrated on the dense block, o_proj would correct the drift that the pruned q/k/v already
+    take up (measured: worse than no dense target, see docs/admm.md)."""
 
     batch_size: int = 8
     offload: str = "auto"
     layer_batch_size: int = 0
+    sequential: bool = False
+    dense_target: bool = False
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -134,13 +157,15 @@ class PhaseTimer:
             torch.cuda.synchronize(self.device)
 
 
-def activation_store(offload: str, device: torch.device, calib: torch.Tensor, hidden: int, dtype) -> torch.device:
-    """Where calibration activations live: the device when two copies take under half its free memory."""
+def activation_store(offload: str, device: torch.device, calib: torch.Tensor, hidden: int, dtype,
+                     streams: int = 1) -> torch.device:
+    """Where calibration activations live: the device when two copies of each stream (its inputs and
+    outputs; two streams with ``dense_target``) take under half its free memory."""
     if offload == "cpu" or device.type == "cpu":
         return torch.device("cpu")
     if offload == "device":
         return device
-    need = 2 * calib.numel() * hidden * torch.tensor([], dtype=dtype).element_size()
+    need = 2 * streams * calib.numel() * hidden * torch.tensor([], dtype=dtype).element_size()
     free, _ = torch.cuda.mem_get_info(device)
     return device if need < 0.5 * free else torch.device("cpu")
 
@@ -158,6 +183,9 @@ class BlockEngine:
         self.stats_factory = stats_factory
         self.parallel = parallel
         self._held: list[torch.Tensor] | None = None  # held-out flags per calibration batch (this run)
+        # with dense_target: every group's dense inputs of the current block, per calibration batch
+        self._dense: dict[str, list[torch.Tensor]] | None = None
+        self._calls: dict[str, int] | None = None  # calls per linear in one forward of the current block
 
     def run(
         self,
@@ -187,11 +215,17 @@ class BlockEngine:
         self._held = list(held.split(self.config.batch_size)) if held is not None else None
         if spec is not None or return_hidden:
             hidden_size = model.get_input_embeddings().weight.shape[1]
+            streams = 2 if self.config.dense_target and spec is not None and step is not None else 1
             store = activation_store(self.config.offload, self.device, calib, hidden_size,
-                                     next(model.parameters()).dtype)
+                                     next(model.parameters()).dtype, streams)
             outcome.activation_device = str(store)
             with timer("capture"):
                 inputs = capture_block_inputs(model, blocks, calib.split(self.config.batch_size), self.device, store)
+        dense = None
+        if self.config.dense_target and spec is not None and step is not None:
+            if not spec.cross:
+                raise RuntimeError("dense_target needs statistics with cross=True")
+            dense = BlockInputs([h.clone() for h in inputs.hidden], inputs.args, inputs.kwargs)
         count = len(blocks) if max_blocks is None else min(max_blocks, len(blocks))
         last = count - 1
         for i in self.progress(range(count), "blocks", count):
@@ -199,6 +233,9 @@ class BlockEngine:
             with timer("transfer"):
                 block.to(self.device)
             linears = find_linears(block, blocks.name(i), ignore)
+            if dense is not None and linears:
+                with timer("calibrate"):
+                    self._dense = self._dense_pass(block, linears, dense, spec)
             staged: dict[str, torch.Tensor] = {}
             if spec is None:
                 if step is not None:
@@ -221,6 +258,7 @@ class BlockEngine:
             if inputs is not None and (i < last or return_hidden):
                 with timer("propagate"):
                     self._propagate(block, inputs)
+            self._dense = None
             with timer("transfer"):
                 block.to("cpu")
         if return_hidden and inputs is not None:
@@ -230,8 +268,12 @@ class BlockEngine:
     def _calibrated_block(self, block, linears, inputs, spec, step, timer, staged) -> None:
         if not linears:
             return
-        names = group_by_input(block, linears, inputs, self.device)
-        per_chunk = self.config.layer_batch_size or len(names)
+        calls: dict[str, int] = {}
+        names = group_by_input(block, linears, inputs, self.device, calls)
+        # A chunk's forward may stop at its last layer input when every linear runs once per forward.
+        self._calls = calls if all(calls.get(n, 0) <= 1 for n in linears) else None
+        sequential = (self.config.sequential or self.config.dense_target) and step is not None
+        per_chunk = 1 if sequential else (self.config.layer_batch_size or len(names))
         for start in range(0, len(names), per_chunk):
             chunk = names[start : start + per_chunk]
             with timer("calibrate"):
@@ -253,6 +295,13 @@ class BlockEngine:
                         staged.update(step(group, linears) or {})
                 group.release()
             del groups
+            if sequential:  # the next chunk is calibrated on this one's new weights
+                if self.parallel is not None:
+                    with timer("exchange"):
+                        staged.update(self.parallel.exchange(staged, linears))
+                for name, weight in staged.items():
+                    set_weight(linears[name], weight)
+                staged.clear()
 
     def _collect(self, block, chunk, linears, inputs, spec) -> list[InputGroup]:
         """One forward over all calibration batches, with one accumulator per group in ``chunk``."""
@@ -263,12 +312,56 @@ class BlockEngine:
         def recorder(stats: InputStats):
             return input_recorder(lambda x: stats.add_batch(x, held=batch[0]))
 
-        hooks = {linears[g.names[0]]: recorder(g.stats) for g in groups}
+        called = [g.names[0] for g in groups if self._calls is not None and self._calls.get(g.names[0], 0) == 1]
+        last = called[-1] if called else None  # the chunk's last input in forward order: stop there
+
+        def hooks_for(modules: dict[str, nn.Module], hook_of: Callable[[InputGroup], Callable]) -> dict:
+            return {modules[g.names[0]]: (stopping(hook_of(g)) if g.names[0] == last else hook_of(g)) for g in groups}
+
+        if self._dense is None:
+            hooks = hooks_for(linears, lambda g: recorder(g.stats))
+            with pre_hooks(hooks), torch.no_grad():
+                for j in range(len(inputs)):
+                    batch[0] = self._held[j] if self._held is not None else None
+                    run_block_until(block, inputs, j, self.device)
+            return groups
+        cached = self._dense
+
+        def crossing(g: InputGroup):
+            def sink(x: torch.Tensor) -> None:
+                g.stats.add_batch(x, held=batch[0])
+                g.stats.add_cross(cached[g.names[0]][batch[1]].to(x.device), x)
+            return input_recorder(sink)
+
+        batch.append(0)  # the batch's index, for the cached dense inputs
+        hooks = hooks_for(linears, crossing)
         with pre_hooks(hooks), torch.no_grad():
             for j in range(len(inputs)):
-                batch[0] = self._held[j] if self._held is not None else None
-                run_block(block, inputs, j, self.device)
+                batch[0], batch[1] = (self._held[j] if self._held is not None else None), j
+                run_block_until(block, inputs, j, self.device)
         return groups
+
+    def _dense_pass(self, block, linears, dense: BlockInputs, spec: StatsSpec) -> dict[str, list[torch.Tensor]]:
+        """The dense stream through the (still dense) block: every linear's input per batch, kept on the
+        activations' device, and the block's outputs as the stream's next inputs."""
+        calls: dict[str, int] = {}
+        firsts = [names[0] for names in group_by_input(block, linears, dense, self.device, calls)]
+        repeated = [n for n in linears if calls.get(n, 0) > 1]
+        if repeated:
+            raise PracError(f"--dense-target needs every linear to run once per block forward; {repeated[0]} runs "
+                            f"{calls[repeated[0]]} times (use --no-dense-target)")
+        cached: dict[str, list[torch.Tensor]] = {name: [] for name in firsts}
+        store = dense.hidden[0].device
+        if store.type == "cuda":  # every group's inputs at once: on the device only when they fit easily
+            tokens = sum(h.shape[0] * h.shape[1] for h in dense.hidden)
+            need = tokens * sum(in_features(linears[n]) for n in firsts) * dense.hidden[0].element_size()
+            if need > 0.5 * torch.cuda.mem_get_info(store)[0]:
+                store = torch.device("cpu")
+        hooks = {linears[n]: input_recorder(lambda x, _n=n: cached[_n].append(x.detach().to(store))) for n in firsts}
+        with pre_hooks(hooks), torch.no_grad():
+            for j in range(len(dense)):
+                dense.hidden[j] = run_block(block, dense, j, self.device).to(dense.hidden[j].device)
+        return cached
 
     def _new_stats(self, dim: int, spec: StatsSpec) -> InputStats:
         stats = self.stats_factory(dim, self.device, spec)
@@ -290,7 +383,7 @@ def calibrate(model: nn.Module, calib: torch.Tensor, spec: StatsSpec, observe: C
     Nothing is pruned; each block sees the dense outputs of the blocks before it (a dense scan, as
     sparsity allocators and verification need).
     """
-    engine = BlockEngine(config, device, progress, stats_factory=stats_factory)
+    engine = BlockEngine(dataclasses.replace(config, sequential=False, dense_target=False), device, progress, stats_factory=stats_factory)
 
     def step(group: InputGroup, _linears) -> None:
         observe(group)

@@ -45,7 +45,9 @@ class PruneConfig:
     ``settings``: the mask source's own settings dataclass (None: its defaults); ``engine``: how the
     block engine runs; ``collect``: extra statistics to collect regardless of need (verification,
     ``--measure``); ``plan``: per-linear unstructured sparsity (full module name -> sparsity) that
-    overrides ``pattern`` for the linears it names (a non-uniform allocation, see ``allocation.py``).
+    overrides ``pattern`` for the linears it names (a non-uniform allocation, see ``allocation.py``);
+    ``dense_target_damping``: the relative ridge of :func:`dense_target_weight` (with
+    ``engine.dense_target``).
     """
 
     method: str = "wanda"
@@ -56,8 +58,11 @@ class PruneConfig:
     engine: EngineConfig = EngineConfig()
     collect: StatsSpec | None = None
     plan: Mapping[str, float] | None = None
+    dense_target_damping: float = 1e-2
 
     def __post_init__(self) -> None:
+        if not self.dense_target_damping > 0:
+            raise PracError(f"dense-target damping must be > 0, got {self.dense_target_damping}")
         if self.plan is not None and not isinstance(self.pattern, Unstructured):
             raise PracError(f"a non-uniform sparsity allocation needs unstructured sparsity; {self.pattern} is N:M")
         entry = get_method(self.method)
@@ -91,9 +96,42 @@ def stats_spec_for(cfg: PruneConfig) -> StatsSpec | None:
         spec = stats_spec(cfg.correction) if spec is None else spec.union(stats_spec(cfg.correction))
     if cfg.collect is not None:
         spec = cfg.collect if spec is None else spec.union(cfg.collect)
+    if cfg.engine.dense_target:
+        need = StatsSpec(hessian=True, cross=True)
+        spec = need if spec is None else spec.union(need)
     if spec is not None:
-        spec = StatsSpec(spec.hessian, spec.max_samples, cfg.correction.seed, spec.holdout)
+        spec = StatsSpec(spec.hessian, spec.max_samples, cfg.correction.seed, spec.holdout, spec.cross)
     return spec
+
+
+def dense_target_weight(weight: torch.Tensor, group: InputGroup, damping: float = 1e-2) -> torch.Tensor:
+    """The dense weights that best reproduce the *dense model's* output of this layer from the inputs it
+    gets in the model being pruned (``--dense-target``).
+
+    With X the layer's inputs here, X_d the same tokens' inputs in the dense model and W₀ its dense
+    weights, ``‖X Wᵀ − X_d W₀ᵀ‖² + λ‖W − W₀‖²`` is, up to a constant, ``(W − W*)(H + λI)(W − W*)ᵀ``
+    summed over rows, with ``H = XᵀX/N``, ``C = X_dᵀX/N`` and
+
+        W* = W₀ (C + λI)(H + λI)⁻¹ = W₀ + W₀ (C − H)(H + λI)⁻¹.
+
+    So pruning W* on H (any mask source, any correction) reconstructs the dense model's output: the
+    layer also takes up the error of the layers before it (the asymmetric objective of GPTAQ, arXiv
+    2504.02692, here for pruning, reduced to a change of the dense weights). The factor is the
+    group's shared damped inverse (one per group), the product ``(C − H)(H + λI)⁻¹`` is computed once
+    per group. Falls back to W₀ when the factorisation fails.
+    """
+    stats = group.stats
+
+    def shift() -> torch.Tensor | None:
+        inverse = group.inverse(damping)
+        if inverse.value is None:
+            log.warning("%s: (H + λI) could not be factorised; the layer keeps its own dense target", group.names[0])
+            return None
+        cross = (stats.cross / max(stats.count, 1)).to(group.device)
+        return (cross - group.hessian()) @ inverse.value
+
+    g = group.shared(("dense-target", float(damping)), shift)
+    return weight if g is None else weight + weight.to(g.device) @ g
 
 
 class PruneStep:
@@ -127,6 +165,8 @@ class PruneStep:
         started = time.perf_counter()
         w_orig = get_weight(module)
         stats = group.stats
+        if stats is not None and stats.cross is not None:
+            w_orig = dense_target_weight(w_orig, group, cfg.dense_target_damping)
         result = self.method.fn(w_orig, group if stats is not None else None, self.pattern_of(name), cfg.settings)
         weight = result.weight
         diagnostics: dict[str, Any] = {}

@@ -30,10 +30,20 @@ gate/up share one): H is in x in fp32, e.g. 4096^2 x 4 B = 64 MiB for a 4096-wid
 max-activation-samples x in x 4 B (8192 x 4096 x 4 B = 128 MiB). H is held when the method or
 the correction needs it (sparsegpt, full, optimal), with --exact-errors (the default) for every
 corrected layer, and with --measure for every layer. --layer-batch-size bounds how many inputs
-are held at once.
+are held at once. --dense-target (the default for admm) adds a second in x in matrix per input
+(C = X_dense^T X), a second copy of the calibration activations and of the current block.
 """
 
 _H_COST = "one fp32 in x in H per distinct layer input of the current block (64 MiB at in=4096, 784 MiB at in=14336)"
+
+
+DENSE_TARGET_BY_DEFAULT = ("admm",)
+"""Methods that reconstruct the dense model's output unless told otherwise (``--dense-target``): prac's
+own; the others keep the reference implementations' objective (and masks) by default."""
+
+
+def _dense_target(args: argparse.Namespace) -> bool:
+    return args.method in DENSE_TARGET_BY_DEFAULT if args.dense_target is None else bool(args.dense_target)
 
 
 class _DeprecatedNoMeasure(argparse.Action):
@@ -124,6 +134,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "before it is refused (methods with --damping; default: on)")
     g.add_argument("--holdout-refit", action=argparse.BooleanOptionalAction, default=None,
                    help="solve an accepted correction again on all tokens, at its chosen damping (default: on)")
+    g.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=False,
+                   help="calibrate each distinct layer input of a block on the block with its earlier linears "
+                        "already pruned (q/k/v, then o, then gate/up, then down: one forward each; SparseGPT's "
+                        "true-sequential); overrides --layer-batch-size (default: off, one forward per block)")
+    g.add_argument("--dense-target", action=argparse.BooleanOptionalAction, default=None,
+                   help="every layer reconstructs the dense model's output (its inputs in the dense model times "
+                        "its dense weights) from its inputs in the pruned model, so it also makes up for the "
+                        "layers before it; runs a dense copy of the hidden states beside the pruned one (twice "
+                        "the activations and calibration forwards; adds H to the statistics; implies "
+                        "--sequential). Default: on for admm, off for the methods that reproduce a reference "
+                        "implementation (magnitude, wanda, sparsegpt)")
+    g.add_argument("--dense-target-damping", type=float, default=1e-2,
+                   help="relative ridge λ/mean(diag H) pulling the dense target towards the layer's own weights "
+                        "(with --dense-target; default: 0.01)")
     g.add_argument("--layer-batch-size", type=int, default=0, help="distinct layer inputs whose statistics are held at once (0 = all of a block); fewer = less memory, one more calibration forward per chunk")
     g.add_argument("--exact-errors", dest="exact_errors", action=argparse.BooleanOptionalAction, default=True,
                    help="correction: exact before/after error of every corrected layer and the optimal yardstick "
@@ -254,8 +278,10 @@ def prune_job_from_args(args: argparse.Namespace):
                         settings=_settings_for(args.method, mask_source.settings, _given(args, MASK_FLAGS), MASK_FLAGS),
                         correction=correction, ignore=args.ignore,
                         engine=EngineConfig(batch_size=args.batch_size, offload=args.offload,
-                                            layer_batch_size=args.layer_batch_size),
-                        collect=StatsSpec(hessian=True) if args.measure else None)
+                                            layer_batch_size=args.layer_batch_size, sequential=args.sequential,
+                                            dense_target=_dense_target(args)),
+                        collect=StatsSpec(hessian=True) if args.measure else None,
+                        dense_target_damping=args.dense_target_damping)
     from prac.allocation import AllocationConfig
 
     owl = {k: v for k, v in (("owl_lambda", args.owl_lambda), ("owl_m", args.owl_m)) if v is not None}
