@@ -233,9 +233,10 @@ class BlockEngine:
             with timer("transfer"):
                 block.to(self.device)
             linears = find_linears(block, blocks.name(i), ignore)
-            if dense is not None and linears:
+            grouping = self._grouping(block, linears, inputs) if spec is not None and linears else None
+            if dense is not None and grouping is not None:
                 with timer("calibrate"):
-                    self._dense = self._dense_pass(block, linears, dense, spec)
+                    self._dense = self._dense_pass(block, linears, dense, grouping)
             staged: dict[str, torch.Tensor] = {}
             if spec is None:
                 if step is not None:
@@ -247,7 +248,7 @@ class BlockEngine:
                             if par is None or par.owns(group):
                                 staged.update(step(group, linears) or {})
             else:
-                self._calibrated_block(block, linears, inputs, spec, step, timer, staged)
+                self._calibrated_block(block, linears, inputs, spec, step, timer, staged, grouping)
             if par is not None and step is not None:
                 with timer("exchange"):
                     staged = par.exchange(staged, linears)
@@ -265,11 +266,15 @@ class BlockEngine:
             outcome.final_hidden = inputs.hidden
         return outcome
 
-    def _calibrated_block(self, block, linears, inputs, spec, step, timer, staged) -> None:
+    def _grouping(self, block, linears, inputs) -> tuple[list[list[str]], dict[str, int]]:
+        """The block's input groups in forward order and how often each linear runs per forward (one probe)."""
+        calls: dict[str, int] = {}
+        return group_by_input(block, linears, inputs, self.device, calls), calls
+
+    def _calibrated_block(self, block, linears, inputs, spec, step, timer, staged, grouping) -> None:
         if not linears:
             return
-        calls: dict[str, int] = {}
-        names = group_by_input(block, linears, inputs, self.device, calls)
+        names, calls = grouping
         # A chunk's forward may stop at its last layer input when every linear runs once per forward.
         self._calls = calls if all(calls.get(n, 0) <= 1 for n in linears) else None
         sequential = (self.config.sequential or self.config.dense_target) and step is not None
@@ -341,11 +346,11 @@ class BlockEngine:
                 run_block_until(block, inputs, j, self.device)
         return groups
 
-    def _dense_pass(self, block, linears, dense: BlockInputs, spec: StatsSpec) -> dict[str, list[torch.Tensor]]:
-        """The dense stream through the (still dense) block: every linear's input per batch, kept on the
+    def _dense_pass(self, block, linears, dense: BlockInputs, grouping) -> dict[str, list[torch.Tensor]]:
+        """The dense stream through the (still dense) block: every group's input per batch, kept on the
         activations' device, and the block's outputs as the stream's next inputs."""
-        calls: dict[str, int] = {}
-        firsts = [names[0] for names in group_by_input(block, linears, dense, self.device, calls)]
+        names, calls = grouping
+        firsts = [group[0] for group in names]
         repeated = [n for n in linears if calls.get(n, 0) > 1]
         if repeated:
             raise PracError(f"--dense-target needs every linear to run once per block forward; {repeated[0]} runs "
