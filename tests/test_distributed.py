@@ -87,11 +87,13 @@ CASES = {
     "sparsegpt-70-dense-target": ["--method", "sparsegpt", "--sparsity", "0.7", "--dense-target"],
 }
 LOOSE = {"sparsegpt-70-dense-target"}
-"""Cases compared on block 0 and the perplexity only: the dense target's W* = W₀ + W₀(C − H)(H + λI)⁻¹
-takes the difference of two nearly equal sums, so their last bits (another reduction order) move W*
-by ~1e-5 from block 1 on, masks flip on near-ties and later blocks calibrate on other inputs."""
-
-
+"""Cases compared on block 0 and the perplexity only. The dense target's W* = W₀ + W₀ D (H + λI)⁻¹ is a
+ridge solution: (H + λI)⁻¹ amplifies the last bits of another reduction order (W* moves by ~3e-6 in
+block 0's down_proj, against ~1e-7 for the plain weights), SparseGPT's column sweep turns that into
+flipped near-ties (block 1's down_proj agrees on 0.991 of its weights) and later blocks then calibrate
+on other inputs (0.83–0.99 agreement). Taking the drift per token instead of as Σ x_d xᵀ − Σ x xᵀ
+halved the block-0 movement and raised block 1's agreement from 0.961, but this is the conditioning
+of the target, not a cancellation."""
 @pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 def test_two_processes_prune_like_one(case, inputs, tmp_path):

@@ -406,7 +406,7 @@ class DataParallel:
 
     # statistics
     def reduce(self, group: InputGroup) -> None:
-        """Count, Σx and Σx² summed on every rank; H (and the dense-input cross product) summed on the
+        """Count, Σx and Σx² summed on every rank; H (and the dense-input drift) summed on the
         owner (dropped elsewhere); the token sample merged on the owner (dropped elsewhere); the same
         for the held-out share's statistics."""
         stats = group.stats
@@ -430,10 +430,10 @@ class DataParallel:
             s.reduce(stats.hessian, owner, f"Hessian of {name}")
             if owner != s.rank:
                 stats.hessian = None
-        if stats.cross is not None:
-            s.reduce(stats.cross, owner, f"dense-input cross product of {name}")
+        if stats.drift is not None:
+            s.reduce(stats.drift, owner, f"dense-input drift of {name}")
             if owner != s.rank:
-                stats.cross = None
+                stats.drift = None
 
     def _merge_samples(self, stats: InputStats, owner: int, name: str) -> None:
         """The single-process sample: every rank's candidates (≤ k each, with their keys and held-out

@@ -24,8 +24,8 @@ are exchanged (``exchange``), so every rank applies the same weights and propaga
 With ``dense_target`` a second stream of hidden states, the dense model's, runs beside the pruned
 one: before step 2 the still dense block runs once over the dense stream, keeping every group's
 input (its dense input, x_d) and replacing the stream by the block's output (the dense stream's
-propagation); step 3 then also accumulates, per group, Σ x_d xᵀ for the same tokens
-(:meth:`prac.stats.InputStats.add_cross`). The step can then reconstruct the dense model's output
+propagation); step 3 then also accumulates, per group, Σ (x_d − x) xᵀ for the same tokens
+(:meth:`prac.stats.InputStats.add_drift`). The step can then reconstruct the dense model's output
 (``prac.pipeline.dense_target_weight``) instead of the current inputs' one.
 
 Block k is thus calibrated on the outputs of the already processed blocks 0..k-1. A step of
@@ -223,8 +223,8 @@ class BlockEngine:
                 inputs = capture_block_inputs(model, blocks, calib.split(self.config.batch_size), self.device, store)
         dense = None
         if self.config.dense_target and spec is not None and step is not None:
-            if not spec.cross:
-                raise RuntimeError("dense_target needs statistics with cross=True")
+            if not spec.drift:
+                raise RuntimeError("dense_target needs statistics with drift=True")
             dense = BlockInputs([h.clone() for h in inputs.hidden], inputs.args, inputs.kwargs)
         count = len(blocks) if max_blocks is None else min(max_blocks, len(blocks))
         last = count - 1
@@ -335,7 +335,7 @@ class BlockEngine:
         def crossing(g: InputGroup):
             def sink(x: torch.Tensor) -> None:
                 g.stats.add_batch(x, held=batch[0])
-                g.stats.add_cross(cached[g.names[0]][batch[1]].to(x.device), x)
+                g.stats.add_drift(cached[g.names[0]][batch[1]].to(x.device), x)
             return input_recorder(sink)
 
         batch.append(0)  # the batch's index, for the cached dense inputs

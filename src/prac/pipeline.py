@@ -97,10 +97,10 @@ def stats_spec_for(cfg: PruneConfig) -> StatsSpec | None:
     if cfg.collect is not None:
         spec = cfg.collect if spec is None else spec.union(cfg.collect)
     if cfg.engine.dense_target:
-        need = StatsSpec(hessian=True, cross=True)
+        need = StatsSpec(hessian=True, drift=True)
         spec = need if spec is None else spec.union(need)
     if spec is not None:
-        spec = StatsSpec(spec.hessian, spec.max_samples, cfg.correction.seed, spec.holdout, spec.cross)
+        spec = StatsSpec(spec.hessian, spec.max_samples, cfg.correction.seed, spec.holdout, spec.drift)
     return spec
 
 
@@ -110,14 +110,14 @@ def dense_target_weight(weight: torch.Tensor, group: InputGroup, damping: float 
 
     With X the layer's inputs here, X_d the same tokens' inputs in the dense model and W₀ its dense
     weights, ``‖X Wᵀ − X_d W₀ᵀ‖² + λ‖W − W₀‖²`` is, up to a constant, ``(W − W*)(H + λI)(W − W*)ᵀ``
-    summed over rows, with ``H = XᵀX/N``, ``C = X_dᵀX/N`` and
+    summed over rows, with ``H = XᵀX/N``, ``D = (X_d − X)ᵀX/N`` (the drift of the inputs) and
 
-        W* = W₀ (C + λI)(H + λI)⁻¹ = W₀ + W₀ (C − H)(H + λI)⁻¹.
+        W* = W₀ (H + D + λI)(H + λI)⁻¹ = W₀ + W₀ D (H + λI)⁻¹.
 
     So pruning W* on H (any mask source, any correction) reconstructs the dense model's output: the
     layer also takes up the error of the layers before it (the asymmetric objective of GPTAQ, arXiv
     2504.02692, here for pruning, reduced to a change of the dense weights). The factor is the
-    group's shared damped inverse (one per group), the product ``(C − H)(H + λI)⁻¹`` is computed once
+    group's shared damped inverse (one per group), the product ``D (H + λI)⁻¹`` is computed once
     per group. Falls back to W₀ when the factorisation fails.
     """
     stats = group.stats
@@ -127,8 +127,8 @@ def dense_target_weight(weight: torch.Tensor, group: InputGroup, damping: float 
         if inverse.value is None:
             log.warning("%s: (H + λI) could not be factorised; the layer keeps its own dense target", group.names[0])
             return None
-        cross = (stats.cross / max(stats.count, 1)).to(group.device)
-        return (cross - group.hessian()) @ inverse.value
+        drift = (stats.drift / max(stats.count, 1)).to(group.device)
+        return drift @ inverse.value
 
     g = group.shared(("dense-target", float(damping)), shift)
     return weight if g is None else weight + weight.to(g.device) @ g
@@ -165,7 +165,7 @@ class PruneStep:
         started = time.perf_counter()
         w_orig = get_weight(module)
         stats = group.stats
-        if stats is not None and stats.cross is not None:
+        if stats is not None and stats.drift is not None:
             w_orig = dense_target_weight(w_orig, group, cfg.dense_target_damping)
         result = self.method.fn(w_orig, group if stats is not None else None, self.pattern_of(name), cfg.settings)
         weight = result.weight

@@ -22,9 +22,9 @@ class StatsSpec:
     seed: int = 0
     #: share of the calibration *sequences* whose rows are also kept apart (``InputStats.heldout``)
     holdout: float = 0.0
-    #: also Σ x_dense x_prunedᵀ, the inputs the layer gets in the dense model against those it gets in
-    #: the model being pruned (``InputStats.cross``, for ``--dense-target``)
-    cross: bool = False
+    #: also Σ (x_dense − x) xᵀ, how the inputs the layer gets in the dense model differ from those it
+    #: gets in the model being pruned, against the latter (``InputStats.drift``, for ``--dense-target``)
+    drift: bool = False
 
     def union(self, other: "StatsSpec") -> "StatsSpec":
         return StatsSpec(
@@ -32,7 +32,7 @@ class StatsSpec:
             max_samples=max(self.max_samples, other.max_samples),
             seed=self.seed,
             holdout=max(self.holdout, other.holdout),
-            cross=self.cross or other.cross,
+            drift=self.drift or other.drift,
         )
 
 
@@ -64,8 +64,10 @@ class InputStats:
       alone (``add_batch(x, held=...)``), which are *also* in the totals above: every mask source
       sees all tokens, and :meth:`split` gives a correction the rest to fit on and the held-out share
       to be judged on. ``sample_held`` flags the sample rows that come from held-out sequences.
-    - ``cross`` (when ``spec.cross``): Σ x_d xᵀ, the same token's input in the *dense* model (x_d)
-      against its input here (x), unnormalised, fp32 (:meth:`add_cross`; all tokens, not split).
+    - ``drift`` (when ``spec.drift``): Σ (x_d − x) xᵀ, with x_d the same token's input in the *dense*
+      model and x its input here, unnormalised, fp32 (:meth:`add_drift`; all tokens, not split). The
+      difference is taken per token before the product, so the small drift is not the cancellation of
+      two nearly equal sums (Σ x_d xᵀ − Σ x xᵀ would amplify the last bits of the summation order).
     """
 
     def __init__(self, dim: int, device: torch.device | str = "cpu", spec: StatsSpec = StatsSpec()):
@@ -78,7 +80,7 @@ class InputStats:
         self.hessian = (
             torch.zeros(dim, dim, dtype=torch.float32, device=self.device) if spec.hessian else None
         )
-        self.cross = torch.zeros(dim, dim, dtype=torch.float32, device=self.device) if spec.cross else None
+        self.drift = torch.zeros(dim, dim, dtype=torch.float32, device=self.device) if spec.drift else None
         self.samples: torch.Tensor | None = None
         self._keys: torch.Tensor | None = None
         self._generator: torch.Generator | None = None
@@ -112,15 +114,16 @@ class InputStats:
         if self._generator is not None:
             self._add_samples(rows, flags)
 
-    def add_cross(self, dense: torch.Tensor, x: torch.Tensor) -> None:
-        """Add Σ x_d xᵀ over the token rows of ``dense`` (the input in the dense model) and ``x`` (the
-        same tokens' input here; add it with :meth:`add_batch` as well)."""
-        if self.cross is None:
-            raise RuntimeError("cross statistics were not requested for this input")
+    def add_drift(self, dense: torch.Tensor, x: torch.Tensor) -> None:
+        """Add Σ (x_d − x) xᵀ over the token rows of ``dense`` (the input in the dense model) and ``x``
+        (the same tokens' input here; add it with :meth:`add_batch` as well)."""
+        if self.drift is None:
+            raise RuntimeError("drift statistics were not requested for this input")
         if dense.shape != x.shape:
             raise ValueError(f"dense input of shape {tuple(dense.shape)} does not match {tuple(x.shape)}")
-        d = dense.reshape(-1, self.dim).to(device=self.device, dtype=torch.float32)
-        self.cross.addmm_(d.T, x.reshape(-1, self.dim).to(device=self.device, dtype=torch.float32))
+        rows = x.reshape(-1, self.dim).to(device=self.device, dtype=torch.float32)
+        delta = dense.reshape(-1, self.dim).to(device=self.device, dtype=torch.float32) - rows
+        self.drift.addmm_(delta.T, rows)
 
     def _row_flags(self, x: torch.Tensor, held: torch.Tensor | None, n_rows: int) -> torch.Tensor:
         if held is None:
@@ -187,8 +190,8 @@ class InputStats:
         tensors = {"sum": self.sum, "sum of squares": self.sumsq}
         if self.hessian is not None:
             tensors["Hessian"] = self.hessian
-        if self.cross is not None:
-            tensors["dense-input cross product"] = self.cross
+        if self.drift is not None:
+            tensors["dense-input drift"] = self.drift
         for what, t in tensors.items():
             if not bool(torch.isfinite(t).all()):
                 raise PracError(f"NaN/Inf in the calibration statistics ({what}) of the input to {name}")
@@ -197,8 +200,8 @@ class InputStats:
         total = self.sum.nbytes + self.sumsq.nbytes
         if self.hessian is not None:
             total += self.hessian.nbytes
-        if self.cross is not None:
-            total += self.cross.nbytes
+        if self.drift is not None:
+            total += self.drift.nbytes
         if self.samples is not None:
             total += self.samples.nbytes
         if self.heldout is not None:
