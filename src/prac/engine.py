@@ -16,6 +16,10 @@ For each block, in order:
    the MLP's (SparseGPT's "true sequential");
 7. propagate: recompute the block's outputs with its (new) weights; they become the next block's inputs.
 
+In a sequential calibration the block's later forwards (each group's, then the propagation) reuse the
+outputs of the submodules that are already final, on equal inputs (``replay``, :mod:`prac.replay`):
+the attention once q/k/v/o are pruned, gate/up once pruned. Exact, only the work is skipped.
+
 With ``parallel`` (:class:`BlockParallel`, see ``prac.distributed``) the run is data-parallel: the
 rank calibrates on its share of the samples, step 4 also reduces the statistics across ranks and
 assigns each group an owner, step 5 runs on the owner only, and before step 6 the owners' new weights
@@ -38,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Protocol
@@ -63,6 +68,7 @@ from prac.blocks import (
 from prac.errors import PracError
 from prac.group import InputGroup
 from prac.progress import Progress, no_progress
+from prac.replay import Replay
 from prac.stats import InputStats, StatsSpec, holdout_rows
 
 log = logging.getLogger(__name__)
@@ -111,13 +117,17 @@ class EngineConfig:
     so every layer can reconstruct the dense model's output, correcting the error of the layers
     before it. It implies ``sequential``:
     calibrated on the dense block, o_proj would correct the drift that the pruned q/k/v already
-    take up (measured: worse than no dense target, see docs/admm.md)."""
+    take up (measured: worse than no dense target, see docs/admm.md). ``replay``: in a sequential
+    calibration, keep the outputs of the submodules whose linears are final (attention once q/k/v/o
+    are pruned, gate/up once pruned) and reuse them in the block's later forwards on equal inputs
+    (:mod:`prac.replay`; exact, costs memory up to a quarter of what is free where activations live)."""
 
     batch_size: int = 8
     offload: str = "auto"
     layer_batch_size: int = 0
     sequential: bool = False
     dense_target: bool = False
+    replay: bool = True
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -134,6 +144,7 @@ class EngineOutcome:
     activation_device: str = "cpu"
     phase_seconds: dict[str, float] = field(default_factory=dict)
     final_hidden: list[torch.Tensor] | None = None
+    replayed: int = 0  # submodule calls answered from kept outputs (``EngineConfig.replay``)
 
 
 class PhaseTimer:
@@ -170,6 +181,16 @@ def activation_store(offload: str, device: torch.device, calib: torch.Tensor, hi
     return device if need < 0.5 * free else torch.device("cpu")
 
 
+def replay_budget(store: torch.device) -> int:
+    """Bytes :class:`prac.replay.Replay` may keep: a quarter of the free memory of ``store``."""
+    if store.type == "cuda":
+        return int(0.25 * torch.cuda.mem_get_info(store)[0])
+    try:
+        return int(0.25 * os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):  # no sysconf: keep nothing
+        return 0
+
+
 class BlockEngine:
     """Runs the loop of the module docstring over a model's blocks."""
 
@@ -186,6 +207,7 @@ class BlockEngine:
         # with dense_target: every group's dense inputs of the current block, per calibration batch
         self._dense: dict[str, list[torch.Tensor]] | None = None
         self._calls: dict[str, int] | None = None  # calls per linear in one forward of the current block
+        self._replay: Replay | None = None  # kept submodule outputs of the current block (sequential)
 
     def run(
         self,
@@ -260,6 +282,7 @@ class BlockEngine:
                 with timer("propagate"):
                     self._propagate(block, inputs)
             self._dense = None
+            outcome.replayed += self._end_replay()
             with timer("transfer"):
                 block.to("cpu")
         if return_hidden and inputs is not None:
@@ -279,6 +302,9 @@ class BlockEngine:
         self._calls = calls if all(calls.get(n, 0) <= 1 for n in linears) else None
         sequential = (self.config.sequential or self.config.dense_target) and step is not None
         per_chunk = 1 if sequential else (self.config.layer_batch_size or len(names))
+        if sequential and self.config.replay:
+            store = inputs.hidden[0].device
+            self._replay = Replay(block, list(linears.values()), store, replay_budget(store))
         for start in range(0, len(names), per_chunk):
             chunk = names[start : start + per_chunk]
             with timer("calibrate"):
@@ -307,6 +333,8 @@ class BlockEngine:
                 for name, weight in staged.items():
                     set_weight(linears[name], weight)
                 staged.clear()
+                if self._replay is not None:
+                    self._replay.settle([linears[n] for names in chunk for n in names])
 
     def _collect(self, block, chunk, linears, inputs, spec) -> list[InputGroup]:
         """One forward over all calibration batches, with one accumulator per group in ``chunk``."""
@@ -323,11 +351,13 @@ class BlockEngine:
         def hooks_for(modules: dict[str, nn.Module], hook_of: Callable[[InputGroup], Callable]) -> dict:
             return {modules[g.names[0]]: (stopping(hook_of(g)) if g.names[0] == last else hook_of(g)) for g in groups}
 
+        replaying = self._replaying([linears[n] for names in chunk for n in names])
         if self._dense is None:
             hooks = hooks_for(linears, lambda g: recorder(g.stats))
-            with pre_hooks(hooks), torch.no_grad():
+            with pre_hooks(hooks), replaying, torch.no_grad():
                 for j in range(len(inputs)):
                     batch[0] = self._held[j] if self._held is not None else None
+                    self._start_batch(j)
                     run_block_until(block, inputs, j, self.device)
             return groups
         cached = self._dense
@@ -340,11 +370,29 @@ class BlockEngine:
 
         batch.append(0)  # the batch's index, for the cached dense inputs
         hooks = hooks_for(linears, crossing)
-        with pre_hooks(hooks), torch.no_grad():
+        with pre_hooks(hooks), replaying, torch.no_grad():
             for j in range(len(inputs)):
                 batch[0], batch[1] = (self._held[j] if self._held is not None else None), j
+                self._start_batch(j)
                 run_block_until(block, inputs, j, self.device)
         return groups
+
+    def _replaying(self, recorded: list[nn.Module], record: bool = True):
+        return self._replay.forwards(recorded, record) if self._replay is not None else contextlib.nullcontext()
+
+    def _start_batch(self, index: int) -> None:
+        if self._replay is not None:
+            self._replay.start_batch(index)
+
+    def _end_replay(self) -> int:
+        """Drop the block's kept outputs; how many calls they answered."""
+        if self._replay is None:
+            return 0
+        hits = self._replay.hits
+        log.info("replay: %d submodule calls reused, %.1f MiB kept", hits, self._replay.nbytes / 2**20)
+        self._replay.clear()
+        self._replay = None
+        return hits
 
     def _dense_pass(self, block, linears, dense: BlockInputs, grouping) -> dict[str, list[torch.Tensor]]:
         """The dense stream through the (still dense) block: every group's input per batch, kept on the
@@ -373,8 +421,9 @@ class BlockEngine:
         return stats if self.parallel is None else self.parallel.new_stats(stats)
 
     def _propagate(self, block: nn.Module, inputs: BlockInputs) -> None:
-        with torch.no_grad():
+        with self._replaying([], record=False), torch.no_grad():
             for j in range(len(inputs)):
+                self._start_batch(j)
                 store = inputs.hidden[j].device
                 inputs.hidden[j] = run_block(block, inputs, j, self.device).to(store)
 
