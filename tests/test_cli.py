@@ -271,6 +271,20 @@ def test_dense_target_is_on_by_default_for_admm_only(flags, expected, tiny_model
     engine = json.loads(report.read_text())["config"]["prune"]["engine"]
     assert engine["dense_target"] is expected
     assert json.loads(report.read_text())["config"]["prune"]["dense_target_damping"] == 0.01
+    assert engine["replay"] is True
+
+
+def test_no_replay_gives_the_same_model(tiny_model_dir, small, tmp_path, capsys):
+    """``--no-replay`` reaches the config, and a sequential run without it saves the same weights."""
+    saved = {}
+    for flag in ("--replay", "--no-replay"):
+        out, report = tmp_path / flag, tmp_path / f"{flag}.json"
+        code, err = _run(["--model", str(tiny_model_dir("mistral")), *small, "--method", "admm", "--sparsity", "0.6",
+                          flag, "--save", str(out), "--report", str(report)], capsys)
+        assert code == 0, err
+        assert json.loads(report.read_text())["config"]["prune"]["engine"]["replay"] is (flag == "--replay")
+        saved[flag] = (out / "model.safetensors").read_bytes()
+    assert saved["--replay"] == saved["--no-replay"]
 
 
 def test_dense_target_damping_must_be_positive(tiny_model_dir, small, capsys):

@@ -302,8 +302,9 @@ class BlockEngine:
         self._calls = calls if all(calls.get(n, 0) <= 1 for n in linears) else None
         sequential = (self.config.sequential or self.config.dense_target) and step is not None
         per_chunk = 1 if sequential else (self.config.layer_batch_size or len(names))
-        if sequential and self.config.replay:
-            store = inputs.hidden[0].device
+        store = inputs.hidden[0].device
+        # kept outputs next to the compute (fetching them from the host would cost what they save)
+        if sequential and self.config.replay and store.type == self.device.type:
             self._replay = Replay(block, list(linears.values()), store, replay_budget(store))
         for start in range(0, len(names), per_chunk):
             chunk = names[start : start + per_chunk]

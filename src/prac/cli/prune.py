@@ -148,6 +148,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dense-target-damping", type=float, default=1e-2,
                    help="relative ridge λ/mean(diag H) pulling the dense target towards the layer's own weights "
                         "(with --dense-target; default: 0.01)")
+    g.add_argument("--replay", action=argparse.BooleanOptionalAction, default=True,
+                   help="in a sequential calibration, reuse the outputs of the submodules that are already final "
+                        "(attention once q/k/v/o are pruned, gate/up once pruned) in the block's later forwards, on "
+                        "equal inputs: the same result, less work; keeps up to a quarter of the free memory where "
+                        "activations live (default: on)")
     g.add_argument("--layer-batch-size", type=int, default=0, help="distinct layer inputs whose statistics are held at once (0 = all of a block); fewer = less memory, one more calibration forward per chunk")
     g.add_argument("--exact-errors", dest="exact_errors", action=argparse.BooleanOptionalAction, default=True,
                    help="correction: exact before/after error of every corrected layer and the optimal yardstick "
@@ -279,7 +284,7 @@ def prune_job_from_args(args: argparse.Namespace):
                         correction=correction, ignore=args.ignore,
                         engine=EngineConfig(batch_size=args.batch_size, offload=args.offload,
                                             layer_batch_size=args.layer_batch_size, sequential=args.sequential,
-                                            dense_target=_dense_target(args)),
+                                            dense_target=_dense_target(args), replay=args.replay),
                         collect=StatsSpec(hessian=True) if args.measure else None,
                         dense_target_damping=args.dense_target_damping)
     from prac.allocation import AllocationConfig
