@@ -53,12 +53,39 @@ def test_spec_and_engine_pairing(calib):
     assert spec.drift and spec.hessian
     seen = {}
     prune_model(make_tiny_model("mistral"), calib, cfg, CPU,
-                observer=lambda grp: seen.setdefault(grp.names[0], (grp.stats.drift.clone(), grp.stats.hessian.clone())))
-    drift, h = seen["model.layers.0.self_attn.q_proj"]
+                observer=lambda grp: seen.setdefault(grp.names[0], (grp.stats.drift, grp.stats.drift_out, grp.stats.hessian)))
+    drift, _, h = seen["model.layers.0.self_attn.q_proj"]
     assert not bool(drift.any())
-    for name in ("model.layers.0.self_attn.o_proj", "model.layers.0.mlp.down_proj", "model.layers.1.self_attn.q_proj"):
-        drift, h = seen[name]
-        assert float(drift.norm()) > 1e-3 * float(h.norm()), name
+    for name in ("model.layers.0.self_attn.o_proj", "model.layers.1.self_attn.q_proj"):
+        drift, per_linear, h = seen[name]
+        assert per_linear is None and float(drift.norm()) > 1e-3 * float(h.norm()), name
+    # down_proj (64 outputs < 128 inputs): the drift is kept as W₀ D, [out, in], for that linear only
+    drift, per_linear, h = seen["model.layers.0.mlp.down_proj"]
+    assert drift is None and list(per_linear) == ["model.layers.0.mlp.down_proj"]
+    assert per_linear["model.layers.0.mlp.down_proj"].shape == (64, 128)
+    assert bool(per_linear["model.layers.0.mlp.down_proj"].any())
+
+
+def test_per_linear_drift_gives_the_same_target():
+    """W₀ D kept per linear (for groups with fewer outputs than inputs) gives the W* of the full D."""
+    g = torch.Generator().manual_seed(3)
+    n, din = 600, 24
+    xd = torch.randn(n, din, generator=g) @ torch.randn(din, din, generator=g)
+    x = xd + 0.2 * torch.randn(n, din, generator=g)
+    weights = {"a": torch.randn(5, din, generator=g), "b": torch.randn(3, din, generator=g)}
+    full, per = (InputStats(din, CPU, StatsSpec(hessian=True, drift=True)) for _ in range(2))
+    per.drift_per_linear({k: w.shape[0] for k, w in weights.items()})
+    for part, dpart in zip(x.split(150), xd.split(150)):
+        for stats, project in ((full, None), (per, weights)):
+            stats.add_batch(part)
+            stats.add_drift(dpart, part, project)
+    assert per.drift is None and full.drift_out is None
+    for name, w in weights.items():
+        expected = dense_target_weight(w, InputGroup(["a", "b"], full, CPU), 1e-2)
+        got = dense_target_weight(w, InputGroup(["a", "b"], per, CPU), 1e-2, name)
+        assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5), (got - expected).abs().max()
+    with pytest.raises(RuntimeError, match="no drift product"):
+        dense_target_weight(weights["a"], InputGroup(["a", "b"], per, CPU), 1e-2, "c")
 
 
 def test_nothing_pruned_leaves_the_model_unchanged(calib):

@@ -88,12 +88,11 @@ CASES = {
 }
 LOOSE = {"sparsegpt-70-dense-target"}
 """Cases compared on block 0 and the perplexity only. The dense target's W* = W₀ + W₀ D (H + λI)⁻¹ is a
-ridge solution: (H + λI)⁻¹ amplifies the last bits of another reduction order (W* moves by ~3e-6 in
+ridge solution: (H + λI)⁻¹ amplifies the last bits of another reduction order (W* moves by ~1e-5 in
 block 0's down_proj, against ~1e-7 for the plain weights), SparseGPT's column sweep turns that into
-flipped near-ties (block 1's down_proj agrees on 0.991 of its weights) and later blocks then calibrate
-on other inputs (0.83–0.99 agreement). Taking the drift per token instead of as Σ x_d xᵀ − Σ x xᵀ
-halved the block-0 movement and raised block 1's agreement from 0.961, but this is the conditioning
-of the target, not a cancellation."""
+flipped near-ties (0.06% of block 0's down_proj) and later blocks then calibrate on other inputs
+(0.83–0.99 agreement). Taking the drift per token instead of as Σ x_d xᵀ − Σ x xᵀ did not remove it:
+this is the conditioning of the target, not a cancellation."""
 @pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 def test_two_processes_prune_like_one(case, inputs, tmp_path):
@@ -117,8 +116,9 @@ def test_two_processes_prune_like_one(case, inputs, tmp_path):
     def agreement(names):
         return sum(int(((w1[n] == 0) == (w2[n] == 0)).sum()) for n in names) / sum(w1[n].numel() for n in names)
 
-    # Block 0 sees identical inputs: only H's last bits differ, so only exact ties can flip.
-    assert agreement([n for n in pruned if ".layers.0." in n]) >= 0.9999
+    # Block 0 sees identical inputs: only H's last bits differ, so only exact ties can flip (near-ties too
+    # under the dense target, whose ridge solve amplifies them: 0.06% of block 0's down_proj measured).
+    assert agreement([n for n in pruned if ".layers.0." in n]) >= (0.999 if case in LOOSE else 0.9999)
     ppl1, ppl2 = r1["summary"]["ppl"], r2["summary"]["ppl"]
     if case in LOOSE:
         assert abs(ppl2 / ppl1 - 1) < 1e-2, (ppl1, ppl2)

@@ -84,12 +84,19 @@ def test_kept_outputs_survive_in_place_changes_and_the_budget_is_respected():
         replay.start_batch(0)
         expected = block(x).clone()
         replay.start_batch(0)
-        block(x).add_(100.0)  # the caller modifies what it got
+        block(x).add_(100.0)  # the caller modifies what it got: the entry is retired, the pair runs again
+        calls = block[0].first.calls
         replay.start_batch(0)
         assert torch.equal(block(x), expected)
+        assert replay.hits == 1 and block[0].first.calls == calls + 1
+        replay.start_batch(0)
+        assert torch.equal(block(x), expected) and replay.hits == 2
+        # the pair's input and output kept; the entries of the modules inside it were dropped
+        assert replay.nbytes == 2 * x.numel() * x.element_size()
+        x.mul_(1.0)  # an input changed in place (even to the same values): no longer matched
+        replay.start_batch(0)
+        block(x)
         assert replay.hits == 2
-    # the pair's input and output kept; the entries of the modules inside it were dropped
-    assert replay.nbytes == 2 * x.numel() * x.element_size()
     small = Replay(block, [], CPU, budget=0)
     with small.forwards([]), torch.no_grad():
         for _ in range(2):

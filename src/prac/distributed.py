@@ -434,6 +434,11 @@ class DataParallel:
             s.reduce(stats.drift, owner, f"dense-input drift of {name}")
             if owner != s.rank:
                 stats.drift = None
+        if stats.drift_out is not None:
+            for linear in sorted(stats.drift_out):
+                s.reduce(stats.drift_out[linear], owner, f"dense-input drift through {linear}")
+            if owner != s.rank:
+                stats.drift_out = None
 
     def _merge_samples(self, stats: InputStats, owner: int, name: str) -> None:
         """The single-process sample: every rank's candidates (≤ k each, with their keys and held-out

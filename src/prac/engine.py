@@ -56,6 +56,7 @@ from prac.blocks import (
     capture_block_inputs,
     find_blocks,
     find_linears,
+    get_weight,
     group_by_input,
     in_features,
     input_recorder,
@@ -362,11 +363,14 @@ class BlockEngine:
                     run_block_until(block, inputs, j, self.device)
             return groups
         cached = self._dense
+        projections = {g.names[0]: self._drift_projection(g, linears) for g in groups}
 
         def crossing(g: InputGroup):
+            project = projections[g.names[0]]
+
             def sink(x: torch.Tensor) -> None:
                 g.stats.add_batch(x, held=batch[0])
-                g.stats.add_drift(cached[g.names[0]][batch[1]].to(x.device), x)
+                g.stats.add_drift(cached[g.names[0]][batch[1]].to(x.device), x, project)
             return input_recorder(sink)
 
         batch.append(0)  # the batch's index, for the cached dense inputs
@@ -377,6 +381,15 @@ class BlockEngine:
                 self._start_batch(j)
                 run_block_until(block, inputs, j, self.device)
         return groups
+
+    def _drift_projection(self, group: InputGroup, linears: dict[str, nn.Module]) -> dict[str, torch.Tensor] | None:
+        """The dense weights of a group whose linears have fewer outputs in all than inputs (down_proj):
+        its drift is then kept as W₀ D per linear, out × in instead of in × in per token."""
+        weights = {n: get_weight(linears[n]).to(self.device) for n in group.names}
+        if sum(w.shape[0] for w in weights.values()) >= group.stats.dim:
+            return None
+        group.stats.drift_per_linear({n: w.shape[0] for n, w in weights.items()})
+        return weights
 
     def _replaying(self, recorded: list[nn.Module], record: bool = True):
         return self._replay.forwards(recorded, record) if self._replay is not None else contextlib.nullcontext()

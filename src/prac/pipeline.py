@@ -104,7 +104,8 @@ def stats_spec_for(cfg: PruneConfig) -> StatsSpec | None:
     return spec
 
 
-def dense_target_weight(weight: torch.Tensor, group: InputGroup, damping: float = 1e-2) -> torch.Tensor:
+def dense_target_weight(weight: torch.Tensor, group: InputGroup, damping: float = 1e-2,
+                        name: str | None = None) -> torch.Tensor:
     """The dense weights that best reproduce the *dense model's* output of this layer from the inputs it
     gets in the model being pruned (``--dense-target``).
 
@@ -118,9 +119,20 @@ def dense_target_weight(weight: torch.Tensor, group: InputGroup, damping: float 
     layer also takes up the error of the layers before it (the asymmetric objective of GPTAQ, arXiv
     2504.02692, here for pruning, reduced to a change of the dense weights). The factor is the
     group's shared damped inverse (one per group), the product ``D (H + λI)⁻¹`` is computed once
-    per group. Falls back to W₀ when the factorisation fails.
+    per group. Falls back to W₀ when the factorisation fails. When the engine kept the product
+    W₀ D per linear (``stats.drift_out``, for groups with fewer outputs than inputs), ``name`` picks
+    this linear's and W* = W₀ + (W₀ D)(H + λI)⁻¹.
     """
     stats = group.stats
+    if stats.drift_out is not None:
+        if name not in stats.drift_out:
+            raise RuntimeError(f"no drift product was kept for {name}")
+        inverse = group.inverse(damping)
+        if inverse.value is None:
+            log.warning("%s: (H + λI) could not be factorised; the layer keeps its own dense target", name)
+            return weight
+        product = (stats.drift_out[name] / max(stats.count, 1)).to(inverse.value.device)
+        return weight + (product @ inverse.value).to(weight.device)
 
     def shift() -> torch.Tensor | None:
         inverse = group.inverse(damping)
@@ -165,8 +177,8 @@ class PruneStep:
         started = time.perf_counter()
         w_orig = get_weight(module)
         stats = group.stats
-        if stats is not None and stats.drift is not None:
-            w_orig = dense_target_weight(w_orig, group, cfg.dense_target_damping)
+        if stats is not None and (stats.drift is not None or stats.drift_out is not None):
+            w_orig = dense_target_weight(w_orig, group, cfg.dense_target_damping, name)
         result = self.method.fn(w_orig, group if stats is not None else None, self.pattern_of(name), cfg.settings)
         weight = result.weight
         diagnostics: dict[str, Any] = {}

@@ -10,7 +10,10 @@ only on its inputs, so the o_proj, gate/up and down_proj forwards and the propag
 prunable linears all have their final weights (*settled*), and hands the output back when the
 module is called again on that batch with equal inputs (``torch.equal`` on every tensor argument,
 ``==`` on plain values; any other argument type disables the replay of that call). So the result is
-exactly what running the module again would give, bit for bit; only the work is skipped. A kept
+exactly what running the module again would give, bit for bit; only the work is skipped. Tensors
+are kept by reference, not copied: each with its version counter, so one changed in place since
+(an input reused by the model, an output its caller modified) no longer matches, and its entry is
+retired. A kept
 entry makes the entries of the modules inside it redundant, so they are dropped. Nothing is kept
 for a module containing a linear that the current forward records (its hooks must fire), for a
 module in training mode, or beyond the memory budget (then the module simply runs).
@@ -34,30 +37,44 @@ _PLAIN = (type(None), bool, int, float, str)
 _UNSUPPORTED = object()
 
 
-def _keep(obj: Any, device: torch.device, seen: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> Any:
-    """A detached copy of a module's arguments or output on ``device`` (tensors shared by identity
-    within one forward — q/k/v's common input — are copied once); ``_UNSUPPORTED`` for other types."""
+class _Kept:
+    """A tensor kept by reference, with its version counter at the time (an in-place change since
+    invalidates it); inference tensors, which have no version counter, are copied instead."""
+
+    __slots__ = ("tensor", "version")
+
+    def __init__(self, tensor: torch.Tensor, store: torch.device):
+        if tensor.is_inference():
+            self.tensor, self.version = tensor.detach().to(store, copy=True), None
+        else:
+            self.tensor, self.version = tensor, tensor._version
+
+    def intact(self) -> bool:
+        return self.version is None or self.tensor._version == self.version
+
+
+def _keep(obj: Any, store: torch.device) -> Any:
+    """A module's arguments or output as kept (tensors by reference); ``_UNSUPPORTED`` for other types."""
     if isinstance(obj, torch.Tensor):
-        hit = seen.get(id(obj))
-        if hit is None or hit[0] is not obj:
-            hit = (obj, obj.detach().to(device, copy=True))
-            seen[id(obj)] = hit
-        return hit[1]
+        return _Kept(obj, store)
     if isinstance(obj, _PLAIN):
         return obj
     if isinstance(obj, (tuple, list)):
-        items = [_keep(o, device, seen) for o in obj]
+        items = [_keep(o, store) for o in obj]
         return _UNSUPPORTED if any(i is _UNSUPPORTED for i in items) else type(obj)(items)
     if isinstance(obj, dict):
-        items = {k: _keep(v, device, seen) for k, v in obj.items()}
+        items = {k: _keep(v, store) for k, v in obj.items()}
         return _UNSUPPORTED if any(i is _UNSUPPORTED for i in items.values()) else items
     return _UNSUPPORTED
 
 
 def _equal(kept: Any, now: Any) -> bool:
-    if isinstance(kept, torch.Tensor):
-        return (isinstance(now, torch.Tensor) and kept.shape == now.shape and kept.dtype == now.dtype
-                and torch.equal(kept, now.detach().to(kept.device)))
+    """Whether the arguments ``now`` equal the kept ones (which must be intact)."""
+    if isinstance(kept, _Kept):
+        if not isinstance(now, torch.Tensor) or not kept.intact():
+            return False
+        t = kept.tensor
+        return now is t or (t.shape == now.shape and t.dtype == now.dtype and torch.equal(t, now.detach().to(t.device)))
     if isinstance(kept, _PLAIN):
         return type(kept) is type(now) and kept == now
     if isinstance(kept, (tuple, list)):
@@ -68,10 +85,21 @@ def _equal(kept: Any, now: Any) -> bool:
     return False
 
 
+def _intact(kept: Any) -> bool:
+    if isinstance(kept, _Kept):
+        return kept.intact()
+    if isinstance(kept, (tuple, list)):
+        return all(_intact(o) for o in kept)
+    if isinstance(kept, dict):
+        return all(_intact(o) for o in kept.values())
+    return True
+
+
 def _give(kept: Any, device: torch.device) -> Any:
-    """A fresh copy of a kept output on ``device`` (the caller may modify what it gets in place)."""
-    if isinstance(kept, torch.Tensor):
-        return kept.to(device, copy=True)
+    """The kept output as the module would return it (its tensors themselves: a caller that changes
+    one in place bumps its version counter, which retires the entry)."""
+    if isinstance(kept, _Kept):
+        return kept.tensor.to(device)
     if isinstance(kept, (tuple, list)):
         return type(kept)(_give(o, device) for o in kept)
     if isinstance(kept, dict):
@@ -80,11 +108,11 @@ def _give(kept: Any, device: torch.device) -> Any:
 
 
 def _nbytes(obj: Any, counted: set[int]) -> int:
-    if isinstance(obj, torch.Tensor):
-        if id(obj) in counted:
+    if isinstance(obj, _Kept):
+        if id(obj.tensor) in counted:
             return 0
-        counted.add(id(obj))
-        return obj.numel() * obj.element_size()
+        counted.add(id(obj.tensor))
+        return obj.tensor.numel() * obj.tensor.element_size()
     if isinstance(obj, (tuple, list)):
         return sum(_nbytes(o, counted) for o in obj)
     if isinstance(obj, dict):
@@ -114,7 +142,6 @@ class Replay:
         self._kept: dict[tuple[int, int], tuple[Any, Any, Any, int]] = {}
         self._blocked: set[int] = set()
         self._record = False
-        self._seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def settle(self, linears: list[nn.Module]) -> None:
         """These linears now have their final weights."""
@@ -144,12 +171,10 @@ class Replay:
                     del module.forward
                 else:
                     module.forward = original
-            self._seen = {}
 
     def start_batch(self, index: int) -> None:
         """The next forward runs calibration batch ``index``."""
         self.batch = index
-        self._seen = {}
 
     def _wrap(self, module: nn.Module, forward):
         key_of = id(module)
@@ -158,10 +183,13 @@ class Replay:
             key = (key_of, self.batch)
             blocked = key_of in self._blocked or self.block.training
             kept = None if blocked else self._kept.get(key)
-            if kept is not None and _equal(kept[0], args) and _equal(kept[1], kwargs):
-                self.hits += 1
-                device = next((a.device for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), self.store)
-                return _give(kept[2], device)
+            if kept is not None:
+                if _intact(kept[2]) and _equal(kept[0], args) and _equal(kept[1], kwargs):
+                    self.hits += 1
+                    device = next((a.device for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)),
+                                  self.store)
+                    return _give(kept[2], device)
+                self.nbytes -= self._kept.pop(key)[3]  # other inputs, or an output changed in place: retired
             out = forward(*args, **kwargs)
             if self._record and not blocked and key not in self._kept and self._settled(module):
                 self._keep_entry(module, key, args, kwargs, out)
@@ -170,8 +198,7 @@ class Replay:
         return replayed
 
     def _keep_entry(self, module: nn.Module, key: tuple[int, int], args, kwargs, out) -> None:
-        kept_args, kept_kwargs = _keep(args, self.store, self._seen), _keep(kwargs, self.store, self._seen)
-        kept_out = _keep(out, self.store, {})
+        kept_args, kept_kwargs, kept_out = _keep(args, self.store), _keep(kwargs, self.store), _keep(out, self.store)
         if any(k is _UNSUPPORTED for k in (kept_args, kept_kwargs, kept_out)):
             return
         size = _nbytes((kept_args, kept_kwargs, kept_out), set())

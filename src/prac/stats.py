@@ -68,6 +68,9 @@ class InputStats:
       model and x its input here, unnormalised, fp32 (:meth:`add_drift`; all tokens, not split). The
       difference is taken per token before the product, so the small drift is not the cancellation of
       two nearly equal sums (Σ x_d xᵀ − Σ x xᵀ would amplify the last bits of the summation order).
+      With ``project`` (the dense weights W₀ of the group's linears), :meth:`add_drift` keeps instead
+      ``drift_out[name]`` = Σ W₀ (x_d − x) xᵀ, ``[out, in]`` per linear: all the dense target needs,
+      and cheaper when the linears' outputs are fewer than their inputs (down_proj).
     """
 
     def __init__(self, dim: int, device: torch.device | str = "cpu", spec: StatsSpec = StatsSpec()):
@@ -81,6 +84,7 @@ class InputStats:
             torch.zeros(dim, dim, dtype=torch.float32, device=self.device) if spec.hessian else None
         )
         self.drift = torch.zeros(dim, dim, dtype=torch.float32, device=self.device) if spec.drift else None
+        self.drift_out: dict[str, torch.Tensor] | None = None
         self.samples: torch.Tensor | None = None
         self._keys: torch.Tensor | None = None
         self._generator: torch.Generator | None = None
@@ -114,16 +118,32 @@ class InputStats:
         if self._generator is not None:
             self._add_samples(rows, flags)
 
-    def add_drift(self, dense: torch.Tensor, x: torch.Tensor) -> None:
+    def add_drift(self, dense: torch.Tensor, x: torch.Tensor, project: dict[str, torch.Tensor] | None = None) -> None:
         """Add Σ (x_d − x) xᵀ over the token rows of ``dense`` (the input in the dense model) and ``x``
-        (the same tokens' input here; add it with :meth:`add_batch` as well)."""
-        if self.drift is None:
+        (the same tokens' input here; add it with :meth:`add_batch` as well); with ``project`` (fp32
+        ``[out, in]`` weights by linear name) Σ W (x_d − x) xᵀ per linear instead, in :attr:`drift_out`
+        (the same ``project`` for every batch)."""
+        if self.drift is None and self.drift_out is None:
             raise RuntimeError("drift statistics were not requested for this input")
         if dense.shape != x.shape:
             raise ValueError(f"dense input of shape {tuple(dense.shape)} does not match {tuple(x.shape)}")
         rows = x.reshape(-1, self.dim).to(device=self.device, dtype=torch.float32)
         delta = dense.reshape(-1, self.dim).to(device=self.device, dtype=torch.float32) - rows
-        self.drift.addmm_(delta.T, rows)
+        if project is None:
+            self.drift.addmm_(delta.T, rows)
+            return
+        if self.drift_out is None or self.drift_out.keys() != project.keys():
+            raise RuntimeError("per-linear drift products were not set up for these linears (drift_per_linear)")
+        for name, w in project.items():
+            self.drift_out[name].addmm_((delta @ w.T).T, rows)
+
+    def drift_per_linear(self, out_features: dict[str, int]) -> None:
+        """Keep the drift as Σ W (x_d − x) xᵀ per linear (``out_features`` by name) instead of Σ (x_d − x) xᵀ."""
+        if self.drift is None:
+            raise RuntimeError("drift statistics were not requested for this input")
+        self.drift_out = {name: torch.zeros(out, self.dim, dtype=torch.float32, device=self.device)
+                          for name, out in out_features.items()}
+        self.drift = None
 
     def _row_flags(self, x: torch.Tensor, held: torch.Tensor | None, n_rows: int) -> torch.Tensor:
         if held is None:
@@ -192,6 +212,8 @@ class InputStats:
             tensors["Hessian"] = self.hessian
         if self.drift is not None:
             tensors["dense-input drift"] = self.drift
+        for linear, t in (self.drift_out or {}).items():
+            tensors[f"dense-input drift through {linear}"] = t
         for what, t in tensors.items():
             if not bool(torch.isfinite(t).all()):
                 raise PracError(f"NaN/Inf in the calibration statistics ({what}) of the input to {name}")
@@ -202,6 +224,7 @@ class InputStats:
             total += self.hessian.nbytes
         if self.drift is not None:
             total += self.drift.nbytes
+        total += sum(t.nbytes for t in (self.drift_out or {}).values())
         if self.samples is not None:
             total += self.samples.nbytes
         if self.heldout is not None:
