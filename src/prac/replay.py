@@ -20,7 +20,7 @@ module in training mode, or beyond the memory budget (then the module simply run
 
 Plumbing only: nothing here knows an architecture. The engine (``prac.engine``) says which linears
 are settled (:meth:`Replay.settle`), which modules the forward records (:meth:`Replay.forwards`),
-and which batch runs (:attr:`Replay.batch`).
+and which batch runs (:meth:`Replay.start_batch`).
 """
 
 from __future__ import annotations
@@ -154,7 +154,7 @@ class Replay:
     def forwards(self, recorded: list[nn.Module], record: bool = True) -> Iterator[None]:
         """While inside, calls of the candidate submodules replay kept outputs where they can (never
         those containing a module in ``recorded``, whose hooks must run); with ``record``, settled
-        modules that ran are kept for the next forwards. Set :attr:`batch` before each batch."""
+        modules that ran are kept for the next forwards. Call :meth:`start_batch` before each batch."""
         ids = {id(m) for m in recorded}
         self._blocked = {id(m) for m in self._candidates
                          if id(m) in ids or any(i in ids for i in self._inside[id(m)])}
