@@ -184,7 +184,13 @@ def test_a_signal_during_save_leaves_nothing(work, sig, code):
         time.sleep(0.1)
     assert marker.exists(), proc.stderr.read() if proc.poll() is not None else "no save started"
     proc.send_signal(sig)
-    assert proc.wait(timeout=30) == code
-    assert "nothing was written" in proc.stderr.read()
+    try:  # read stderr while waiting (a full pipe would block the child), and show it on failure
+        _, err = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate()
+        pytest.fail(f"no exit within 30 s of {sig.name}; stderr:\n{err[-3000:]}")
+    assert proc.returncode == code, err[-3000:]
+    assert "nothing was written" in err
     marker.unlink()
     assert tree_state(root) == before
