@@ -158,7 +158,10 @@ def test_stale_temporaries_of_dead_processes_are_removed(tmp_path):
 
 
 _SLOW_SAVE = """
-import sys, time
+import signal, sys, time
+# Ctrl-C as in a foreground run: a shell that starts the test suite in the background (`… &`) passes
+# SIGINT on ignored, and Python keeps an ignored SIGINT ignored
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from pathlib import Path
 from transformers import PreTrainedModel
 orig = PreTrainedModel.save_pretrained
