@@ -385,11 +385,11 @@ class BlockEngine:
     def _drift_projection(self, group: InputGroup, linears: dict[str, nn.Module]) -> dict[str, torch.Tensor] | None:
         """The dense weights of a group whose linears have fewer outputs in all than inputs (down_proj):
         its drift is then kept as W₀ D per linear, out × in instead of in × in per token."""
-        weights = {n: get_weight(linears[n]).to(self.device) for n in group.names}
-        if sum(w.shape[0] for w in weights.values()) >= group.stats.dim:
+        outs = {n: linears[n].weight.numel() // in_features(linears[n]) for n in group.names}
+        if sum(outs.values()) >= group.stats.dim:
             return None
-        group.stats.drift_per_linear({n: w.shape[0] for n, w in weights.items()})
-        return weights
+        group.stats.drift_per_linear(outs)
+        return {n: get_weight(linears[n]).to(self.device) for n in group.names}
 
     def _replaying(self, recorded: list[nn.Module], record: bool = True):
         return self._replay.forwards(recorded, record) if self._replay is not None else contextlib.nullcontext()

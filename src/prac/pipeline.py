@@ -124,26 +124,24 @@ def dense_target_weight(weight: torch.Tensor, group: InputGroup, damping: float 
     this linear's and W* = W₀ + (W₀ D)(H + λI)⁻¹.
     """
     stats = group.stats
-    if stats.drift_out is not None:
-        if name not in stats.drift_out:
-            raise RuntimeError(f"no drift product was kept for {name}")
-        inverse = group.inverse(damping)
-        if inverse.value is None:
-            log.warning("%s: (H + λI) could not be factorised; the layer keeps its own dense target", name)
-            return weight
-        product = (stats.drift_out[name] / max(stats.count, 1)).to(inverse.value.device)
-        return weight + (product @ inverse.value).to(weight.device)
 
-    def shift() -> torch.Tensor | None:
+    def factor() -> torch.Tensor | None:
         inverse = group.inverse(damping)
         if inverse.value is None:
             log.warning("%s: (H + λI) could not be factorised; the layer keeps its own dense target", group.names[0])
-            return None
-        drift = (stats.drift / max(stats.count, 1)).to(group.device)
-        return drift @ inverse.value
+        return inverse.value
 
-    g = group.shared(("dense-target", float(damping)), shift)
-    return weight if g is None else weight + weight.to(g.device) @ g
+    inverse = group.shared(("dense-target-inverse", float(damping)), factor)
+    if inverse is None:
+        return weight
+    if stats.drift_out is not None:
+        if name not in stats.drift_out:
+            raise RuntimeError(f"no drift product was kept for {name}")
+        product = (stats.drift_out[name] / max(stats.count, 1)).to(inverse.device)
+        return weight + (product @ inverse).to(weight.device)
+    g = group.shared(("dense-target", float(damping)),
+                     lambda: (stats.drift / max(stats.count, 1)).to(group.device) @ inverse)
+    return weight + weight.to(g.device) @ g
 
 
 class PruneStep:
