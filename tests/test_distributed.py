@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from prac import assets
 from prac.distributed import (DataParallel, FailureBoard, Launch, Session, assign_owners, split_range)
 from prac.group import InputGroup
+from prac.units import Unit
 from prac.stats import InputStats, StatsSpec, holdout_rows
 from tests.conftest import GOLDEN
 
@@ -172,11 +173,11 @@ if os.environ["RANK"] == "1":  # rank 1 raises in its third calibration forward;
     calls = [0]
     add_batch = stats.InputStats.add_batch
 
-    def failing(self, x, held=None):
+    def failing(self, x, held=None, route=None):
         calls[0] += 1
         if calls[0] == 9:
             raise RuntimeError("injected failure on one rank")
-        add_batch(self, x, held)
+        add_batch(self, x, held, route)
 
     stats.InputStats.add_batch = failing
 raise SystemExit(main(sys.argv[1:]))
@@ -242,7 +243,7 @@ def _merge_worker(rank: int, world: int, port: int, x: torch.Tensor, batch: int,
     for b, h in zip(x[rows].split(batch), held[rows].split(batch) if held is not None else [None] * len(x)):
         stats.add_batch(b, held=h)
     group = InputGroup(["layer"], stats)
-    par.assign([group], {"layer": torch.nn.Linear(x.shape[-1], 3)})
+    par.assign([group], {"layer": Unit("layer", torch.nn.Linear(x.shape[-1], 3))})
     par.reduce(group)
     if par.owns(group):
         ho = stats.heldout

@@ -32,7 +32,6 @@ from typing import Callable
 import torch
 from torch import nn
 
-from prac.blocks import find_blocks, find_linears, get_weight
 from prac.correction.objective import quadratic_rows
 from prac.engine import BlockEngine, EngineConfig
 from prac.errors import PracError
@@ -40,6 +39,7 @@ from prac.group import InputGroup
 from prac.masks import mask_from_scores, wanda_scores
 from prac.patterns import Unstructured
 from prac.stats import StatsSpec
+from prac.units import Unit, model_units
 
 ALLOCATORS = ("uniform", "owl", "error")
 #: Calibration sequences the ``error`` allocator's dense scan reads by default (the first ones).
@@ -147,11 +147,10 @@ def allocate(model: nn.Module, calib: torch.Tensor, target: float, config: Alloc
              engine: EngineConfig = EngineConfig(), device: torch.device | str = "cpu", ignore: str | None = None,
              progress=None) -> Plan:
     """The plan of ``config.method`` for ``model`` at total sparsity ``target`` (one dense scan)."""
-    blocks = find_blocks(model)
     numel, block_of = {}, {}
-    for i, block in enumerate(blocks.modules):
-        for name, module in find_linears(block, blocks.name(i), ignore).items():
-            numel[name] = module.weight.numel()
+    for _blocks, i, units in model_units(model, ignore):
+        for name, unit in units.items():
+            numel[name] = unit.numel
             block_of[name] = i
     if not numel:
         raise PracError("nothing to prune: no linear layer is left to allocate sparsity to")
@@ -171,13 +170,13 @@ def allocate(model: nn.Module, calib: torch.Tensor, target: float, config: Alloc
     return plan
 
 
-Observer = Callable[[InputGroup, dict[str, nn.Module]], None]
+Observer = Callable[[InputGroup, dict[str, Unit]], None]
 
 
 def _owl_observer(config: AllocationConfig, out: dict) -> Observer:
-    def observe(group: InputGroup, linears: dict[str, nn.Module]) -> None:
+    def observe(group: InputGroup, units: dict[str, Unit]) -> None:
         for name in group.names:
-            out[name] = _owl_ratio(get_weight(linears[name]).to(group.device), group.stats.l2, config.owl_m)
+            out[name] = _owl_ratio(units[name].read().to(group.device), group.stats.l2, config.owl_m)
 
     return observe
 
@@ -185,10 +184,10 @@ def _owl_observer(config: AllocationConfig, out: dict) -> Observer:
 def _error_observer(config: AllocationConfig, target: float, out: dict) -> Observer:
     trials = sorted({min(max(target + t, 0.0), config.max_sparsity) for t in config.error_trials})
 
-    def observe(group: InputGroup, linears: dict[str, nn.Module]) -> None:
+    def observe(group: InputGroup, units: dict[str, Unit]) -> None:
         h = group.hessian()
         for name in group.names:
-            w = get_weight(linears[name]).to(h.device)
+            w = units[name].read().to(h.device)
             scores = wanda_scores(w, group.stats.l2)
             energy = float(quadratic_rows(w, h).sum())  # once per linear, not per trial
             curve = []

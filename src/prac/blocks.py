@@ -17,13 +17,16 @@ import torch
 from torch import nn
 
 from prac.errors import PracError
+from prac.experts import ExpertLinear
 
 try:  # HF's transposed linear used by GPT-2
     from transformers.pytorch_utils import Conv1D
 except ImportError:  # pragma: no cover
     Conv1D = ()  # type: ignore[assignment]
 
-PRUNABLE = (nn.Linear, Conv1D) if Conv1D else (nn.Linear,)
+#: Module types whose ``weight`` prac prunes; :class:`prac.experts.ExpertLinear` exists only while
+#: :func:`prac.experts.expert_views` presents a block's fused experts as linears.
+PRUNABLE = (nn.Linear, Conv1D, ExpertLinear) if Conv1D else (nn.Linear, ExpertLinear)
 
 
 @dataclass
@@ -63,11 +66,16 @@ def find_blocks(model: nn.Module) -> Blocks:
 
 
 def find_linears(block: nn.Module, prefix: str = "", ignore: str | None = None) -> dict[str, nn.Module]:
-    """Prunable layers of ``block`` by full name, minus those whose full name matches ``ignore``."""
+    """Prunable layers of ``block`` by full name, minus those whose full name matches ``ignore`` and
+    minus the routers of MoE blocks (:func:`prac.experts.routers`). A block's fused experts appear
+    here only inside :func:`prac.experts.expert_views`."""
+    from prac.experts import routers
+
     pattern = re.compile(ignore) if ignore else None
+    skip = {id(m) for m in routers(block).values()}
     out = {}
     for name, module in block.named_modules():
-        if isinstance(module, PRUNABLE):
+        if isinstance(module, PRUNABLE) and id(module) not in skip:
             full = f"{prefix}.{name}" if prefix else name
             if pattern is None or not pattern.search(full):
                 out[full] = module
@@ -105,11 +113,15 @@ def pre_hooks(hooks: dict[nn.Module, Callable], with_kwargs: bool = False) -> It
             h.remove()
 
 
-def input_recorder(sink: Callable[[torch.Tensor], None]) -> Callable:
-    """A pre-hook that hands the module's first positional input to ``sink``."""
+def input_recorder(sink: Callable[..., None], routed: bool = False) -> Callable:
+    """A pre-hook that hands the module's first positional input to ``sink``; with ``routed``, also
+    the :class:`prac.experts.Route` an expert linear was called with (None for other modules)."""
 
     def hook(_module, args):
-        sink(args[0])
+        if routed:
+            sink(args[0], args[1] if len(args) > 1 else None)
+        else:
+            sink(args[0])
 
     return hook
 

@@ -48,7 +48,7 @@ import pickle
 import time
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -58,6 +58,9 @@ from prac.errors import PracError
 from prac.group import InputGroup
 from prac.records import LayerRecord
 from prac.stats import InputStats
+
+if TYPE_CHECKING:
+    from prac.units import Unit
 
 log = logging.getLogger(__name__)
 
@@ -329,14 +332,11 @@ def shutdown() -> None:
 
 # --- the block engine's hooks --------------------------------------------------------------------------
 
-def group_cost(group: InputGroup, linears: dict[str, nn.Module]) -> float:
+def group_cost(group: InputGroup, units: dict[str, "Unit"]) -> float:
     """Work of pruning a group, whatever the method: one factorisation of its ``in × in`` H (in³) and,
     per linear, a solve against it (in² · out) — the SparseGPT/OBS shape; cheaper methods scale alike."""
-    from prac.blocks import in_features
-
-    first = linears[group.names[0]]
-    d = float(in_features(first))
-    return d ** 3 + sum(d * linears[n].weight.numel() for n in group.names)
+    d = float(units[group.names[0]].in_features)
+    return d ** 3 + sum(d * units[n].numel for n in group.names)
 
 
 def assign_owners(costs: Sequence[float], world: int) -> list[int]:
@@ -390,9 +390,9 @@ class DataParallel:
         return stats
 
     # owners
-    def assign(self, groups: list[InputGroup], linears: dict[str, nn.Module]) -> None:
+    def assign(self, groups: list[InputGroup], units: dict[str, "Unit"]) -> None:
         """Owners of a chunk of groups, balanced by :func:`group_cost`."""
-        owners = assign_owners([group_cost(g, linears) for g in groups], self.session.world)
+        owners = assign_owners([group_cost(g, units) for g in groups], self.session.world)
         for group, owner in zip(groups, owners):
             self._owner[group.names[0]] = owner
             self._group_names[group.names[0]] = list(group.names)
@@ -419,14 +419,26 @@ class DataParallel:
         if stats.spec.max_samples > 0:
             self._merge_samples(stats, owner, name)
 
-    def _reduce_sums(self, stats: InputStats, owner: int, name: str) -> None:
+    def reduce_all(self, stats: InputStats, name: str) -> None:
+        """Statistics shared by several groups (an MoE experts module's prior): everything summed, and
+        the token sample merged, on every rank."""
+        self._reduce_sums(stats, None, name)
+        if stats.spec.max_samples > 0:
+            self._merge_samples(stats, None, name)
+
+    def _reduce_sums(self, stats: InputStats, owner: int | None, name: str) -> None:
+        """Count, Σx, Σx² and Σr² on every rank; H and the drift on ``owner`` (None: every rank)."""
         s = self.session
         count = s.all_reduce(torch.tensor([stats.count], dtype=torch.int64, device=stats.device), f"count of {name}")
         stats.count = int(count.item())
-        moments = s.all_reduce(torch.cat([stats.sum, stats.sumsq]), f"sums of {name}")
+        moments = s.all_reduce(torch.cat([stats.sum, stats.sumsq, stats.route_sq.reshape(1)]), f"sums of {name}")
         stats.sum.copy_(moments[: stats.dim])
-        stats.sumsq.copy_(moments[stats.dim :])
+        stats.sumsq.copy_(moments[stats.dim : 2 * stats.dim])
+        stats.route_sq = moments[2 * stats.dim].clone()
         if stats.hessian is not None:
+            if owner is None:
+                stats.hessian = s.all_reduce(stats.hessian, f"Hessian of {name}")
+                return
             s.reduce(stats.hessian, owner, f"Hessian of {name}")
             if owner != s.rank:
                 stats.hessian = None
@@ -440,7 +452,7 @@ class DataParallel:
             if owner != s.rank:
                 stats.drift_out = None
 
-    def _merge_samples(self, stats: InputStats, owner: int, name: str) -> None:
+    def _merge_samples(self, stats: InputStats, owner: int | None, name: str) -> None:
         """The single-process sample: every rank's candidates (≤ k each, with their keys and held-out
         flags) gathered, the k largest keys kept, in token order — what ``InputStats._add_samples``
         keeps over all batches."""
@@ -454,7 +466,7 @@ class DataParallel:
                 table[:have, stats.dim + 1] = stats.sample_held.float()
         counts = s.all_gather(torch.tensor([have], dtype=torch.int64, device=stats.device), f"samples of {name}")
         tables = s.all_gather(table, f"samples of {name}")
-        if owner != s.rank:
+        if owner is not None and owner != s.rank:
             stats.samples, stats._keys, stats.sample_held = None, None, None
             return
         merged = torch.cat([t[: int(c)] for t, c in zip(tables, counts)])

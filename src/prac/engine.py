@@ -53,30 +53,29 @@ from torch import nn
 from prac.blocks import (
     BlockInputs,
     Blocks,
+    StopForward,
     capture_block_inputs,
     find_blocks,
-    find_linears,
-    get_weight,
     group_by_input,
-    in_features,
     input_recorder,
     pre_hooks,
     run_block,
     run_block_until,
-    set_weight,
     stopping,
 )
 from prac.errors import PracError
+from prac.experts import Route, dense_gate_weights, expert_hidden, expert_views, gated
 from prac.group import InputGroup
 from prac.progress import Progress, no_progress
 from prac.replay import Replay
 from prac.stats import InputStats, StatsSpec, holdout_rows
+from prac.units import Unit, block_units, block_weight_counts, check_block_parameters, model_units
 
 log = logging.getLogger(__name__)
 
-GroupStep = Callable[[InputGroup, dict[str, nn.Module]], "dict[str, torch.Tensor] | None"]
-"""``step(group, linears)``: process one input group (``linears`` maps every name of the block to its
-module) and return the new fp32 ``[out, in]`` weights of the linears it changed, or None."""
+GroupStep = Callable[[InputGroup, dict[str, Unit]], "dict[str, torch.Tensor] | None"]
+"""``step(group, units)``: process one input group (``units`` maps every name of the block to its
+:class:`prac.units.Unit`) and return the new fp32 ``[out, in]`` weights of the units it changed, or None."""
 
 StatsReducer = Callable[[InputGroup], None]
 """``reduce(group)``: combine the group's statistics across processes, in place (identity by default)."""
@@ -93,16 +92,19 @@ class BlockParallel(Protocol):
     def new_stats(self, stats: InputStats) -> InputStats:
         """A fresh accumulator made consistent with this share (the sample's random keys)."""
 
-    def assign(self, groups: list[InputGroup], linears: dict[str, nn.Module]) -> None:
+    def assign(self, groups: list[InputGroup], units: dict[str, Unit]) -> None:
         """Choose the owner of each group of a chunk (the same on every process)."""
 
     def reduce(self, group: InputGroup) -> None:
         """Combine the group's statistics across processes (onto its owner at least)."""
 
+    def reduce_all(self, stats: InputStats, name: str) -> None:
+        """Combine statistics that several groups read (an experts module's prior) onto every process."""
+
     def owns(self, group: InputGroup) -> bool:
         """Whether this process runs the step of ``group``."""
 
-    def exchange(self, staged: dict[str, torch.Tensor], linears: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    def exchange(self, staged: dict[str, torch.Tensor], units: dict[str, Unit]) -> dict[str, torch.Tensor]:
         """Every owner's new weights of the block, on every process."""
 
 
@@ -121,7 +123,10 @@ class EngineConfig:
     take up (measured: worse than no dense target, see docs/admm.md). ``replay``: in a sequential
     calibration, keep the outputs of the submodules whose linears are final (attention once q/k/v/o
     are pruned, gate/up once pruned) and reuse them in the block's later forwards on equal inputs
-    (:mod:`prac.replay`; exact, costs memory up to a quarter of what is free where activations live)."""
+    (:mod:`prac.replay`; exact, costs memory up to a quarter of what is free where activations live).
+    ``expert_min_tokens``: an MoE expert projection whose input got fewer calibration tokens than this
+    (None: its number of input features, below which its own H is singular; at least 1) has its
+    statistics topped up to it with those of all the block's tokens run through it (docs/moe.md)."""
 
     batch_size: int = 8
     offload: str = "auto"
@@ -129,6 +134,7 @@ class EngineConfig:
     sequential: bool = False
     dense_target: bool = False
     replay: bool = True
+    expert_min_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -137,6 +143,8 @@ class EngineConfig:
             raise PracError(f"offload must be auto, device or cpu, got {self.offload!r}")
         if self.layer_batch_size < 0:
             raise PracError(f"layer-batch-size must be >= 0, got {self.layer_batch_size}")
+        if self.expert_min_tokens is not None and self.expert_min_tokens < 0:
+            raise PracError(f"expert-min-tokens must be >= 0, got {self.expert_min_tokens}")
 
 
 @dataclass
@@ -146,6 +154,8 @@ class EngineOutcome:
     phase_seconds: dict[str, float] = field(default_factory=dict)
     final_hidden: list[torch.Tensor] | None = None
     replayed: int = 0  # submodule calls answered from kept outputs (``EngineConfig.replay``)
+    # (zeros, entries) over every weight matrix of the processed blocks, after processing
+    block_weights: tuple[int, int] = (0, 0)
 
 
 class PhaseTimer:
@@ -206,7 +216,7 @@ class BlockEngine:
         self.parallel = parallel
         self._held: list[torch.Tensor] | None = None  # held-out flags per calibration batch (this run)
         # with dense_target: every group's dense inputs of the current block, per calibration batch
-        self._dense: dict[str, list[torch.Tensor]] | None = None
+        self._dense: _DenseInputs | None = None
         self._calls: dict[str, int] | None = None  # calls per linear in one forward of the current block
         self._replay: Replay | None = None  # kept submodule outputs of the current block (sequential)
 
@@ -251,73 +261,105 @@ class BlockEngine:
             dense = BlockInputs([h.clone() for h in inputs.hidden], inputs.args, inputs.kwargs)
         count = len(blocks) if max_blocks is None else min(max_blocks, len(blocks))
         last = count - 1
+        zeros = entries = 0
         for i in self.progress(range(count), "blocks", count):
             block = blocks.modules[i]
             with timer("transfer"):
                 block.to(self.device)
-            linears = find_linears(block, blocks.name(i), ignore)
-            grouping = self._grouping(block, linears, inputs) if spec is not None and linears else None
-            if dense is not None and grouping is not None:
-                with timer("calibrate"):
-                    self._dense = self._dense_pass(block, linears, dense, grouping)
-            staged: dict[str, torch.Tensor] = {}
-            if spec is None:
-                if step is not None:
-                    with timer("prune"):
-                        singles = [InputGroup([name], None, self.device) for name in linears]
-                        if par is not None:
-                            par.assign(singles, linears)
-                        for group in singles:
-                            if par is None or par.owns(group):
-                                staged.update(step(group, linears) or {})
-            else:
-                self._calibrated_block(block, linears, inputs, spec, step, timer, staged, grouping)
-            if par is not None and step is not None:
-                with timer("exchange"):
-                    staged = par.exchange(staged, linears)
-            for name, weight in staged.items():
-                set_weight(linears[name], weight)
-            del staged
+            with expert_views(block, blocks.name(i), ignore):  # removed before the block moves again
+                units = block_units(block, blocks.name(i), ignore, i)
+                self._block(block, units, inputs, dense, spec, step, timer)
+                if inputs is not None and (i < last or return_hidden):
+                    with timer("propagate"):
+                        self._propagate(block, inputs)
+                self._dense = None
+                outcome.replayed += self._end_replay()
             log.info("block %d/%d (%s) done", i + 1, len(blocks), blocks.name(i))
-            if inputs is not None and (i < last or return_hidden):
-                with timer("propagate"):
-                    self._propagate(block, inputs)
-            self._dense = None
-            outcome.replayed += self._end_replay()
+            z, n = block_weight_counts(block)
+            zeros, entries = zeros + z, entries + n
             with timer("transfer"):
                 block.to("cpu")
+        outcome.block_weights = (zeros, entries)
         if return_hidden and inputs is not None:
             outcome.final_hidden = inputs.hidden
         return outcome
 
-    def _grouping(self, block, linears, inputs) -> tuple[list[list[str]], dict[str, int]]:
+    def _block(self, block, units: dict[str, Unit], inputs, dense, spec, step, timer) -> None:
+        """Calibrate (or not), step and apply one block (expert views installed)."""
+        par = self.parallel
+        grouping = self._grouping(block, units, inputs) if spec is not None and units else None
+        if dense is not None and grouping is not None:
+            with timer("calibrate"):
+                self._dense = self._dense_pass(block, units, dense, grouping)
+        staged: dict[str, torch.Tensor] = {}
+        if spec is None:
+            if step is not None:
+                with timer("prune"):
+                    singles = [InputGroup([name], None, self.device) for name in units]
+                    if par is not None:
+                        par.assign(singles, units)
+                    for group in singles:
+                        if par is None or par.owns(group):
+                            staged.update(step(group, units) or {})
+        else:
+            self._calibrated_block(block, units, inputs, spec, step, timer, staged, grouping)
+        if par is not None and step is not None:
+            with timer("exchange"):
+                staged = par.exchange(staged, units)
+        for name, weight in staged.items():
+            units[name].write(weight)
+
+    def _grouping(self, block, units: dict[str, Unit], inputs) -> tuple[list[list[str]], dict[str, int]]:
         """The block's input groups in forward order and how often each linear runs per forward (one probe)."""
         calls: dict[str, int] = {}
-        return group_by_input(block, linears, inputs, self.device, calls), calls
+        modules = {name: unit.module for name, unit in units.items()}
+        return group_by_input(block, modules, inputs, self.device, calls), calls
 
-    def _calibrated_block(self, block, linears, inputs, spec, step, timer, staged, grouping) -> None:
-        if not linears:
+    def _chunks(self, names: list[list[str]], units: dict[str, Unit], sequential: bool) -> list[list[list[str]]]:
+        """The groups calibrated by one forward each. Sequential: every group its own chunk, in forward
+        order, except that the groups of one experts module's inputs (every expert's gate/up) form one
+        chunk and its down projections another: experts do not read each other's outputs, so they are
+        calibrated together, each on the block with the groups before it pruned. Else
+        ``layer_batch_size`` groups per chunk (0: all)."""
+        if not sequential:
+            per_chunk = self.config.layer_batch_size or len(names)
+            return [names[i:i + per_chunk] for i in range(0, len(names), per_chunk)]
+        chunks: list[list[list[str]]] = []
+        stage_chunk: dict[tuple[str, bool], list[list[str]]] = {}
+        for group in names:
+            where = units[group[0]].expert
+            if where is None:
+                chunks.append([group])
+                continue
+            stage = (where.experts, where.reads_block_input)
+            if stage not in stage_chunk:
+                stage_chunk[stage] = []
+                chunks.append(stage_chunk[stage])
+            stage_chunk[stage].append(group)
+        return chunks
+
+    def _calibrated_block(self, block, units, inputs, spec, step, timer, staged, grouping) -> None:
+        if not units:
             return
         names, calls = grouping
         # A chunk's forward may stop at its last layer input when every linear runs once per forward.
-        self._calls = calls if all(calls.get(n, 0) <= 1 for n in linears) else None
+        self._calls = calls if all(calls.get(n, 0) <= 1 for n in units) else None
         sequential = (self.config.sequential or self.config.dense_target) and step is not None
-        per_chunk = 1 if sequential else (self.config.layer_batch_size or len(names))
         store = inputs.hidden[0].device
         # kept outputs next to the compute (fetching them from the host would cost what they save)
         if sequential and self.config.replay and store.type == self.device.type:
-            self._replay = Replay(block, list(linears.values()), store, replay_budget(store))
-        for start in range(0, len(names), per_chunk):
-            chunk = names[start : start + per_chunk]
+            self._replay = Replay(block, [u.module for u in units.values()], store, replay_budget(store))
+        for chunk in self._chunks(names, units, sequential):
             with timer("calibrate"):
-                groups = self._collect(block, chunk, linears, inputs, spec)
+                groups = self._collect(block, chunk, units, inputs, spec)
                 if self.parallel is not None:
-                    self.parallel.assign(groups, linears)
+                    self.parallel.assign(groups, units)
                     for group in groups:
                         self.parallel.reduce(group)
                 if self.reduce is not None:
                     for group in groups:
                         self.reduce(group)
+                self._top_up_experts(block, groups, units, inputs, spec)
             for group in groups:
                 if group.stats.count == 0:
                     log.warning("%s is never called in the block's forward: left dense", ", ".join(group.names))
@@ -325,56 +367,45 @@ class BlockEngine:
                 group.stats.check_finite(group.names[0])
                 if step is not None and (self.parallel is None or self.parallel.owns(group)):
                     with timer("prune"):
-                        staged.update(step(group, linears) or {})
+                        staged.update(step(group, units) or {})
                 group.release()
             del groups
             if sequential:  # the next chunk is calibrated on this one's new weights
                 if self.parallel is not None:
                     with timer("exchange"):
-                        staged.update(self.parallel.exchange(staged, linears))
+                        staged.update(self.parallel.exchange(staged, units))
                 for name, weight in staged.items():
-                    set_weight(linears[name], weight)
+                    units[name].write(weight)
                 staged.clear()
                 if self._replay is not None:
-                    self._replay.settle([linears[n] for names in chunk for n in names])
+                    self._replay.settle([units[n].module for names in chunk for n in names])
 
-    def _collect(self, block, chunk, linears, inputs, spec) -> list[InputGroup]:
+    def _collect(self, block, chunk, units: dict[str, Unit], inputs, spec) -> list[InputGroup]:
         """One forward over all calibration batches, with one accumulator per group in ``chunk``."""
-        groups = [InputGroup(names, self._new_stats(in_features(linears[names[0]]), spec), self.device)
+        groups = [InputGroup(names, self._new_stats(units[names[0]].in_features, spec), self.device)
                   for names in chunk]
-        batch = [None]  # the held-out flags of the batch being run, for the recorders
-
-        def recorder(stats: InputStats):
-            return input_recorder(lambda x: stats.add_batch(x, held=batch[0]))
-
+        batch = [None, 0]  # the held-out flags and the index of the batch being run, for the recorders
         called = [g.names[0] for g in groups if self._calls is not None and self._calls.get(g.names[0], 0) == 1]
         last = called[-1] if called else None  # the chunk's last input in forward order: stop there
+        dense = self._dense
+        projections = {g.names[0]: self._drift_projection(g, units) for g in groups} if dense is not None else {}
 
-        def hooks_for(modules: dict[str, nn.Module], hook_of: Callable[[InputGroup], Callable]) -> dict:
-            return {modules[g.names[0]]: (stopping(hook_of(g)) if g.names[0] == last else hook_of(g)) for g in groups}
+        def sink_of(g: InputGroup):
+            first = units[g.names[0]]
+            if dense is None:
+                def sink(x: torch.Tensor, route: Route | None) -> None:
+                    g.stats.add_batch(x, held=batch[0], route=route)
+            else:
+                project = projections[g.names[0]]
 
-        replaying = self._replaying([linears[n] for names in chunk for n in names])
-        if self._dense is None:
-            hooks = hooks_for(linears, lambda g: recorder(g.stats))
-            with pre_hooks(hooks), replaying, torch.no_grad():
-                for j in range(len(inputs)):
-                    batch[0] = self._held[j] if self._held is not None else None
-                    self._start_batch(j)
-                    run_block_until(block, inputs, j, self.device)
-            return groups
-        cached = self._dense
-        projections = {g.names[0]: self._drift_projection(g, linears) for g in groups}
+                def sink(x: torch.Tensor, route: Route | None) -> None:
+                    g.stats.add_batch(x, held=batch[0], route=route)
+                    g.stats.add_drift(dense.input(first, batch[1], route).to(x.device), x, project, route)
+            hook = input_recorder(sink, routed=True)
+            return stopping(hook) if g.names[0] == last else hook
 
-        def crossing(g: InputGroup):
-            project = projections[g.names[0]]
-
-            def sink(x: torch.Tensor) -> None:
-                g.stats.add_batch(x, held=batch[0])
-                g.stats.add_drift(cached[g.names[0]][batch[1]].to(x.device), x, project)
-            return input_recorder(sink)
-
-        batch.append(0)  # the batch's index, for the cached dense inputs
-        hooks = hooks_for(linears, crossing)
+        hooks = {units[g.names[0]].module: sink_of(g) for g in groups}
+        replaying = self._replaying([units[n].module for names in chunk for n in names])
         with pre_hooks(hooks), replaying, torch.no_grad():
             for j in range(len(inputs)):
                 batch[0], batch[1] = (self._held[j] if self._held is not None else None), j
@@ -382,14 +413,80 @@ class BlockEngine:
                 run_block_until(block, inputs, j, self.device)
         return groups
 
-    def _drift_projection(self, group: InputGroup, linears: dict[str, nn.Module]) -> dict[str, torch.Tensor] | None:
+    def _top_up_experts(self, block, groups: list[InputGroup], units: dict[str, Unit], inputs, spec) -> None:
+        """Expert projections whose input got fewer tokens than ``expert_min_tokens`` get their
+        statistics topped up with those of every calibration token of the block run through that
+        expert (:meth:`prac.stats.InputStats.with_prior`): one more forward, stopped at the experts."""
+        poor = []
+        for g in groups:
+            slot = units[g.names[0]].expert
+            if slot is None:
+                continue
+            need = self.config.expert_min_tokens
+            need = max(units[g.names[0]].in_features if need is None else need, 1)
+            if g.stats.count < need:
+                poor.append((g, slot, need))
+        if not poor:
+            return
+        prior_spec = StatsSpec(hessian=spec.hessian, max_samples=spec.max_samples, seed=spec.seed)
+        priors: dict[tuple[str, int | None], InputStats] = {}  # every expert's gate/up reads the same tokens
+        for g, slot, _ in poor:
+            key = _prior_key(slot)
+            if key not in priors:
+                priors[key] = self._new_stats(units[g.names[0]].in_features, prior_spec)
+        modules = {slot.experts: slot for _, slot, _ in poor}
+        pending = [0]
+
+        def hook_of(slot):
+            wanted = [(e, stats) for (path, e), stats in priors.items() if path == slot.experts]
+
+            def hook(_module, args):
+                x = args[0]
+                for e, stats in wanted:
+                    if e is None:
+                        stats.add_batch(x)
+                    else:
+                        stats.add_batch(expert_hidden(slot.module, slot.layout, slot.module._modules[str(e)], x))
+                pending[0] -= 1
+                if pending[0] == 0:
+                    raise StopForward
+            return hook
+
+        hooks = {slot.module: hook_of(slot) for slot in modules.values()}
+        with pre_hooks(hooks), self._replaying([], record=False), torch.no_grad():
+            for j in range(len(inputs)):
+                pending[0] = len(hooks)
+                self._start_batch(j)
+                run_block_until(block, inputs, j, self.device)
+        if self.parallel is not None:
+            for (path, e), stats in priors.items():
+                self.parallel.reduce_all(stats, f"prior of {path}" + ("" if e is None else f".{e}"))
+        scale = self._route_scale(groups, units)
+        for g, slot, need in poor:
+            g.stats = g.stats.with_prior(priors[_prior_key(slot)], scale.get(slot.experts, 1.0), need)
+            log.info("%s: %d routed tokens, topped up with %d of the block's (min %d)", ", ".join(g.names),
+                     g.stats.count - g.stats.prior_tokens, g.stats.prior_tokens, need)
+
+    @staticmethod
+    def _route_scale(groups: list[InputGroup], units: dict[str, Unit]) -> dict[str, float]:
+        """Mean r² of the routed rows of each experts module (over the groups of this chunk)."""
+        sums: dict[str, list[float]] = {}
+        for g in groups:
+            unit = units[g.names[0]]
+            if unit.expert is not None:
+                acc = sums.setdefault(unit.expert.experts, [0.0, 0])
+                acc[0] += float(g.stats.route_sq)
+                acc[1] += g.stats.count - g.stats.prior_tokens
+        return {path: (s / n if n else 1.0) for path, (s, n) in sums.items()}
+
+    def _drift_projection(self, group: InputGroup, units: dict[str, Unit]) -> dict[str, torch.Tensor] | None:
         """The dense weights of a group whose linears have fewer outputs in all than inputs (down_proj):
         its drift is then kept as W₀ D per linear, out × in instead of in × in per token."""
-        outs = {n: linears[n].weight.numel() // in_features(linears[n]) for n in group.names}
+        outs = {n: units[n].out_features for n in group.names}
         if sum(outs.values()) >= group.stats.dim:
             return None
         group.stats.drift_per_linear(outs)
-        return {n: get_weight(linears[n]).to(self.device) for n in group.names}
+        return {n: units[n].read().to(self.device) for n in group.names}
 
     def _replaying(self, recorded: list[nn.Module], record: bool = True):
         return self._replay.forwards(recorded, record) if self._replay is not None else contextlib.nullcontext()
@@ -408,23 +505,32 @@ class BlockEngine:
         self._replay = None
         return hits
 
-    def _dense_pass(self, block, linears, dense: BlockInputs, grouping) -> dict[str, list[torch.Tensor]]:
+    def _dense_pass(self, block, units: dict[str, Unit], dense: BlockInputs, grouping) -> "_DenseInputs":
         """The dense stream through the (still dense) block: every group's input per batch, kept on the
-        activations' device, and the block's outputs as the stream's next inputs."""
+        activations' device, and the block's outputs as the stream's next inputs. For MoE experts the
+        experts module's input (every token) is kept instead, with the experts' dense gate/up weights:
+        the tokens an expert gets in the pruned model are not those the dense model routes to it, so
+        its dense inputs are computed for the tokens it gets here (:meth:`_DenseInputs.input`)."""
         names, calls = grouping
         firsts = [group[0] for group in names]
-        repeated = [n for n in linears if calls.get(n, 0) > 1]
+        repeated = [n for n in units if calls.get(n, 0) > 1]
         if repeated:
             raise PracError(f"--dense-target needs every linear to run once per block forward; {repeated[0]} runs "
                             f"{calls[repeated[0]]} times (use --no-dense-target)")
-        cached: dict[str, list[torch.Tensor]] = {name: [] for name in firsts}
+        plain = [n for n in firsts if units[n].expert is None]
+        slots = {units[n].expert.experts: units[n].expert for n in firsts if units[n].expert is not None}
+        cached = _DenseInputs({name: [] for name in plain}, slots, self.device)
         store = dense.hidden[0].device
         if store.type == "cuda":  # every group's inputs at once: on the device only when they fit easily
             tokens = sum(h.shape[0] * h.shape[1] for h in dense.hidden)
-            need = tokens * sum(in_features(linears[n]) for n in firsts) * dense.hidden[0].element_size()
+            width = sum(units[n].in_features for n in plain) + dense.hidden[0].shape[-1] * len(slots)
+            need = tokens * width * dense.hidden[0].element_size()
             if need > 0.5 * torch.cuda.mem_get_info(store)[0]:
                 store = torch.device("cpu")
-        hooks = {linears[n]: input_recorder(lambda x, _n=n: cached[_n].append(x.detach().to(store))) for n in firsts}
+        hooks = {units[n].module: input_recorder(lambda x, _n=n: cached.plain[_n].append(x.detach().to(store)))
+                 for n in plain}
+        hooks.update({slot.module: input_recorder(lambda x, _p=path: cached.moe[_p].append(x.detach().to(store)))
+                      for path, slot in slots.items()})
         with pre_hooks(hooks), torch.no_grad():
             for j in range(len(dense)):
                 dense.hidden[j] = run_block(block, dense, j, self.device).to(dense.hidden[j].device)
@@ -453,16 +559,47 @@ def calibrate(model: nn.Module, calib: torch.Tensor, spec: StatsSpec, observe: C
     """
     engine = BlockEngine(dataclasses.replace(config, sequential=False, dense_target=False), device, progress, stats_factory=stats_factory)
 
-    def step(group: InputGroup, _linears) -> None:
+    def step(group: InputGroup, _units) -> None:
         observe(group)
 
     return engine.run(model, calib, spec, step, ignore=ignore, max_blocks=max_blocks)
 
 
-def check_pattern_fits(model: nn.Module, check: Callable[[str, nn.Module], None], ignore: str | None = None) -> Blocks:
-    """Call ``check(name, module)`` for every prunable linear (before any work)."""
-    blocks = find_blocks(model)
-    for i, block in enumerate(blocks.modules):
-        for name, module in find_linears(block, blocks.name(i), ignore).items():
-            check(name, module)
+def check_pattern_fits(model: nn.Module, check: Callable[[str, Unit], None], ignore: str | None = None) -> Blocks:
+    """Before any work: every weight matrix of the blocks is one prac prunes, leaves to the user's
+    ``--ignore`` or knows to be a router (:func:`prac.units.check_block_parameters`), and
+    ``check(name, unit)`` passes for every prunable unit, expert projections included."""
+    blocks = check_block_parameters(model, ignore)
+    for _blocks, _i, units in model_units(model, ignore):
+        for name, unit in units.items():
+            check(name, unit)
     return blocks
+
+
+def _prior_key(slot) -> tuple[str, int | None]:
+    """The prior an expert projection is topped up with: its experts module's input for gate/up (the
+    same for every expert), its own hidden state over every token for down."""
+    return slot.experts, (None if slot.reads_block_input else slot.index)
+
+
+class _DenseInputs:
+    """A block's inputs in the dense stream, per calibration batch: ``plain`` per group (its first
+    linear's name), ``moe`` per experts module (its input, every token, with the experts' dense gate/up
+    weights kept before any is pruned). :meth:`input` gives a unit's dense input for a batch, for an
+    expert on the tokens of its route."""
+
+    def __init__(self, plain: dict[str, list[torch.Tensor]], slots: dict, device: torch.device):
+        self.plain, self.slots, self.device = plain, slots, device
+        self.moe: dict[str, list[torch.Tensor]] = {path: [] for path in slots}
+        self._weights = {path: dense_gate_weights(slot.module, slot.layout) for path, slot in slots.items()}
+
+    def input(self, unit: Unit, batch: int, route: Route | None) -> torch.Tensor:
+        slot = unit.expert
+        if slot is None:
+            return self.plain[unit.name][batch]
+        kept = self.moe[slot.experts][batch]
+        x = kept[route.tokens.to(kept.device)].to(self.device)
+        if slot.reads_block_input:
+            return x
+        parts = [torch.nn.functional.linear(x, w, b) for w, b in self._weights[slot.experts][slot.index]]
+        return gated(slot.module, slot.layout, parts)

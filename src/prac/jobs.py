@@ -249,14 +249,10 @@ def check_ignore(regex: str | None) -> None:
 
 def check_something_to_prune(model, ignore: str | None) -> int:
     """The number of prunable layers left after ``ignore``; refuses a run that would prune none."""
-    from prac.blocks import find_blocks, find_linears
+    from prac.units import model_units
 
-    blocks = find_blocks(model)
-    every: list[str] = []
-    kept = 0
-    for i, block in enumerate(blocks.modules):
-        every.extend(find_linears(block, blocks.name(i)))
-        kept += len(find_linears(block, blocks.name(i), ignore))
+    every: list[str] = [name for _b, _i, units in model_units(model) for name in units]
+    kept = sum(len(units) for _b, _i, units in model_units(model, ignore))
     if kept == 0:
         example = f" (e.g. {every[0]})" if every else ""
         raise PracError(f"--ignore {ignore!r} matches all {len(every)} prunable layers{example}: nothing to prune")
@@ -518,7 +514,7 @@ def run_prune(job: PruneJob, progress: Progress = no_progress) -> dict[str, Any]
     summary["prune_seconds"] = round(time.perf_counter() - started, 3)
     log.info("pruned %d layers in %.1f s", len(outcome.layers), summary["prune_seconds"])
     summary["phase_seconds"] = {k: round(v, 3) for k, v in outcome.phase_seconds.items()}
-    summary.update(summarize_layers(outcome.layers))
+    summary.update(summarize_layers(outcome.layers, outcome.block_weights))
     if job.prune.correction.active:
         from prac import correction
 

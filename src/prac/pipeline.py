@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 import torch
 from torch import nn
 
-from prac.blocks import Blocks, get_weight, in_features
+from prac.blocks import Blocks
 from prac.correction.base import CorrectionConfig
 from prac.correction.objective import relative_error
 from prac.engine import BlockEngine, EngineConfig, PhaseTimer, StatsReducer, check_pattern_fits
@@ -28,6 +28,7 @@ from prac.patterns import Pattern, Unstructured
 from prac.progress import Progress, no_progress
 from prac.records import LayerRecord
 from prac.stats import StatsSpec
+from prac.units import Unit
 
 if TYPE_CHECKING:
     from prac.distributed import DataParallel
@@ -80,11 +81,12 @@ class PruneOutcome:
     phase_seconds: dict[str, float] = field(default_factory=dict)
     final_hidden: list[torch.Tensor] | None = None
     factorisations: dict[str, int] = field(default_factory=dict)  # Cholesky attempts per input group
+    block_weights: tuple[int, int] = (0, 0)  # (zeros, entries) over every weight matrix of the blocks
 
 
 def check_pattern(model: nn.Module, pattern: Pattern, ignore: str | None = None) -> Blocks:
     """Fail before any work if the pattern cannot apply to some prunable layer."""
-    return check_pattern_fits(model, lambda name, module: pattern.check(in_features(module), name), ignore)
+    return check_pattern_fits(model, lambda name, unit: pattern.check(unit.in_features, name), ignore)
 
 
 def stats_spec_for(cfg: PruneConfig) -> StatsSpec | None:
@@ -154,12 +156,12 @@ class PruneStep:
         self.records: list[LayerRecord] = []
         self.factorisations: dict[str, int] = {}  # Cholesky attempts per input group (its first linear)
 
-    def __call__(self, group: InputGroup, linears: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    def __call__(self, group: InputGroup, units: dict[str, Unit]) -> dict[str, torch.Tensor]:
         if self.observer is not None and group.stats is not None:
             self.observer(group)
         staged = {}
         for name in group.names:
-            weight, record = self._prune_linear(name, linears[name], group)
+            weight, record = self._prune_unit(units[name], group)
             staged[name] = weight
             self.records.append(record)
         self.factorisations[group.names[0]] = group.factorisations
@@ -170,10 +172,11 @@ class PruneStep:
         plan = self.cfg.plan
         return Unstructured(float(plan[name])) if plan is not None and name in plan else self.cfg.pattern
 
-    def _prune_linear(self, name: str, module: nn.Module, group: InputGroup) -> tuple[torch.Tensor, LayerRecord]:
+    def _prune_unit(self, unit: Unit, group: InputGroup) -> tuple[torch.Tensor, LayerRecord]:
         cfg = self.cfg
+        name = unit.name
         started = time.perf_counter()
-        w_orig = get_weight(module)
+        w_orig = unit.read()
         stats = group.stats
         if stats is not None and (stats.drift is not None or stats.drift_out is not None):
             w_orig = dense_target_weight(w_orig, group, cfg.dense_target_damping, name)
@@ -200,9 +203,21 @@ class PruneStep:
             name=name, shape=tuple(w_orig.shape), sparsity=float(result.mask.float().mean()),
             row_sparsity=(float(row.min()), float(row.max())) if row.numel() else (0.0, 0.0),
             seconds=round(time.perf_counter() - started, 6), group=group.names[0], relative_error=error,
-            method=dict(result.info), correction=diagnostics,
+            method=dict(result.info), correction=diagnostics, expert=_expert_info(unit, stats),
         )
         return weight, record
+
+
+def _expert_info(unit: Unit, stats) -> dict[str, Any] | None:
+    """The record's ``expert`` entry: where the projection lives and the tokens it was calibrated on."""
+    slot = unit.expert
+    if slot is None:
+        return None
+    out: dict[str, Any] = {"experts": slot.experts, "index": slot.index, "projection": slot.projection}
+    if stats is not None:
+        out["tokens"] = int(stats.count - stats.prior_tokens)
+        out["prior_tokens"] = int(stats.prior_tokens)
+    return out
 
 
 def prune_model(
@@ -236,6 +251,7 @@ def prune_model(
     outcome.activation_device = run.activation_device
     outcome.final_hidden = run.final_hidden
     outcome.factorisations = step.factorisations
+    outcome.block_weights = run.block_weights
     if cfg.correction.active:
         from prac.correction.summary import run_warning
 

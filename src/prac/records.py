@@ -14,6 +14,9 @@ class LayerRecord:
     ``relative_error``: ``‖X(W − W₀)ᵀ‖² / ‖XW₀ᵀ‖²`` on the calibration tokens when H was collected;
     ``method``: the mask source's diagnostics; ``correction``: the correction's (empty when none ran);
     ``group``: the first linear of its input group (the one whose statistics it shares).
+    ``expert``: for a projection of an MoE expert, its experts module, index and projection, the
+    calibration ``tokens`` routed to it, and ``prior_tokens``, how many rows of the block's tokens
+    run through it topped its statistics up (0: its own tokens sufficed; docs/moe.md).
     """
 
     name: str
@@ -25,6 +28,7 @@ class LayerRecord:
     relative_error: float | None = None
     method: dict[str, Any] = field(default_factory=dict)
     correction: dict[str, Any] = field(default_factory=dict)
+    expert: dict[str, Any] | None = None
 
     @property
     def numel(self) -> int:
@@ -41,4 +45,6 @@ class LayerRecord:
             out["method"] = self.method
         if self.correction:
             out["correction"] = self.correction
+        if self.expert is not None:
+            out["expert"] = self.expert
         return out

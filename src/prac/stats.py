@@ -6,11 +6,16 @@ one, gate/up share one). Everything is fp32 and stays on the device it was creat
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from prac.errors import PracError
+
+if TYPE_CHECKING:
+    from prac.experts import Route
 
 
 @dataclass(frozen=True)
@@ -71,6 +76,11 @@ class InputStats:
       With ``project`` (the dense weights W₀ of the group's linears), :meth:`add_drift` keeps instead
       ``drift_out[name]`` = Σ W₀ (x_d − x) xᵀ, ``[out, in]`` per linear: all the dense target needs,
       and cheaper when the linears' outputs are fewer than their inputs (down_proj).
+    - Routed inputs (a projection of an MoE expert, ``add_batch(x, route=...)``): each row is the
+      token's input scaled by its routing weight r, so every statistic above is of the rows r·x —
+      ``H = Σ r² x xᵀ``, the weighting under which a change of the expert's output reaches the block's
+      output (docs/moe.md). ``count`` counts the tokens routed here and ``route_sq`` sums r².
+    - ``prior_tokens``: set by :meth:`with_prior` on statistics topped up with prior rows.
     """
 
     def __init__(self, dim: int, device: torch.device | str = "cpu", spec: StatsSpec = StatsSpec()):
@@ -90,45 +100,58 @@ class InputStats:
         self._generator: torch.Generator | None = None
         self.heldout: InputStats | None = None
         self.sample_held: torch.Tensor | None = None
+        self.route_sq = torch.zeros((), dtype=torch.float32, device=self.device)
+        self.prior_tokens = 0
         if spec.holdout > 0:
             self.heldout = InputStats(dim, self.device, StatsSpec(hessian=spec.hessian))
         if spec.max_samples > 0:
             self._generator = torch.Generator(device=self.device)
             self._generator.manual_seed(spec.seed)
 
-    def add_batch(self, x: torch.Tensor, held: torch.Tensor | None = None) -> None:
+    def _rows(self, x: torch.Tensor, route: "Route | None") -> torch.Tensor:
+        rows = x.reshape(-1, self.dim).to(device=self.device, dtype=torch.float32)
+        if route is not None:
+            rows = rows * route.weight.reshape(-1, 1).to(device=self.device, dtype=torch.float32)
+        return rows
+
+    def add_batch(self, x: torch.Tensor, held: torch.Tensor | None = None, route: "Route | None" = None) -> None:
         """Add the token rows of ``x`` (any leading shape, last dim = features).
 
-        ``held`` (bool, one flag per sequence: ``x``'s first dimension): which sequences are held
-        out; their rows go to the totals and to :attr:`heldout` as well.
+        ``held`` (bool, one flag per sequence of the batch): which sequences are held out; their rows
+        go to the totals and to :attr:`heldout` as well. The rows are ``x``'s first dimension's
+        sequences, or, with ``route`` (an MoE expert's input, :class:`prac.experts.Route`), the
+        batch's tokens ``route.tokens``, each scaled by its routing weight.
         """
         if x.shape[-1] != self.dim:
             raise ValueError(f"input has {x.shape[-1]} features, statistics expect {self.dim}")
-        rows = x.reshape(-1, self.dim).to(device=self.device, dtype=torch.float32)
+        rows = self._rows(x, route)
         self.count += rows.shape[0]
         self.sum += rows.sum(dim=0)
         self.sumsq += rows.square().sum(dim=0)
+        if route is not None:
+            self.route_sq += route.weight.to(device=self.device, dtype=torch.float32).square().sum()
         if self.hessian is not None:
             self.hessian.addmm_(rows.T, rows)
         flags = None
         if self.heldout is not None:
-            flags = self._row_flags(x, held, rows.shape[0])
+            flags = self._row_flags(x, held, rows.shape[0], route)
             if bool(flags.any()):
                 self.heldout.add_batch(rows[flags])
         if self._generator is not None:
             self._add_samples(rows, flags)
 
-    def add_drift(self, dense: torch.Tensor, x: torch.Tensor, project: dict[str, torch.Tensor] | None = None) -> None:
+    def add_drift(self, dense: torch.Tensor, x: torch.Tensor, project: dict[str, torch.Tensor] | None = None,
+                  route: "Route | None" = None) -> None:
         """Add Σ (x_d − x) xᵀ over the token rows of ``dense`` (the input in the dense model) and ``x``
         (the same tokens' input here; add it with :meth:`add_batch` as well); with ``project`` (fp32
         ``[out, in]`` weights by linear name) Σ W (x_d − x) xᵀ per linear instead, in :attr:`drift_out`
-        (the same ``project`` for every batch)."""
+        (the same ``project`` for every batch). With ``route`` both are scaled by the routing weight."""
         if self.drift is None and self.drift_out is None:
             raise RuntimeError("drift statistics were not requested for this input")
         if dense.shape != x.shape:
             raise ValueError(f"dense input of shape {tuple(dense.shape)} does not match {tuple(x.shape)}")
-        rows = x.reshape(-1, self.dim).to(device=self.device, dtype=torch.float32)
-        delta = dense.reshape(-1, self.dim).to(device=self.device, dtype=torch.float32) - rows
+        rows = self._rows(x, route)
+        delta = self._rows(dense, route) - rows
         if project is None:
             self.drift.addmm_(delta.T, rows)
             return
@@ -145,10 +168,15 @@ class InputStats:
                           for name, out in out_features.items()}
         self.drift = None
 
-    def _row_flags(self, x: torch.Tensor, held: torch.Tensor | None, n_rows: int) -> torch.Tensor:
+    def _row_flags(self, x: torch.Tensor, held: torch.Tensor | None, n_rows: int,
+                   route: "Route | None" = None) -> torch.Tensor:
         if held is None:
             return torch.zeros(n_rows, dtype=torch.bool, device=self.device)
-        if x.dim() < 2 or x.shape[0] != held.numel():
+        if route is not None:  # the batch's tokens are its sequences one after the other
+            per_seq = max(route.total // held.numel(), 1)
+            return held.to(self.device)[route.tokens.to(self.device) // per_seq]
+        # rows are [sequences, tokens] (or those flattened, as an MoE block's shared expert reads them)
+        if x.dim() < 2 or (x.shape[0] != held.numel() and (x.dim() != 2 or n_rows % held.numel())):
             raise PracError(f"cannot hold out calibration sequences: a layer input of shape {tuple(x.shape)} does "
                             f"not start with the {held.numel()} sequences of its batch (use --holdout 0)")
         per_seq = n_rows // held.numel()
@@ -190,6 +218,31 @@ class InputStats:
             held.samples = self.samples[self.sample_held]
         return fit, held
 
+    def with_prior(self, prior: "InputStats", scale: float, tokens: int) -> "InputStats":
+        """These (routed) statistics topped up to ``tokens`` rows with the mean row statistics of
+        ``prior`` (the same input over *all* the block's tokens, unweighted), each prior row counted
+        with weight ``scale`` (the mean r² of routed rows, so both parts are on one scale):
+        ``H = H_routed + (tokens − count) · scale · H_prior / prior.count``, likewise Σx (with √scale)
+        and Σx²; the drift stays that of the routed rows (the prior rows carry none). The held-out
+        split is dropped (a topped-up input is judged in-sample); the token sample gets the prior's
+        sample rows in the prior's share. :attr:`prior_tokens` records the rows added."""
+        add = max(tokens - self.count, 0)
+        out = InputStats(self.dim, self.device, StatsSpec())
+        out.spec = self.spec
+        out.count, out.prior_tokens, out.route_sq = self.count + add, add, self.route_sq
+        w = add / prior.count if prior.count > 0 else 0.0
+        out.sum = self.sum + prior.sum * (w * math.sqrt(scale))
+        out.sumsq = self.sumsq + prior.sumsq * (w * scale)
+        if self.hessian is not None and prior.hessian is not None:
+            out.hessian = self.hessian + prior.hessian * (w * scale)
+        out.drift, out.drift_out = self.drift, self.drift_out
+        parts = [] if self.samples is None else [self.samples]
+        if prior.samples is not None and prior.samples.shape[0] > 0 and add > 0:
+            share = max(1, round(prior.samples.shape[0] * add / out.count))
+            parts.append(prior.samples[:share] * math.sqrt(scale))
+        out.samples = torch.cat(parts) if parts else None
+        return out
+
     @property
     def l2(self) -> torch.Tensor:
         """||X_j||_2 over all tokens, per input feature."""
@@ -219,7 +272,7 @@ class InputStats:
                 raise PracError(f"NaN/Inf in the calibration statistics ({what}) of the input to {name}")
 
     def nbytes(self) -> int:
-        total = self.sum.nbytes + self.sumsq.nbytes
+        total = self.sum.nbytes + self.sumsq.nbytes + self.route_sq.nbytes
         if self.hessian is not None:
             total += self.hessian.nbytes
         if self.drift is not None:

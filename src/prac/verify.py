@@ -96,9 +96,9 @@ class _RecordingStats(InputStats):
         super().__init__(dim, device, spec)
         self.rows: list[torch.Tensor] = []
 
-    def add_batch(self, x: torch.Tensor, held: torch.Tensor | None = None) -> None:
-        super().add_batch(x, held)
-        self.rows.append(x.detach().reshape(-1, self.dim).float())
+    def add_batch(self, x: torch.Tensor, held: torch.Tensor | None = None, route=None) -> None:
+        super().add_batch(x, held, route)
+        self.rows.append(self._rows(x.detach(), route))
 
 
 def check_incremental(model, calib, cfg: PruneConfig, device, session: "Session | None" = None) -> Check:

@@ -313,6 +313,14 @@ def format_summary(report: dict[str, Any], save: str | None = None, report_path:
     lines = [f"pruned {s.get('pruned_layers')} layers in {report.get('config', {}).get('blocks')}: "
              f"sparsity {number(s.get('sparsity'))} in {number(s.get('prune_seconds'), '.1f')}s "
              f"(peak memory {number(None if memory is None else memory / 2**20, '.0f')} MiB)"]
+    if "block_weight_sparsity" in s:
+        lines.append(f"all weight matrices of the blocks: {number(s['block_weight_sparsity'])} zero "
+                     f"(routers, ignored layers and weights that were already zero included)")
+    if "experts" in s:
+        e = s["experts"]
+        lines.append(f"experts: {e['pruned_projections']} projections, {e['tokens_min']}..{e['tokens_max']} "
+                     f"calibration tokens each; {len(e['topped_up'])} topped up with the block's tokens, "
+                     f"{len(e['no_tokens'])} experts got none")
     sets = s.get("eval_sets") or ({"": {k: s[k] for k in ("dense_ppl", "ppl", "dense_cached") if k in s}}
                                   if "ppl" in s or "dense_ppl" in s else {})
     if "dense_ppl_cached" in s and "" in sets:
