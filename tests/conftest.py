@@ -19,10 +19,19 @@ VOCAB = 4096  # the bundled tokenizer's vocabulary, shared by every tiny model
 
 
 def _configs():
-    from transformers import (BertConfig, GPT2Config, GPTNeoXConfig, MistralConfig, OPTConfig, Qwen2Config)
+    from transformers import (BertConfig, GPT2Config, GPTNeoXConfig, MistralConfig, MixtralConfig, OPTConfig,
+                              Qwen2Config, Qwen2MoeConfig, Qwen3MoeConfig)
 
     common = dict(vocab_size=VOCAB)
+    moe = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+               max_position_embeddings=256, num_experts_per_tok=2, **common)
     return {
+        # MoE: transformers 5 stores their experts fused (3-D gate_up_proj / down_proj)
+        "mixtral": MixtralConfig(intermediate_size=128, num_local_experts=4, **moe),
+        "qwen3_moe": Qwen3MoeConfig(intermediate_size=128, moe_intermediate_size=96, num_experts=4, head_dim=16,
+                                    norm_topk_prob=True, **moe),
+        "qwen2_moe": Qwen2MoeConfig(intermediate_size=128, moe_intermediate_size=96, shared_expert_intermediate_size=128,
+                                    num_experts=4, **moe),
         "mistral": MistralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                                  num_key_value_heads=2, max_position_embeddings=256, **common),
         "qwen2": Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

@@ -62,3 +62,11 @@ def test_shared_factorisation_and_admm_sweep_smoke(tmp_path):
     out = _run([str(ROOT / "bench" / "admm_sweep.py"), "--nsamples", "2", "--sparsity", "2:4",
                 "--set", "iterations=2"], tmp_path)
     assert "iterations=2: mean layer error" in out
+
+
+def test_moe_quality_smoke(tmp_path):
+    out = _run([str(ROOT / "bench" / "moe_quality.py"), "--smoke", "--out-dir", str(tmp_path), "--methods", "wanda",
+                "--patterns", "2:4", "--rounds", "1"], tmp_path)
+    data = json.loads((tmp_path / "moe.json").read_text())
+    assert len(data["rows"]) == 1 and data["rows"][0]["ppl"] > 1 and data["rows"][0]["topped_up"] > 0
+    assert data["timing"][0]["ratio"][0] > 0 and "| 2:4 | wanda | default |" in out

@@ -36,18 +36,24 @@ SOLVER_SUFFIXES = ("_iterations", "_residual", "_converged", "_fallback")
 last-bit differences of H between world sizes move them (as another thread count does); compared by type."""
 
 
+COLLECTIVE_TIMEOUT_S = 900
+"""How long a rank waits for the others inside prac: long enough for a busy machine (a test that
+proves a failure does not wait for it compares against it), short of the runner's own limit."""
+
+
 def _env() -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PRAC_DIST_TIMEOUT_S="120", PYTHONPATH=str(ROOT))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PRAC_DIST_TIMEOUT_S=str(COLLECTIVE_TIMEOUT_S), PYTHONPATH=str(ROOT))
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     return env
 
 
-def _prac(args: list[str], world: int, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+def _prac(args: list[str], world: int, cwd: Path) -> subprocess.CompletedProcess:
+    """``prac`` in ``world`` processes. No time limit of its own: a busy machine makes it slower, not
+    red; a rank that stops answering is ended by prac's collective timeout, anything else by the runner's."""
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}"]
                 if world > 1 else [sys.executable])
-    return subprocess.run([*launcher, "-m", "prac", *args], cwd=cwd, env=_env(), capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run([*launcher, "-m", "prac", *args], cwd=cwd, env=_env(), capture_output=True, text=True)
 
 
 @pytest.fixture(scope="module")
@@ -84,55 +90,53 @@ def _differences(a, b, path: str = "") -> list[str]:
 CASES = {
     "wanda-50": ["--method", "wanda", "--sparsity", "0.5"],
     "sparsegpt-2of4-optimal": ["--method", "sparsegpt", "--nm", "2:4", "--correction", "optimal"],
-    "wanda-60-sequential": ["--method", "wanda", "--sparsity", "0.6", "--sequential"],
-    "sparsegpt-70-dense-target": ["--method", "sparsegpt", "--sparsity", "0.7", "--dense-target"],
+    "admm-70": ["--method", "admm", "--sparsity", "0.7"],  # its defaults: dense target, sequential, replay
 }
-LOOSE = {"sparsegpt-70-dense-target"}
-"""Cases compared on block 0 and the perplexity only. The dense target's W* = W₀ + W₀ D (H + λI)⁻¹ is a
-ridge solution: (H + λI)⁻¹ amplifies the last bits of another reduction order (W* moves by ~1e-5 in
-block 0's down_proj, against ~1e-7 for the plain weights), SparseGPT's column sweep turns that into
-flipped near-ties (0.06% of block 0's down_proj) and later blocks then calibrate on other inputs
-(0.83–0.99 agreement). Taking the drift per token instead of as Σ x_d xᵀ − Σ x xᵀ did not remove it:
-this is the conditioning of the target, not a cancellation."""
+
+
+def _saved_hash(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
-def test_two_processes_prune_like_one(case, inputs, tmp_path):
-    """Masks equal on >= 99.99% of weights, perplexity to 1e-4, same report apart from timings and launch."""
-    results = {}
-    for world in (1, 2):
+def test_one_two_and_three_processes_prune_bit_identically(case, inputs, tmp_path):
+    """Masks and weights sha256-equal at world sizes 1, 2 and 3: the statistics are summed along one
+    fixed tree over the calibration batches (prac.treesum), whatever process computed which batch; the
+    same report apart from timings and the launch."""
+    hashes, reports = {}, {}
+    for world in (1, 2, 3):
         cwd = tmp_path / f"w{world}"  # the same relative --save/--report in each: the configs compare equal
         cwd.mkdir()
-        args = ["prune", "--calib-tokens", str(inputs / "calib.safetensors"), "--eval", str(inputs / "eval.txt"),
-                "--no-dense-eval", "--no-progress", "--save", "out", "--report", "report.json", *CASES[case]]
+        args = ["prune", "--calib-tokens", str(inputs / "calib.safetensors"), "--eval", "none", "--no-progress",
+                "--save", "out", "--report", "report.json", *CASES[case]]
         proc = _prac(args, world, cwd)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert proc.stdout.count("pruned 28 layers") == 1, proc.stdout  # printed by rank 0 only
-        results[world] = (json.loads((cwd / "report.json").read_text()), load_file(str(cwd / "out" / "model.safetensors")))
-    (r1, w1), (r2, w2) = results[1], results[2]
-    assert (r1["environment"]["world_size"], r2["environment"]["world_size"]) == (1, 2)
-    assert (r1["environment"]["backend"], r2["environment"]["backend"]) == (None, "gloo")
-    pruned = [n for n in w1 if ".layers." in n and n.endswith("proj.weight")]
-    assert len(pruned) == 28
-
-    def agreement(names):
-        return sum(int(((w1[n] == 0) == (w2[n] == 0)).sum()) for n in names) / sum(w1[n].numel() for n in names)
-
-    # Block 0 sees identical inputs: only H's last bits differ, so only exact ties can flip (near-ties too
-    # under the dense target, whose ridge solve amplifies them: 0.06% of block 0's down_proj measured).
-    assert agreement([n for n in pruned if ".layers.0." in n]) >= (0.999 if case in LOOSE else 0.9999)
-    ppl1, ppl2 = r1["summary"]["ppl"], r2["summary"]["ppl"]
-    if case in LOOSE:
-        assert abs(ppl2 / ppl1 - 1) < 1e-2, (ppl1, ppl2)
-        return
-    # Later blocks: a flipped tie changes their inputs a little (more on another torch/transformers build).
-    assert agreement(pruned) >= 0.995, agreement(pruned)
-    assert abs(ppl2 / ppl1 - 1) < 1e-4, (ppl1, ppl2)
-    for r in (r1, r2):
+        hashes[world] = _saved_hash(cwd / "out" / "model.safetensors")
+        reports[world] = json.loads((cwd / "report.json").read_text())
+    assert hashes[1] == hashes[2] == hashes[3], hashes
+    assert [reports[w]["environment"]["world_size"] for w in (1, 2, 3)] == [1, 2, 3]
+    for r in reports.values():
         r["environment"].pop("world_size"), r["environment"].pop("backend")
-    # The records of block 0 (identical inputs) and the run's configuration and environment match.
-    part = [{"config": r["config"], "environment": r["environment"],
-             "layers": [x for x in r["layers"] if ".layers.0." in x["name"]]} for r in (r1, r2)]
-    assert _differences(*part) == []
+    for world in (2, 3):
+        assert _differences(*({k: reports[w][k] for k in ("config", "environment", "layers")} for w in (1, world))) == []
+
+
+@pytest.mark.slow
+def test_two_processes_prune_and_evaluate_like_one(inputs, tmp_path):
+    """The perplexity of a data-parallel prune: the same weights, the NLL summed in another order (1e-12)."""
+    ppl = {}
+    for world in (1, 2):
+        cwd = tmp_path / f"w{world}"
+        cwd.mkdir()
+        proc = _prac(["prune", "--calib-tokens", str(inputs / "calib.safetensors"), "--eval", str(inputs / "eval.txt"),
+                      "--no-dense-eval", "--no-progress", "--report", "report.json", "--sparsity", "0.6"], world, cwd)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        ppl[world] = json.loads((cwd / "report.json").read_text())["summary"]["ppl"]
+    assert abs(ppl[2] / ppl[1] - 1) < 1e-12, ppl
 
 
 @pytest.mark.slow
@@ -156,8 +160,7 @@ def test_two_processes_verify_like_one(inputs, tmp_path):
     and the same model hash (correction none) as in one process."""
     tables = {}
     for world in (1, 2):
-        proc = _prac(["verify", "--calib-tokens", str(inputs / "calib.safetensors"), "--nm", "2:4"],
-                     world, tmp_path, timeout=300)
+        proc = _prac(["verify", "--calib-tokens", str(inputs / "calib.safetensors"), "--nm", "2:4"], world, tmp_path)
         assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout
         assert proc.stdout.count("passed,") == 1 and "0 failed" in proc.stdout, proc.stdout
         tables[world] = [line.split()[0] for line in proc.stdout.splitlines()[2:-1]]
@@ -192,14 +195,16 @@ def test_a_failing_rank_stops_every_rank_and_the_error_is_printed_once(inputs, t
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                            str(script), "prune", "--calib-tokens", str(inputs / "calib.safetensors"), "--eval", "none",
                            "--no-progress", "--report", str(tmp_path / "r.json")],
-                          cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=120)
+                          cwd=tmp_path, env=_env(), capture_output=True, text=True)
     elapsed = time.monotonic() - started
     assert proc.returncode != 0
     assert proc.stderr.count("injected failure on one rank") == 1, proc.stderr
     assert "(process 1 of 2)" in proc.stderr
     assert "exitcode: 1" in proc.stderr  # both ranks: rank 1 failed, rank 0 stopped with its code
     assert not (tmp_path / "r.json").exists()
-    assert elapsed < 45, elapsed  # startup of two processes + a few forwards; no collective timeout (120 s)
+    # Rank 0 stopped on the failure's post, not on the collective timeout: far sooner than it, however busy
+    # the machine (startup of two processes and a few forwards take seconds).
+    assert elapsed < COLLECTIVE_TIMEOUT_S / 3, elapsed
 
 
 def test_bad_input_on_every_rank_is_printed_once(tmp_path):
@@ -240,7 +245,9 @@ def _merge_worker(rank: int, world: int, port: int, x: torch.Tensor, batch: int,
     rows = par.share(x.shape[0], x.shape[1], batch)  # x: [n, seqlen, dim] stands in for the calibration samples
     held = holdout_rows(x.shape[0], spec.holdout, spec.seed)
     stats = par.new_stats(InputStats(x.shape[-1], "cpu", spec))
-    for b, h in zip(x[rows].split(batch), held[rows].split(batch) if held is not None else [None] * len(x)):
+    first = rows.start // batch
+    for j, (b, h) in enumerate(zip(x[rows].split(batch), held[rows].split(batch) if held is not None else [None] * len(x))):
+        stats.begin(first + j)  # the engine's fixed-order sums: batch j of this rank is batch first + j of the run
         stats.add_batch(b, held=h)
     group = InputGroup(["layer"], stats)
     par.assign([group], {"layer": Unit("layer", torch.nn.Linear(x.shape[-1], 3))})
@@ -256,27 +263,28 @@ def _merge_worker(rank: int, world: int, port: int, x: torch.Tensor, batch: int,
 
 @pytest.mark.parametrize("world,holdout", [(2, 0.0), (3, 0.0), (2, 0.3), (3, 0.3)])
 def test_reduced_statistics_equal_one_process(world, holdout, tmp_path):
-    """Counts and the token sample (with its held-out flags) bit-identical; sums and H to float32
-    rounding; the same for the held-out share's statistics."""
+    """Counts, the token sample (with its held-out flags), sums and H bit-identical to one process's
+    (the batches summed along one fixed tree, prac.treesum); the same for the held-out share's."""
     torch.manual_seed(0)
     x = torch.randn(10, 16, 6)  # 10 samples of 16 tokens, 6 features; batches of 2 -> 5 batches
     spec = StatsSpec(hessian=True, max_samples=40, seed=3, holdout=holdout)
     one = InputStats(6, "cpu", spec)
     held = holdout_rows(10, holdout, 3)
     for j, b in enumerate(x.split(2)):
+        one.begin(j)
         one.add_batch(b, held=None if held is None else held[2 * j : 2 * j + 2])
+    one.finish()
     out = str(tmp_path / "stats.pt")
     mp.spawn(_merge_worker, args=(world, _free_port(), x, 2, spec, out), nprocs=world, join=True)
     got = torch.load(out)
     assert got["count"] == one.count
     assert torch.equal(got["samples"], one.samples) and torch.equal(got["keys"], one._keys)
     for key, ref in (("sum", one.sum), ("sumsq", one.sumsq), ("hessian", one.hessian)):
-        torch.testing.assert_close(got[key], ref, rtol=1e-5, atol=1e-5)
+        assert torch.equal(got[key], ref), key
     if holdout:
         assert torch.equal(got["sample_held"], one.sample_held) and 0 < int(one.sample_held.sum()) < 40
         count, total, hessian = got["held"]
         assert count == one.heldout.count == 3 * 16
-        torch.testing.assert_close(total, one.heldout.sum, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(hessian, one.heldout.hessian, rtol=1e-5, atol=1e-5)
+        assert torch.equal(total, one.heldout.sum) and torch.equal(hessian, one.heldout.hessian)
     else:
         assert got["held"] is None and got["sample_held"] is None

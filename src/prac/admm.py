@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 from prac.errors import PracError
-from prac.masks import mask_from_scores
+from prac.masks import MaskResult, mask_from_scores
 from prac.patterns import NM, Pattern, Unstructured
 
 SCORES = ("scaled", "magnitude")
@@ -172,7 +172,6 @@ def admm_prune(weight: torch.Tensor, group, pattern: Pattern, settings: ADMMSett
     """``--method admm`` for one linear of ``group`` (see the module docstring)."""
     from prac.correction.objective import LayerError
     from prac.correction.optimal import optimal_delta
-    from prac.methods import MaskResult
 
     start = time.perf_counter()
     w0 = weight.float()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from prac.allocation import Plan
+from prac.outputs import figure_metadata
 
 
 def save_allocation_plot(plan: Plan, path: str | Path, format: str | None = None) -> None:
@@ -30,5 +31,5 @@ def save_allocation_plot(plan: Plan, path: str | Path, format: str | None = None
     ax.set_title(f"{plan.method} allocation: total {plan.total():.4f}")
     ax.legend(fontsize=7, ncol=4)
     fig.tight_layout()
-    fig.savefig(path, format=format, dpi=120)
+    fig.savefig(path, format=format, dpi=120, metadata=figure_metadata(format or Path(path).suffix[1:] or "png"))
     plt.close(fig)

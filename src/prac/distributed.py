@@ -58,6 +58,7 @@ from prac.errors import PracError
 from prac.group import InputGroup
 from prac.records import LayerRecord
 from prac.stats import InputStats
+from prac.treesum import Node
 
 if TYPE_CHECKING:
     from prac.units import Unit
@@ -427,30 +428,63 @@ class DataParallel:
             self._merge_samples(stats, None, name)
 
     def _reduce_sums(self, stats: InputStats, owner: int | None, name: str) -> None:
-        """Count, Σx, Σx² and Σr² on every rank; H and the drift on ``owner`` (None: every rank)."""
+        """Count, Σx, Σx² and Σr² on every rank; H and the drift on ``owner`` (None: every rank).
+        Statistics summed in the engine's fixed order (:attr:`InputStats.ordered`) are combined along
+        the same tree as in one process (:meth:`_combine_nodes`): bit-identical for any world size."""
         s = self.session
         count = s.all_reduce(torch.tensor([stats.count], dtype=torch.int64, device=stats.device), f"count of {name}")
         stats.count = int(count.item())
-        moments = s.all_reduce(torch.cat([stats.sum, stats.sumsq, stats.route_sq.reshape(1)]), f"sums of {name}")
-        stats.sum.copy_(moments[: stats.dim])
-        stats.sumsq.copy_(moments[stats.dim : 2 * stats.dim])
-        stats.route_sq = moments[2 * stats.dim].clone()
-        if stats.hessian is not None:
-            if owner is None:
-                stats.hessian = s.all_reduce(stats.hessian, f"Hessian of {name}")
-                return
-            s.reduce(stats.hessian, owner, f"Hessian of {name}")
-            if owner != s.rank:
-                stats.hessian = None
-        if stats.drift is not None:
-            s.reduce(stats.drift, owner, f"dense-input drift of {name}")
-            if owner != s.rank:
-                stats.drift = None
-        if stats.drift_out is not None:
-            for linear in sorted(stats.drift_out):
-                s.reduce(stats.drift_out[linear], owner, f"dense-input drift through {linear}")
-            if owner != s.rank:
+        if stats.ordered:
+            self._combine_nodes(stats, owner, name)
+        else:
+            moments = s.all_reduce(torch.cat([stats.sum, stats.sumsq, stats.route_sq.reshape(1)]), f"sums of {name}")
+            stats.sum, stats.sumsq = moments[: stats.dim].clone(), moments[stats.dim: 2 * stats.dim].clone()
+            stats.route_sq = moments[2 * stats.dim].clone()
+            for key, t in (("Hessian", stats.hessian), ("dense-input drift", stats.drift),
+                           *((f"dense-input drift through {k}", v) for k, v in sorted((stats.drift_out or {}).items()))):
+                if t is None:
+                    continue
+                if owner is None:
+                    s.all_reduce(t, f"{key} of {name}")
+                else:
+                    s.reduce(t, owner, f"{key} of {name}")
+        if owner is not None and owner != s.rank:
+            stats.hessian, stats.drift = None, None
+            if stats.drift_out is not None:
                 stats.drift_out = None
+
+    def _combine_nodes(self, stats: InputStats, owner: int | None, name: str) -> None:
+        """Every rank's part of the fixed summation tree (:mod:`prac.treesum`), in rank order (ranks hold
+        contiguous runs of batches): the vectors to every rank, the matrices to ``owner`` (every rank
+        when None; sent by broadcast, the other ranks drop them), then added exactly as one process
+        adds its batches."""
+        s = self.session
+        mine = stats.nodes()
+        template = mine[0].tensors if mine else stats._fields()
+        vectors = ("sum", "sumsq", "route_sq")
+        matrices = sorted(k for k in template if k not in vectors)
+        layout = s.all_gather_objects([(n.start, n.size) for n in mine], f"batches of {name}")
+        runs = []
+        for r, spans in enumerate(layout):
+            run = []
+            for i, (start, size) in enumerate(spans):
+                own = mine[i].tensors if r == s.rank else None
+                flat = (torch.cat([own["sum"], own["sumsq"], own["route_sq"].reshape(1)]) if own is not None
+                        else torch.empty(2 * stats.dim + 1, dtype=torch.float32, device=stats.device))
+                s.broadcast(flat, r, f"sums of {name}")
+                tensors = {"sum": flat[: stats.dim], "sumsq": flat[stats.dim: 2 * stats.dim],
+                           "route_sq": flat[2 * stats.dim]}
+                for key in matrices:  # a broadcast (an exact copy) rather than a point-to-point send: polled
+                    if r == owner == s.rank:
+                        tensors[key] = own[key]
+                    elif r != owner:
+                        t = own[key] if own is not None else torch.empty_like(template[key])
+                        s.broadcast(t, r, f"{key} of {name}")
+                        if owner is None or s.rank == owner:
+                            tensors[key] = t
+                run.append(Node(start, size, tensors))
+            runs.append(run)
+        stats.finish(runs)
 
     def _merge_samples(self, stats: InputStats, owner: int | None, name: str) -> None:
         """The single-process sample: every rank's candidates (≤ k each, with their keys and held-out

@@ -219,6 +219,7 @@ class BlockEngine:
         self._dense: _DenseInputs | None = None
         self._calls: dict[str, int] | None = None  # calls per linear in one forward of the current block
         self._replay: Replay | None = None  # kept submodule outputs of the current block (sequential)
+        self._first_batch = 0  # the global index of this process's first calibration batch
 
     def run(
         self,
@@ -245,6 +246,7 @@ class BlockEngine:
         if par is not None and (spec is not None or return_hidden):
             rows = par.share(calib.shape[0], calib.shape[1], self.config.batch_size)
             calib, held = calib[rows], (held[rows] if held is not None else None)
+            self._first_batch = rows.start // self.config.batch_size
         self._held = list(held.split(self.config.batch_size)) if held is not None else None
         if spec is not None or return_hidden:
             hidden_size = model.get_input_embeddings().weight.shape[1]
@@ -356,6 +358,8 @@ class BlockEngine:
                     self.parallel.assign(groups, units)
                     for group in groups:
                         self.parallel.reduce(group)
+                for group in groups:  # the fixed-order sums of one process (a data-parallel reduce did it)
+                    group.stats.finish()
                 if self.reduce is not None:
                     for group in groups:
                         self.reduce(group)
@@ -409,6 +413,8 @@ class BlockEngine:
         with pre_hooks(hooks), replaying, torch.no_grad():
             for j in range(len(inputs)):
                 batch[0], batch[1] = (self._held[j] if self._held is not None else None), j
+                for g in groups:
+                    g.stats.begin(self._first_batch + j)
                 self._start_batch(j)
                 run_block_until(block, inputs, j, self.device)
         return groups
@@ -456,11 +462,14 @@ class BlockEngine:
         with pre_hooks(hooks), self._replaying([], record=False), torch.no_grad():
             for j in range(len(inputs)):
                 pending[0] = len(hooks)
+                for stats in priors.values():
+                    stats.begin(self._first_batch + j)
                 self._start_batch(j)
                 run_block_until(block, inputs, j, self.device)
-        if self.parallel is not None:
-            for (path, e), stats in priors.items():
+        for (path, e), stats in priors.items():
+            if self.parallel is not None:
                 self.parallel.reduce_all(stats, f"prior of {path}" + ("" if e is None else f".{e}"))
+            stats.finish()
         scale = self._route_scale(groups, units)
         for g, slot, need in poor:
             g.stats = g.stats.with_prior(priors[_prior_key(slot)], scale.get(slot.experts, 1.0), need)

@@ -24,7 +24,7 @@ import logging
 import math
 import re
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,8 @@ from prac.patterns import pattern_to_dict
 from prac.pipeline import PruneConfig, check_pattern, prune_model
 from prac.progress import Progress, no_progress
 from prac.allocation import AllocationConfig, allocate
-from prac.outputs import Outputs, Sources, StagedFile, check_report_path, check_save_dir, stage_json
+from prac.outputs import (Outputs, Sources, StagedFile, check_path_given, check_report_path, check_save_dir,
+                          stage_json)
 from prac.report import environment, jsonable, peak_memory, summarize_layers
 from prac.saving import stage_model
 
@@ -146,9 +147,12 @@ def _model_config_json(path: Path) -> dict | None:
 
 
 def is_bundled_copy(path_or_id: str) -> bool:
-    """A folder holding the bundled model's weights: equal ``config.json`` (up to name/version keys)
+    """A folder holding a bundled model's weights: equal ``config.json`` (up to name/version keys)
     and a byte-identical ``model.safetensors`` (size first, then sha256)."""
-    path, ref = Path(path_or_id).expanduser(), assets.DEFAULT_MODEL
+    return any(_is_copy_of(Path(path_or_id).expanduser(), ref) for ref in assets.BUNDLED_MODELS)
+
+
+def _is_copy_of(path: Path, ref: Path) -> bool:
     weights, ref_weights = path / "model.safetensors", ref / "model.safetensors"
     try:
         if not weights.is_file() or weights.stat().st_size != ref_weights.stat().st_size:
@@ -585,9 +589,11 @@ def _sources(job: PruneJob) -> Sources:
 def check_prune_outputs(job: PruneJob) -> None:
     """Every destination of a prune checked before the model is loaded (see :mod:`prac.outputs`)."""
     sources = _sources(job)
+    for option, value in (("--save", job.save), ("--report", job.report), ("--plot", job.plot)):
+        check_path_given(value, option)
     save = check_save_dir(job.save, sources, job.overwrite) if job.save else None
     if job.report:
-        report = check_report_path(job.report, sources)
+        report = check_report_path(job.report, sources, overwrite=job.overwrite)
         if save is not None and (report == save or save in report.parents):
             raise PracError(f"report file {job.report!r} is inside the --save folder, which prac replaces whole; "
                             f"the folder gets its own prac_report.json")
@@ -596,7 +602,7 @@ def check_prune_outputs(job: PruneJob) -> None:
             raise PracError("--plot draws the allocation plan: it needs --allocation owl or error")
         if Path(job.plot).suffix.lower() not in (".png", ".pdf", ".svg"):
             raise PracError(f"--plot {job.plot!r}: give a .png, .pdf or .svg file name")
-        check_report_path(job.plot, sources, what="plot file")
+        check_report_path(job.plot, sources, what="plot file", overwrite=job.overwrite)
 
 
 def _config_dict(job: PruneJob) -> dict[str, Any]:
@@ -617,6 +623,7 @@ class EvalJob:
     dtype: str = "auto"
     report: str | None = None
     tasks: ZeroShotConfig | None = None
+    overwrite: bool = False  # replace a --report file prac did not write
 
 
 def run_eval(job: EvalJob, progress: Progress = no_progress) -> dict[str, Any]:
@@ -634,8 +641,9 @@ def run_eval(job: EvalJob, progress: Progress = no_progress) -> dict[str, Any]:
         from prac.harness import prepare
 
         prepare(job.tasks)  # unknown task or unreachable data: one line, before the model is loaded
+    check_path_given(job.report, "--report")
     if job.report:
-        check_report_path(job.report, Sources(model=job.model, files=tuple(sets)))
+        check_report_path(job.report, Sources(model=job.model, files=tuple(sets)), overwrite=job.overwrite)
     session = distributed.active()  # a rank of `torchrun … prac eval`, or None
     device = session.device if session else resolve_device(job.device)
     meter = PhaseMeter(device)

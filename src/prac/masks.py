@@ -7,9 +7,21 @@ scores: the lowest-scoring weights are pruned.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Any
+
 import torch
 
 from prac.patterns import NM, Pattern, Unstructured
+
+
+@dataclass
+class MaskResult:
+    """What a mask source returns: the pruned weight, its mask, and the method's diagnostics."""
+
+    weight: torch.Tensor  # fp32 [out, in], zeros where mask
+    mask: torch.Tensor  # bool [out, in], True = pruned
+    info: dict[str, Any] = field(default_factory=dict)
 
 
 def magnitude_scores(weight: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ CLI flags.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -17,7 +17,7 @@ import torch
 from prac.admm import ADMMSettings, admm_prune
 from prac.errors import PracError
 from prac.group import InputGroup
-from prac.masks import apply_mask, magnitude_scores, mask_from_scores, wanda_scores
+from prac.masks import MaskResult, apply_mask, magnitude_scores, mask_from_scores, wanda_scores
 from prac.patterns import Pattern
 from prac.sparsegpt import SparseGPTConfig, sparsegpt_factor, sparsegpt_prune
 from prac.stats import StatsSpec
@@ -35,13 +35,6 @@ class ScoreSettings:
     def __post_init__(self) -> None:
         if self.scope not in SCOPES:
             raise PracError(f"scope must be one of {', '.join(SCOPES)}, got {self.scope!r}")
-
-
-@dataclass
-class MaskResult:
-    weight: torch.Tensor  # fp32 [out, in], zeros where mask
-    mask: torch.Tensor  # bool [out, in], True = pruned
-    info: dict[str, Any] = field(default_factory=dict)
 
 
 MaskFn = Callable[[torch.Tensor, "InputGroup | None", Pattern, Any], MaskResult]

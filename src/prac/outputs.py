@@ -8,6 +8,10 @@ Rules (each one a way a user's files were lost before):
 - ``--overwrite`` replaces only a folder that prac wrote itself: one whose ``prac_report.json``
   lists every file in it (``saved_files``). A folder with anything else in it is refused, naming
   the foreign entries, and so is a folder that holds an input of the run.
+- A single-file output (a report, a figure, a spectrum's JSON/CSV) that already exists is replaced
+  only when prac wrote it (:func:`written_by_prac`: a prac report or spectrum by its content, a
+  figure by the ``prac`` creator stamped into its metadata) or with ``--overwrite``. An empty path
+  is an error, not "no output".
 - Files are written to a temporary sibling and renamed into place; the temporary names carry the
   writer's pid so a later run removes what a killed run left behind. SIGTERM is turned into an
   exception (see :func:`install_signal_handlers`) so the same clean-up runs as for Ctrl-C, and the
@@ -118,8 +122,50 @@ class Sources:
         return [_resolve(f) for f in self.files if f and Path(f).expanduser().exists()]
 
 
-def check_report_path(report: str | Path, sources: Sources, what: str = "report file") -> Path:
-    """Refuse a report destination that is a folder, an input, inside the model, or not writable."""
+#: The creator stamped into every figure prac writes (``savefig(metadata=figure_metadata(fmt))``).
+FIGURE_CREATOR = "prac"
+_FIGURE_MARKS = {".png": b"tEXtSoftware\x00prac", ".pdf": b"/Creator (prac)", ".svg": b"<dc:title>prac</dc:title>"}
+
+
+def figure_metadata(fmt: str) -> dict[str, str]:
+    """The metadata that marks a figure as written by prac, for matplotlib's ``savefig``."""
+    return {"Software": FIGURE_CREATOR} if fmt.lower() == "png" else {"Creator": FIGURE_CREATOR}
+
+
+def written_by_prac(path: Path) -> bool:
+    """Whether the existing file ``path`` is one prac wrote: a JSON report (``environment.prac``), a
+    spectrum JSON (``metadata``/``blocks``) or CSV (prac's header), or a figure stamped by prac."""
+    suffix = path.suffix.lower()
+    try:
+        if suffix in _FIGURE_MARKS:
+            return _FIGURE_MARKS[suffix] in path.read_bytes()
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False
+    if suffix == ".csv":
+        from prac.spectral.result import CSV_FIELDS
+
+        return text.splitlines()[:1] == [",".join(CSV_FIELDS)]
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return False
+    if not isinstance(data, dict):
+        return False
+    env = data.get("environment")
+    return (isinstance(env, dict) and "prac" in env) or ({"metadata", "blocks"} <= set(data) and "whole_model" in data)
+
+
+def check_path_given(path: str | Path | None, what: str) -> None:
+    """An output option given as an empty string is an error (it would otherwise write nothing, silently)."""
+    if path is not None and not str(path).strip():
+        raise PracError(f"{what}: the file name is empty")
+
+
+def check_report_path(report: str | Path, sources: Sources, what: str = "report file", overwrite: bool = False) -> Path:
+    """Refuse a report destination that is empty, a folder, an input, inside the model, not writable,
+    or an existing file prac did not write (unless ``overwrite``)."""
+    check_path_given(report, what)
     path = _resolve(report)
     model_dir = sources.model_dir()
     if model_dir is not None and _inside(path, model_dir):
@@ -131,6 +177,9 @@ def check_report_path(report: str | Path, sources: Sources, what: str = "report 
         raise PracError(f"{what} {str(report)!r} is a folder; give a file name")
     if path.exists() and not os.access(path, os.W_OK):
         raise PracError(f"{what} {str(report)!r} exists and is not writable")
+    if path.exists() and not overwrite and not written_by_prac(path):
+        raise PracError(f"{what} {str(report)!r} exists and was not written by prac; use --overwrite to replace it, "
+                        f"or choose another name")
     _check_creatable(path, what, str(report))
     return path
 
@@ -150,6 +199,7 @@ def prac_written_files(folder: Path) -> set[str] | None:
 def check_save_dir(out_dir: str | Path, sources: Sources, overwrite: bool) -> Path:
     """Refuse the source model's folder (or one inside/around it), folders holding inputs, and
     non-empty folders: with ``overwrite`` only a folder that holds nothing but a previous prac save."""
+    check_path_given(out_dir, "output folder")
     out = _resolve(out_dir)
     shown = str(out_dir)
     model_dir = sources.model_dir()

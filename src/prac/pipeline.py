@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from prac.blocks import Blocks
-from prac.correction.base import CorrectionConfig
+from prac.correction.config import CorrectionConfig
 from prac.correction.objective import relative_error
 from prac.engine import BlockEngine, EngineConfig, PhaseTimer, StatsReducer, check_pattern_fits
 from prac.errors import PracError

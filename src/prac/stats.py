@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from prac.errors import PracError
+from prac.treesum import Node, combine, push
 
 if TYPE_CHECKING:
     from prac.experts import Route
@@ -81,6 +82,12 @@ class InputStats:
       ``H = Σ r² x xᵀ``, the weighting under which a change of the expert's output reaches the block's
       output (docs/moe.md). ``count`` counts the tokens routed here and ``route_sq`` sums r².
     - ``prior_tokens``: set by :meth:`with_prior` on statistics topped up with prior rows.
+
+    Order of the sums: by default rows are added to the totals as they come. The engine instead
+    calls :meth:`begin` with the global index of each calibration batch; every summed statistic is
+    then accumulated per batch and the batches added along one fixed tree (:mod:`prac.treesum`), the
+    totals appearing at :meth:`finish` — bit-identical whether one process saw every batch or several
+    processes each a contiguous run of them (:meth:`nodes` hands a process's part to the reduction).
     """
 
     def __init__(self, dim: int, device: torch.device | str = "cpu", spec: StatsSpec = StatsSpec()):
@@ -102,11 +109,89 @@ class InputStats:
         self.sample_held: torch.Tensor | None = None
         self.route_sq = torch.zeros((), dtype=torch.float32, device=self.device)
         self.prior_tokens = 0
+        self._leaf: int | None = None  # the batch being accumulated (ordered sums, see begin)
+        self._stack: list[Node] | None = None
         if spec.holdout > 0:
             self.heldout = InputStats(dim, self.device, StatsSpec(hessian=spec.hessian))
         if spec.max_samples > 0:
             self._generator = torch.Generator(device=self.device)
             self._generator.manual_seed(spec.seed)
+
+    # --- the order of the sums ---------------------------------------------------------------------
+
+    def _fields(self) -> dict[str, torch.Tensor]:
+        """Every summed statistic by name (what a tree node holds)."""
+        out = {"sum": self.sum, "sumsq": self.sumsq, "route_sq": self.route_sq}
+        if self.hessian is not None:
+            out["hessian"] = self.hessian
+        if self.drift is not None:
+            out["drift"] = self.drift
+        for name, t in (self.drift_out or {}).items():
+            out[f"drift_out:{name}"] = t
+        return out
+
+    def _set_fields(self, fields: dict[str, torch.Tensor]) -> None:
+        self.sum, self.sumsq, self.route_sq = fields["sum"], fields["sumsq"], fields["route_sq"]
+        if "hessian" in fields:
+            self.hessian = fields["hessian"]
+        if "drift" in fields:
+            self.drift = fields["drift"]
+        if self.drift_out is not None:
+            self.drift_out = {name: fields[f"drift_out:{name}"] for name in self.drift_out}
+
+    def begin(self, index: int) -> None:
+        """The rows added from now on belong to calibration batch ``index`` (its global index, the same
+        in every process): the batches are summed along a fixed tree (:mod:`prac.treesum`)."""
+        if self._stack is None:
+            self._stack = []
+            if any(bool(t.any()) for t in self._fields().values()):
+                raise RuntimeError("ordered sums must begin before any row is added")
+        elif self._leaf is not None:
+            self._close_leaf(fresh=True)
+        self._leaf = int(index)
+        if self.heldout is not None:
+            self.heldout.begin(index)
+
+    def _close_leaf(self, fresh: bool) -> None:
+        """Push the batch being accumulated onto the stack; ``fresh``: zeroed statistics for the next
+        (else the fields keep pointing at the pushed node's tensors until :meth:`finish`)."""
+        fields = self._fields()
+        push(self._stack, Node(self._leaf, 1, fields))
+        if fresh:
+            self._set_fields({k: torch.zeros_like(v) for k, v in fields.items()})
+        self._leaf = None
+
+    @property
+    def ordered(self) -> bool:
+        """Whether the sums run along the fixed tree (:meth:`begin` was called) and wait for :meth:`finish`."""
+        return self._stack is not None
+
+    def nodes(self) -> list[Node]:
+        """This accumulator's part of the tree (its batches merged as far as they go), taken out; the
+        summed statistics are undefined until :meth:`finish` is given every process's part."""
+        if self._stack is None:
+            raise RuntimeError("nodes() needs ordered sums (begin)")
+        if self._leaf is not None:
+            self._close_leaf(fresh=False)
+        nodes, self._stack = self._stack, []
+        return nodes
+
+    def finish(self, runs: "list[list[Node]] | None" = None) -> None:
+        """Set the totals: the fixed-tree sum of this accumulator's batches (and of its held-out
+        share's), or with ``runs``, every process's :meth:`nodes` in the order of their batches, of
+        this accumulator alone (fields the nodes lack stay as they are). Nothing to do for statistics
+        summed as they came."""
+        if self._stack is None:
+            return
+        local = runs is None
+        total = combine([self.nodes()] if local else runs)
+        if total is not None:
+            self._set_fields({**self._fields(), **total})
+        self._stack, self._leaf = None, None
+        if local and self.heldout is not None:
+            self.heldout.finish()
+
+    # --- adding rows ---------------------------------------------------------------------------------
 
     def _rows(self, x: torch.Tensor, route: "Route | None") -> torch.Tensor:
         rows = x.reshape(-1, self.dim).to(device=self.device, dtype=torch.float32)

@@ -66,6 +66,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="windows (and harness requests) per forward (default: chosen for the device: "
                         "8192 tokens' worth on the CPU, from free memory on CUDA)")
     p.add_argument("--report", default=None, metavar="FILE", help="write the JSON report here")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a --report file that prac did not write (one it wrote is replaced anyway)")
     add_zeroshot_arguments(p.add_argument_group("zero-shot tasks (lm-evaluation-harness)"))
     add_common(p)
 
@@ -103,6 +105,6 @@ def run(args: argparse.Namespace) -> int:
     from prac.jobs import EvalJob, run_eval
 
     job = EvalJob(model=args.model, data=args.data, seqlen=args.seqlen, batch_size=args.batch_size,
-                  device=args.device, dtype=args.dtype, report=args.report,
+                  device=args.device, dtype=args.dtype, report=args.report, overwrite=args.overwrite,
                   tasks=zeroshot_config(args, args.batch_size))
     return print_summary(run_eval(job, progress(args))["summary"])

@@ -154,6 +154,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "equal inputs: the same result, less work; keeps up to a quarter of the free memory where "
                         "activations live (default: on)")
     g.add_argument("--layer-batch-size", type=int, default=0, help="distinct layer inputs whose statistics are held at once (0 = all of a block); fewer = less memory, one more calibration forward per chunk")
+    g.add_argument("--expert-min-tokens", type=int, default=None, metavar="N",
+                   help="MoE: an expert projection whose input got fewer routed calibration tokens than N has its "
+                        "statistics topped up to N with those of all the block's tokens run through that expert "
+                        "(an expert that got none is pruned from those alone); 0 = only experts without a token "
+                        "(default: the projection's number of inputs, below which its own H is singular; docs/moe.md)")
     g.add_argument("--exact-errors", dest="exact_errors", action=argparse.BooleanOptionalAction, default=True,
                    help="correction: exact before/after error of every corrected layer and the optimal yardstick "
                         f"(fraction_of_optimal), also for diagonal/greedy, which do not need H themselves; costs {_H_COST}. "
@@ -177,7 +182,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="compute the dense perplexity even when the cache has it ($PRAC_CACHE_DIR, else ~/.cache/prac)")
     add_zeroshot_arguments(g)
     g.add_argument("--save", default=None, metavar="OUT_DIR", help="write the pruned model (safetensors), tokenizer and prac_report.json")
-    g.add_argument("--overwrite", action="store_true", help="replace OUT_DIR when it holds only a previous prac save")
+    g.add_argument("--overwrite", action="store_true", help="replace OUT_DIR when it holds only a previous prac save, and --report/--plot files "
+                        "that prac did not write (files prac wrote are replaced anyway)")
     g.add_argument("--report", default=None, metavar="FILE", help="write the JSON report here")
     add_common(p)
 
@@ -284,7 +290,8 @@ def prune_job_from_args(args: argparse.Namespace):
                         correction=correction, ignore=args.ignore,
                         engine=EngineConfig(batch_size=args.batch_size, offload=args.offload,
                                             layer_batch_size=args.layer_batch_size, sequential=args.sequential,
-                                            dense_target=_dense_target(args), replay=args.replay),
+                                            dense_target=_dense_target(args), replay=args.replay,
+                                            expert_min_tokens=args.expert_min_tokens),
                         collect=StatsSpec(hessian=True) if args.measure else None,
                         dense_target_damping=args.dense_target_damping)
     from prac.allocation import AllocationConfig

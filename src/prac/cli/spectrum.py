@@ -77,6 +77,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("output")
     g.add_argument("--out", default="spectrum.json", metavar="FILE.json", help="JSON report (default: spectrum.json)")
     g.add_argument("--csv", default=None, metavar="FILE.csv", help="per-block metrics (default: --out with .csv)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace output files that prac did not write (those it wrote are replaced anyway)")
     g.add_argument("--plot", default=None, metavar="FILE.png", help="write the figure (.png, .pdf or .svg)")
     add_logging_options(g)
     g.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -86,6 +88,10 @@ def output_paths(args: argparse.Namespace) -> dict[str, Path]:
     """The run's destinations by role, each checked like a ``--report`` file (before any loading)."""
     from prac.outputs import Sources, check_report_path
 
+    from prac.outputs import check_path_given
+
+    for option in ("out", "csv", "plot"):
+        check_path_given(getattr(args, option), f"--{option}")
     out = Path(args.out)
     paths = {"spectrum JSON": out, "spectrum CSV": Path(args.csv) if args.csv else out.with_suffix(".csv")}
     if args.plot:
@@ -93,7 +99,7 @@ def output_paths(args: argparse.Namespace) -> dict[str, Path]:
             raise PracError(f"figure {args.plot!r}: the name must end in {', '.join(PLOT_FORMATS)}")
         paths["figure"] = Path(args.plot)
     sources = Sources(model=str(args.model), files=(str(args.data),))
-    resolved = {what: check_report_path(path, sources, what) for what, path in paths.items()}
+    resolved = {what: check_report_path(path, sources, what, overwrite=args.overwrite) for what, path in paths.items()}
     if len(set(resolved.values())) < len(resolved):
         raise PracError("--out, --csv and --plot must name different files")
     return paths

@@ -14,10 +14,10 @@ from prac.correction.base import (
     YARDSTICK_DAMPING,
     YARDSTICK_MAX_ITER,
     YARDSTICK_TOL,
-    CorrectionConfig,
     CorrectionResult,
     SelectionSettings,
 )
+from prac.correction.config import CorrectionConfig
 from prac.correction.diagonal import DiagonalSettings
 from prac.correction.full import FullSettings
 from prac.correction.greedy import GreedySettings

@@ -20,10 +20,10 @@ from prac.correction.base import (
     YARDSTICK_DAMPING,
     YARDSTICK_MAX_ITER,
     YARDSTICK_TOL,
-    CorrectionConfig,
     CorrectionResult,
     LayerProblem,
 )
+from prac.correction.config import CorrectionConfig
 from prac.correction.objective import LayerError, error_matrix
 from prac.correction.optimal import PCGOutcome, optimal_delta
 from prac.correction.registry import get_correction

@@ -17,9 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from prac.correction.base import LayerProblem, Proposal, SelectionSettings, check_clamp, check_damping, invalid
+from prac.correction.base import Correction, LayerProblem, Proposal, SelectionSettings, check_clamp, check_damping, invalid
 from prac.correction.objective import clamp_delta, damping_lambda, james_stein_mean, sparse_quadratic_rows
-from prac.correction.registry import Correction
 from prac.stats import StatsSpec
 
 

@@ -27,9 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
-from prac.correction.base import LayerProblem, Proposal, SelectionSettings, check_clamp, check_damping, invalid
+from prac.correction.base import Correction, LayerProblem, Proposal, SelectionSettings, check_clamp, check_damping, invalid
 from prac.correction.objective import damping_lambda, require_hessian, sorted_support
-from prac.correction.registry import Correction
 from prac.stats import StatsSpec
 
 FALLBACK = "min-norm lstsq (pseudo-inverse by eigh)"

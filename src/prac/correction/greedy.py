@@ -19,9 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from prac.correction.base import LayerProblem, Proposal, SelectionSettings, invalid
+from prac.correction.base import Correction, LayerProblem, Proposal, SelectionSettings, invalid
 from prac.correction.objective import sample_hessian, sparse_quadratic_rows
-from prac.correction.registry import Correction
 from prac.correction.selection import candidate_order
 from prac.errors import PracError
 from prac.stats import StatsSpec

@@ -73,9 +73,8 @@ from dataclasses import dataclass
 
 import torch
 
-from prac.correction.base import LayerProblem, Proposal, SelectionSettings, check_damping, invalid
+from prac.correction.base import Correction, LayerProblem, Proposal, SelectionSettings, check_damping, invalid
 from prac.correction.objective import require_hessian
-from prac.correction.registry import Correction
 from prac.linalg import DampedFactor, damped_cholesky, symmetric_inverse
 from prac.stats import StatsSpec
 

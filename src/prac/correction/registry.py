@@ -2,35 +2,19 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable
-
-from prac.correction.base import LayerProblem, Proposal, invalid
-from prac.stats import StatsSpec
-
-
-@dataclass(frozen=True)
-class Correction:
-    """``settings``: the method's settings dataclass (defaults and validation inside it);
-    ``stats``: ``stats(settings, exact_errors, seed) -> StatsSpec``, what the accumulators must hold;
-    ``propose``: the method; ``clamps``: whether it bounds |δ| (reported as clamp counts)."""
-
-    name: str
-    settings: type
-    stats: Callable[[Any, bool, int], StatsSpec]
-    propose: Callable[[LayerProblem, Any], Proposal]
-    description: str
-    clamps: bool = False
+from prac.correction.base import Correction, invalid
+from prac.correction.diagonal import ENTRY as DIAGONAL
+from prac.correction.full import ENTRY as FULL
+from prac.correction.greedy import ENTRY as GREEDY
+from prac.correction.optimal import ENTRY as OPTIMAL
 
 
 def _registry() -> dict[str, Correction]:
-    from prac.correction import diagonal, full, greedy, optimal
-
     return {
-        "full": full.ENTRY,
-        "diagonal": diagonal.ENTRY,
-        "greedy": greedy.ENTRY,
-        "optimal": optimal.ENTRY,
+        "full": FULL,
+        "diagonal": DIAGONAL,
+        "greedy": GREEDY,
+        "optimal": OPTIMAL,
     }
 
 
