@@ -30,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 MOE = ROOT / "src" / "prac" / "assets" / "tiny-mixtral"
 CALIB = ROOT / "tests" / "golden" / "calib_tokens.safetensors"
-VARIANTS = {"": [], "notopup": ["--expert-min-tokens", "0"]}
+VARIANTS = {"": [], "width": ["--expert-min-tokens", "width"]}
 
 
 def pattern_args(p: str) -> list[str]:
@@ -101,7 +101,8 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", nargs="+", default=["wanda", "sparsegpt", "admm"])
     ap.add_argument("--patterns", nargs="+", default=["50", "70", "2:4"])
     ap.add_argument("--variants", nargs="+", default=[""], choices=list(VARIANTS),
-                    help="'' = defaults; notopup = --expert-min-tokens 0 (only experts without a token topped up)")
+                    help="'' = defaults (only experts without a token calibrated on the block's tokens); "
+                         "width = --expert-min-tokens width (every expert topped up to its input width)")
     ap.add_argument("--jobs", type=int, default=2, help="configurations run at once (one thread each)")
     ap.add_argument("--rounds", type=int, default=2, help="alternating MoE / dense timing rounds")
     ap.add_argument("--skip-timing", action="store_true")

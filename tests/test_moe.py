@@ -152,7 +152,8 @@ def test_topping_up_blends_the_prior_by_token_count():
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt", "admm"])
 def test_experts_that_get_no_token_are_pruned_from_the_blocks_tokens(method):
     """Sixteen experts, top-1, 32 calibration tokens: several experts see no token. They are pruned at the
-    asked sparsity from the block's tokens run through them, finite, and listed in the records."""
+    asked sparsity from the block's tokens run through them, finite, and listed in the records; with
+    --expert-min-tokens, experts with few tokens are topped up too."""
     from transformers import MixtralConfig, MixtralForCausalLM
 
     torch.manual_seed(0)
@@ -166,14 +167,18 @@ def test_experts_that_get_no_token_are_pruned_from_the_blocks_tokens(method):
     experts = [r for r in outcome.layers if r.expert is not None]
     empty = [r for r in experts if r.expert["tokens"] == 0]
     assert len(empty) >= 6
-    assert all(r.expert["prior_tokens"] == 64 for r in empty)  # topped up to the input width
+    assert all(r.expert["prior_tokens"] == 32 for r in empty)  # the block's 32 calibration tokens
     assert all(r.sparsity == pytest.approx(0.5, abs=1e-3) for r in experts)
     assert all(torch.isfinite(p).all() for p in model.parameters())
     from prac.report import summarize_layers
 
     summary = summarize_layers(outcome.layers)["experts"]
     assert summary["tokens_min"] == 0 and len(summary["no_tokens"]) * 3 == len(empty)
-    assert set(summary["topped_up"]) >= {r.name for r in empty}
+    assert set(summary["topped_up"]) == {r.name for r in empty}  # the default tops up only those
+    few = prune_model(MixtralForCausalLM(config).eval(), calib, PruneConfig(method=method, pattern=Unstructured(0.5),
+                      engine=EngineConfig(batch_size=1, expert_min_tokens=8)), CPU).layers
+    low = [r for r in few if r.expert is not None and 0 < r.expert["tokens"] < 8]
+    assert low and all(r.expert["tokens"] + r.expert["prior_tokens"] == 8 for r in low)
 
 
 def test_ignore_reaches_expert_names_and_the_shared_expert_is_pruned(calib):

@@ -29,12 +29,12 @@ before its share (:meth:`DataParallel.new_stats`), so every token gets the key i
 and the merge (gather every rank's candidates and keys, keep the top-k keys, in token order) is the
 single-process sample exactly (up to two keys tying exactly at the k-th place).
 
-**What is bit-identical across world sizes** (see ``docs/distributed.md``): counts; the token sample
-of a block whose inputs are identical; every forward of a batch. Not bit-identical: Σx, Σx² and H,
-float32 sums reduced in another order (each rank sums its share, then the shares are added), so they
-differ in the last bits (~1e-7 relative); a mask choice that sits on such a tie can flip, and
-downstream blocks then calibrate on slightly different inputs. The perplexity's float64 NLL sum is
-likewise re-associated (~1e-16 relative).
+**Bit-identical across world sizes** (``docs/distributed.md``): counts, the token sample, every
+forward of a batch, and every summed statistic — Σx, Σx², H, the drift, the held-out share's — which
+the engine accumulates per batch and adds along one fixed tree over the batches' global indices
+(:mod:`prac.treesum`); :meth:`DataParallel._combine_nodes` hands each rank's part of that tree to the
+owner, which adds it exactly as one process would. So masks and weights are the same at any world
+size (same thread count and batch size). The perplexity's float64 NLL sum is re-associated (~1e-16).
 """
 
 from __future__ import annotations

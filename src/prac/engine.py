@@ -125,8 +125,9 @@ class EngineConfig:
     are pruned, gate/up once pruned) and reuse them in the block's later forwards on equal inputs
     (:mod:`prac.replay`; exact, costs memory up to a quarter of what is free where activations live).
     ``expert_min_tokens``: an MoE expert projection whose input got fewer calibration tokens than this
-    (None: its number of input features, below which its own H is singular; at least 1) has its
-    statistics topped up to it with those of all the block's tokens run through it (docs/moe.md)."""
+    has its statistics topped up to it with those of all the block's tokens run through it; one that
+    got none is calibrated on those alone, whatever this is (0, the default: only those; None: the
+    projection's number of inputs, below which its own H is singular; measured in docs/moe.md)."""
 
     batch_size: int = 8
     offload: str = "auto"
@@ -134,7 +135,7 @@ class EngineConfig:
     sequential: bool = False
     dense_target: bool = False
     replay: bool = True
-    expert_min_tokens: int | None = None
+    expert_min_tokens: int | None = 0
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -429,8 +430,8 @@ class BlockEngine:
             if slot is None:
                 continue
             need = self.config.expert_min_tokens
-            need = max(units[g.names[0]].in_features if need is None else need, 1)
-            if g.stats.count < need:
+            need = units[g.names[0]].in_features if need is None else need
+            if g.stats.count == 0 or g.stats.count < need:
                 poor.append((g, slot, need))
         if not poor:
             return
@@ -472,7 +473,9 @@ class BlockEngine:
             stats.finish()
         scale = self._route_scale(groups, units)
         for g, slot, need in poor:
-            g.stats = g.stats.with_prior(priors[_prior_key(slot)], scale.get(slot.experts, 1.0), need)
+            prior = priors[_prior_key(slot)]
+            # an expert without a token: the block's tokens alone, at their own count
+            g.stats = g.stats.with_prior(prior, scale.get(slot.experts, 1.0), need if g.stats.count else prior.count)
             log.info("%s: %d routed tokens, topped up with %d of the block's (min %d)", ", ".join(g.names),
                      g.stats.count - g.stats.prior_tokens, g.stats.prior_tokens, need)
 

@@ -154,11 +154,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "equal inputs: the same result, less work; keeps up to a quarter of the free memory where "
                         "activations live (default: on)")
     g.add_argument("--layer-batch-size", type=int, default=0, help="distinct layer inputs whose statistics are held at once (0 = all of a block); fewer = less memory, one more calibration forward per chunk")
-    g.add_argument("--expert-min-tokens", type=int, default=None, metavar="N",
+    g.add_argument("--expert-min-tokens", type=_min_tokens, default=0, metavar="N|width",
                    help="MoE: an expert projection whose input got fewer routed calibration tokens than N has its "
-                        "statistics topped up to N with those of all the block's tokens run through that expert "
-                        "(an expert that got none is pruned from those alone); 0 = only experts without a token "
-                        "(default: the projection's number of inputs, below which its own H is singular; docs/moe.md)")
+                        "statistics topped up to N with those of all the block's tokens run through that expert; "
+                        "an expert that got none is always pruned from those alone (default: 0, only those: "
+                        "topping up to the input width measured no better, docs/moe.md); 'width': each projection's "
+                        "number of inputs, below which its own H is singular")
     g.add_argument("--exact-errors", dest="exact_errors", action=argparse.BooleanOptionalAction, default=True,
                    help="correction: exact before/after error of every corrected layer and the optimal yardstick "
                         f"(fraction_of_optimal), also for diagonal/greedy, which do not need H themselves; costs {_H_COST}. "
@@ -311,6 +312,16 @@ def prune_job_from_args(args: argparse.Namespace):
                     eval_batch_size=args.eval_batch_size, dense_eval=not args.no_dense_eval, cache=not args.no_cache,
                     tasks=zeroshot_config(args, args.eval_batch_size), save=args.save, overwrite=args.overwrite,
                     report=args.report, device=args.device, dtype=args.dtype)
+
+
+def _min_tokens(text: str) -> int | None:
+    """``--expert-min-tokens``: a count, or ``width`` (None: each projection's number of inputs)."""
+    if text == "width":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of tokens or 'width', got {text!r}") from None
 
 
 def format_summary(report: dict[str, Any], save: str | None = None, report_path: str | None = None) -> str:
