@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from prac.correction.base import CorrectionConfig
+from prac.correction.config import CorrectionConfig
 from prac.loading import resolve_device
 from prac.patterns import Unstructured
 from prac.engine import EngineConfig

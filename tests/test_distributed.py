@@ -164,7 +164,7 @@ def test_two_processes_verify_like_one(inputs, tmp_path):
         assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout
         assert proc.stdout.count("passed,") == 1 and "0 failed" in proc.stdout, proc.stdout
         tables[world] = [line.split()[0] for line in proc.stdout.splitlines()[2:-1]]
-    assert tables[1] == tables[2] and len(tables[1]) >= 7
+    assert tables[1] == tables[2] and len(tables[1]) >= 8
 
 
 FAILING = """

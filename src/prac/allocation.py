@@ -38,6 +38,7 @@ from prac.errors import PracError
 from prac.group import InputGroup
 from prac.masks import mask_from_scores, wanda_scores
 from prac.patterns import Unstructured
+from prac.reconstruct import ReconstructConfig
 from prac.stats import StatsSpec
 from prac.units import Unit, model_units
 
@@ -160,7 +161,8 @@ def allocate(model: nn.Module, calib: torch.Tensor, target: float, config: Alloc
     spec = StatsSpec(hessian=config.method == "error")
     collected: dict[str, object] = {}
     observe = _owl_observer(config, collected) if config.method == "owl" else _error_observer(config, target, collected)
-    engine = dataclasses.replace(engine, sequential=False, dense_target=False)  # a dense scan: one stream, one pass
+    # a dense scan: one stream, one pass, nothing tuned
+    engine = dataclasses.replace(engine, sequential=False, dense_target=False, reconstruct=ReconstructConfig())
     runner = BlockEngine(engine, device, progress) if progress is not None else BlockEngine(engine, device)
     if config.scan:
         calib = calib[: config.scan]

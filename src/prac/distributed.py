@@ -514,6 +514,18 @@ class DataParallel:
         stats._keys = merged[:, stats.dim].contiguous()
         stats.sample_held = merged[:, stats.dim + 1] > 0.5 if stats.heldout is not None else None
 
+    def sum_tensors(self, tensors: list[torch.Tensor], what: str) -> None:
+        """Each tensor summed over the ranks, in place (reconstruction's gradients and error sums: every
+        rank then takes the same optimiser step)."""
+        if not tensors:
+            return
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        self.session.all_reduce(flat, what)
+        offset = 0
+        for t in tensors:
+            t.copy_(flat[offset: offset + t.numel()].view_as(t))
+            offset += t.numel()
+
     # weights and records
     def exchange(self, staged: dict[str, torch.Tensor], linears: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
         """Every rank gets every owner's new weights of the block (broadcast from the owner, in block order)."""

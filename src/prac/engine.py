@@ -52,6 +52,7 @@ from torch import nn
 
 from prac.blocks import (
     BlockInputs,
+    block_output,
     Blocks,
     StopForward,
     capture_block_inputs,
@@ -67,6 +68,7 @@ from prac.errors import PracError
 from prac.experts import Route, dense_gate_weights, expert_hidden, expert_views, gated
 from prac.group import InputGroup
 from prac.progress import Progress, no_progress
+from prac.reconstruct import ReconstructConfig, reconstruct_block, sublayers_of
 from prac.replay import Replay
 from prac.stats import InputStats, StatsSpec, holdout_rows
 from prac.units import Unit, block_units, block_weight_counts, check_block_parameters, model_units
@@ -107,6 +109,9 @@ class BlockParallel(Protocol):
     def exchange(self, staged: dict[str, torch.Tensor], units: dict[str, Unit]) -> dict[str, torch.Tensor]:
         """Every owner's new weights of the block, on every process."""
 
+    def sum_tensors(self, tensors: list[torch.Tensor], what: str) -> None:
+        """Sum each tensor over the processes, in place (reconstruction's gradients and errors)."""
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -136,6 +141,7 @@ class EngineConfig:
     dense_target: bool = False
     replay: bool = True
     expert_min_tokens: int | None = 0
+    reconstruct: ReconstructConfig = ReconstructConfig()
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -157,6 +163,7 @@ class EngineOutcome:
     replayed: int = 0  # submodule calls answered from kept outputs (``EngineConfig.replay``)
     # (zeros, entries) over every weight matrix of the processed blocks, after processing
     block_weights: tuple[int, int] = (0, 0)
+    reconstruction: list = field(default_factory=list)  # prac.reconstruct.ReconstructRecord per block
 
 
 class PhaseTimer:
@@ -251,15 +258,15 @@ class BlockEngine:
         self._held = list(held.split(self.config.batch_size)) if held is not None else None
         if spec is not None or return_hidden:
             hidden_size = model.get_input_embeddings().weight.shape[1]
-            streams = 2 if self.config.dense_target and spec is not None and step is not None else 1
+            streams = 2 if self._dense_stream(spec, step) else 1
             store = activation_store(self.config.offload, self.device, calib, hidden_size,
                                      next(model.parameters()).dtype, streams)
             outcome.activation_device = str(store)
             with timer("capture"):
                 inputs = capture_block_inputs(model, blocks, calib.split(self.config.batch_size), self.device, store)
         dense = None
-        if self.config.dense_target and spec is not None and step is not None:
-            if not spec.drift:
+        if self._dense_stream(spec, step):
+            if self.config.dense_target and not spec.drift:
                 raise RuntimeError("dense_target needs statistics with drift=True")
             dense = BlockInputs([h.clone() for h in inputs.hidden], inputs.args, inputs.kwargs)
         count = len(blocks) if max_blocks is None else min(max_blocks, len(blocks))
@@ -272,6 +279,10 @@ class BlockEngine:
             with expert_views(block, blocks.name(i), ignore):  # removed before the block moves again
                 units = block_units(block, blocks.name(i), ignore, i)
                 self._block(block, units, inputs, dense, spec, step, timer)
+                if dense is not None and self.config.reconstruct.active and units:
+                    outcome.replayed += self._end_replay()  # kept outputs are of the weights before tuning
+                    with timer("reconstruct"):
+                        outcome.reconstruction.append(self._reconstruct(block, blocks.name(i), units, inputs, dense))
                 if inputs is not None and (i < last or return_hidden):
                     with timer("propagate"):
                         self._propagate(block, inputs)
@@ -286,6 +297,23 @@ class BlockEngine:
         if return_hidden and inputs is not None:
             outcome.final_hidden = inputs.hidden
         return outcome
+
+    def _dense_stream(self, spec, step) -> bool:
+        """Whether the dense model's stream runs beside the pruned one (dense target, reconstruction)."""
+        return (self.config.dense_target or self.config.reconstruct.active) and spec is not None and step is not None
+
+    def _reconstruct(self, block, name: str, units: dict[str, Unit], inputs: BlockInputs, dense: BlockInputs):
+        """Tune the block's pruned linears to the dense stream's outputs of this block (:mod:`prac.reconstruct`)."""
+        par = self.parallel
+        reduce = (lambda tensors: par.sum_tensors(tensors, f"reconstruction of {name}")) if par is not None else None
+        record = reconstruct_block(block, name, units, inputs, dense.hidden, self._held, self.config.reconstruct,
+                                   self.device, sub_targets=self._dense.sublayers if self._dense else None,
+                                   first_batch=self._first_batch, reduce=reduce)
+        self._dense = None
+        log.info("%s reconstruction of %s: fit %.5f -> %.5f, held-out %s -> %s, %d steps, %s", record.mode, name,
+                 record.fit_before, record.fit_after, record.heldout_before, record.heldout_after, record.steps,
+                 "kept" if record.kept else "reverted")
+        return record
 
     def _block(self, block, units: dict[str, Unit], inputs, dense, spec, step, timer) -> None:
         """Calibrate (or not), step and apply one block (expert views installed)."""
@@ -392,7 +420,7 @@ class BlockEngine:
         batch = [None, 0]  # the held-out flags and the index of the batch being run, for the recorders
         called = [g.names[0] for g in groups if self._calls is not None and self._calls.get(g.names[0], 0) == 1]
         last = called[-1] if called else None  # the chunk's last input in forward order: stop there
-        dense = self._dense
+        dense = self._dense if self.config.dense_target else None  # (reconstruction alone needs no drift)
         projections = {g.names[0]: self._drift_projection(g, units) for g in groups} if dense is not None else {}
 
         def sink_of(g: InputGroup):
@@ -529,8 +557,10 @@ class BlockEngine:
         if repeated:
             raise PracError(f"--dense-target needs every linear to run once per block forward; {repeated[0]} runs "
                             f"{calls[repeated[0]]} times (use --no-dense-target)")
-        plain = [n for n in firsts if units[n].expert is None]
-        slots = {units[n].expert.experts: units[n].expert for n in firsts if units[n].expert is not None}
+        keep_inputs = self.config.dense_target
+        plain = [n for n in firsts if units[n].expert is None] if keep_inputs else []
+        slots = ({units[n].expert.experts: units[n].expert for n in firsts if units[n].expert is not None}
+                 if keep_inputs else {})
         cached = _DenseInputs({name: [] for name in plain}, slots, self.device)
         store = dense.hidden[0].device
         if store.type == "cuda":  # every group's inputs at once: on the device only when they fit easily
@@ -543,9 +573,21 @@ class BlockEngine:
                  for n in plain}
         hooks.update({slot.module: input_recorder(lambda x, _p=path: cached.moe[_p].append(x.detach().to(store)))
                       for path, slot in slots.items()})
-        with pre_hooks(hooks), torch.no_grad():
-            for j in range(len(dense)):
-                dense.hidden[j] = run_block(block, dense, j, self.device).to(dense.hidden[j].device)
+        taps = []
+        if self.config.reconstruct.mode == "sublayer":  # the dense sublayers' outputs: their targets
+            names = {id(m): n for n, m in block.named_modules()}
+            heads = sublayers_of(block, [names[id(u.module)] for u in units.values()])
+            cached.sublayers = {h: [] for h in heads}
+            for h in heads:
+                taps.append(block.get_submodule(h).register_forward_hook(
+                    lambda _m, _a, out, _h=h: cached.sublayers[_h].append(block_output(out).detach().to(store))))
+        try:
+            with pre_hooks(hooks), torch.no_grad():
+                for j in range(len(dense)):
+                    dense.hidden[j] = run_block(block, dense, j, self.device).to(dense.hidden[j].device)
+        finally:
+            for t in taps:
+                t.remove()
         return cached
 
     def _new_stats(self, dim: int, spec: StatsSpec) -> InputStats:
@@ -569,7 +611,8 @@ def calibrate(model: nn.Module, calib: torch.Tensor, spec: StatsSpec, observe: C
     Nothing is pruned; each block sees the dense outputs of the blocks before it (a dense scan, as
     sparsity allocators and verification need).
     """
-    engine = BlockEngine(dataclasses.replace(config, sequential=False, dense_target=False), device, progress, stats_factory=stats_factory)
+    engine = BlockEngine(dataclasses.replace(config, sequential=False, dense_target=False, reconstruct=ReconstructConfig()),
+                         device, progress, stats_factory=stats_factory)
 
     def step(group: InputGroup, _units) -> None:
         observe(group)
@@ -602,6 +645,7 @@ class _DenseInputs:
 
     def __init__(self, plain: dict[str, list[torch.Tensor]], slots: dict, device: torch.device):
         self.plain, self.slots, self.device = plain, slots, device
+        self.sublayers: dict[str, list[torch.Tensor]] | None = None  # dense sublayer outputs (reconstruction)
         self.moe: dict[str, list[torch.Tensor]] = {path: [] for path in slots}
         self._weights = {path: dense_gate_weights(slot.module, slot.layout) for path, slot in slots.items()}
 

@@ -519,6 +519,10 @@ def run_prune(job: PruneJob, progress: Progress = no_progress) -> dict[str, Any]
     log.info("pruned %d layers in %.1f s", len(outcome.layers), summary["prune_seconds"])
     summary["phase_seconds"] = {k: round(v, 3) for k, v in outcome.phase_seconds.items()}
     summary.update(summarize_layers(outcome.layers, outcome.block_weights))
+    if outcome.reconstruction:
+        from prac.reconstruct import summarize
+
+        summary["reconstruction"] = summarize(outcome.reconstruction)
     if job.prune.correction.active:
         from prac import correction
 
@@ -539,6 +543,7 @@ def run_prune(job: PruneJob, progress: Progress = no_progress) -> dict[str, Any]
                    "allocation_plan": plan.to_dict() if plan else None},
         "environment": _environment(device, session),
         "layers": [l.to_dict() for l in outcome.layers],
+        **({"reconstruction": [r.to_dict() for r in outcome.reconstruction]} if outcome.reconstruction else {}),
         "summary": summary,
     }
     written = json_report(report)

@@ -82,6 +82,7 @@ class PruneOutcome:
     final_hidden: list[torch.Tensor] | None = None
     factorisations: dict[str, int] = field(default_factory=dict)  # Cholesky attempts per input group
     block_weights: tuple[int, int] = (0, 0)  # (zeros, entries) over every weight matrix of the blocks
+    reconstruction: list = field(default_factory=list)  # prac.reconstruct.ReconstructRecord per block
 
 
 def check_pattern(model: nn.Module, pattern: Pattern, ignore: str | None = None) -> Blocks:
@@ -100,6 +101,9 @@ def stats_spec_for(cfg: PruneConfig) -> StatsSpec | None:
         spec = cfg.collect if spec is None else spec.union(cfg.collect)
     if cfg.engine.dense_target:
         need = StatsSpec(hessian=True, drift=True)
+        spec = need if spec is None else spec.union(need)
+    if cfg.engine.reconstruct.active:  # the calibration pass, and the held-out draw it is judged on
+        need = StatsSpec(holdout=cfg.engine.reconstruct.holdout)
         spec = need if spec is None else spec.union(need)
     if spec is not None:
         spec = StatsSpec(spec.hessian, spec.max_samples, cfg.correction.seed, spec.holdout, spec.drift)
@@ -252,6 +256,7 @@ def prune_model(
     outcome.final_hidden = run.final_hidden
     outcome.factorisations = step.factorisations
     outcome.block_weights = run.block_weights
+    outcome.reconstruction = run.reconstruction
     if cfg.correction.active:
         from prac.correction.summary import run_warning
 

@@ -6,6 +6,8 @@
    identical model, bit for bit.
 4. Every corrected layer ends with a lower error than uncorrected (or is reverted to it), on the
    calibration tokens and on the held-out share it was not fitted to.
+5. Block-wise reconstruction (``--reconstruct``; a one-epoch ``block`` run when none is configured)
+   leaves every pruned weight exactly zero: each layer has at least as many zeros as its mask.
 
 Under ``torchrun`` (``session``: a :class:`prac.distributed.Session`) every check runs data-parallel:
 the pruning runs of checks 1, 3 and 4 are the data-parallel prune (statistics reduced, each group
@@ -159,8 +161,27 @@ def check_corrections_lower_error(model, calib, cfg: PruneConfig, device,
     return out
 
 
+def check_reconstruction_keeps_masks(model, calib, cfg: PruneConfig, device, session: "Session | None" = None,
+                                     tuning=None) -> Check:
+    from prac.reconstruct import ReconstructConfig
+    from prac.units import model_units
+
+    tuning = tuning or (cfg.engine.reconstruct if cfg.engine.reconstruct.active else ReconstructConfig("block", 1, 1))
+    run_cfg = replace(cfg, engine=replace(cfg.engine, reconstruct=tuning))
+    pruned = copy.deepcopy(model)
+    outcome = prune_model(pruned, calib, run_cfg, device, parallel=_parallel(session))
+    zeros = {name: int((unit.read() == 0).sum()) for _b, _i, units in model_units(pruned, cfg.ignore)
+             for name, unit in units.items()}
+    short = [r.name for r in outcome.layers if zeros.get(r.name, 0) < round(r.sparsity * r.numel)]
+    kept = sum(r.kept for r in outcome.reconstruction)
+    return Check(f"{tuning.mode} reconstruction keeps pruned weights zero", not short,
+                 f"{len(outcome.layers)} layers, tuning kept in {kept}/{len(outcome.reconstruction)} blocks"
+                 + (f"; weights left their mask: {', '.join(short[:3])}" if short else ""))
+
+
 def run_checks(model: nn.Module, calib: torch.Tensor, cfg: PruneConfig, device: torch.device,
-               progress: Callable[[str], None] = lambda name: None, session: "Session | None" = None) -> list[Check]:
+               progress: Callable[[str], None] = lambda name: None, session: "Session | None" = None,
+               reconstruct=None) -> list[Check]:
     """Run every check on copies of ``model`` (the model itself is left untouched); ``session``: one
     rank of a data-parallel run (``calib`` is the whole calibration set on every rank)."""
     checks = []
@@ -169,6 +190,8 @@ def run_checks(model: nn.Module, calib: torch.Tensor, cfg: PruneConfig, device: 
         checks.append(fn(model, calib, cfg, device, session))
     progress("corrections")
     checks.extend(check_corrections_lower_error(model, calib, cfg, device, session))
+    progress("reconstruction")
+    checks.append(check_reconstruction_keeps_masks(model, calib, cfg, device, session, reconstruct))
     return checks
 
 

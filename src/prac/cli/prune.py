@@ -9,6 +9,7 @@ from typing import Any
 
 from prac.cli.common import add_calibration, add_common, not_finite, number, positive_int, progress, sparsity
 from prac.cli.eval import add_zeroshot_arguments, zeroshot_config
+from prac.errors import PracError
 
 DESCRIPTION = ("Prune every Linear/Conv1D inside the model's repeated blocks, sequentially: "
                "block k is calibrated on the outputs of the already pruned blocks before it.")
@@ -62,6 +63,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from prac.correction import STRATEGIES, corrections, names
     from prac.correction.base import DEFAULT_HOLDOUT
     from prac.methods import METHODS
+    from prac.reconstruct import ReconstructConfig
 
     entries = {name: entry.settings for name, entry in corrections().items()}
 
@@ -154,6 +156,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "equal inputs: the same result, less work; keeps up to a quarter of the free memory where "
                         "activations live (default: on)")
     g.add_argument("--layer-batch-size", type=int, default=0, help="distinct layer inputs whose statistics are held at once (0 = all of a block); fewer = less memory, one more calibration forward per chunk")
+    g.add_argument("--reconstruct", choices=("none", "block", "sublayer"), default="none",
+                   help="after a block is pruned, tune the surviving weights of its pruned linears (masks fixed) so "
+                        "its output on the calibration tokens matches the dense model's (block), or its attention's "
+                        "and MLP's outputs each match theirs (sublayer); judged on the --holdout sequences, a block "
+                        "whose held-out error does not drop keeps its weights; runs the dense stream beside the "
+                        "pruned one (docs/reconstruct.md; default: none)")
+    g.add_argument("--reconstruct-epochs", type=positive_int, default=None, metavar="N",
+                   help=f"passes over the fitted sequences (default: {ReconstructConfig.epochs})")
+    g.add_argument("--reconstruct-minibatches", type=positive_int, default=None, metavar="N",
+                   help=f"optimiser steps per epoch; step k sums every N-th calibration batch from k "
+                        f"(default: {ReconstructConfig.minibatches})")
+    g.add_argument("--reconstruct-lr", type=float, default=None, metavar="LR",
+                   help=f"learning rate (default: {ReconstructConfig.lr})")
+    g.add_argument("--reconstruct-optimizer", choices=("adam", "rmsprop", "sgd"), default=None,
+                   help=f"first-order optimiser (default: {ReconstructConfig.optimizer})")
     g.add_argument("--expert-min-tokens", type=_min_tokens, default=0, metavar="N|width",
                    help="MoE: an expert projection whose input got fewer routed calibration tokens than N has its "
                         "statistics topped up to N with those of all the block's tokens run through that expert; "
@@ -278,6 +295,8 @@ def prune_job_from_args(args: argparse.Namespace):
                               ("holdout_refit", args.holdout_refit), ("holdout_escalate", args.holdout_escalate))
             if v is not None}
     if entry is None:
+        if args.reconstruct != "none":
+            held.pop("holdout", None)  # the share reconstruction is judged on
         if given or held:
             raise PracError(f"correction settings given without a correction: "
                             f"{', '.join('--' + k.replace('_', '-') for k in sorted({**given, **held}))}")
@@ -292,7 +311,8 @@ def prune_job_from_args(args: argparse.Namespace):
                         engine=EngineConfig(batch_size=args.batch_size, offload=args.offload,
                                             layer_batch_size=args.layer_batch_size, sequential=args.sequential,
                                             dense_target=_dense_target(args), replay=args.replay,
-                                            expert_min_tokens=args.expert_min_tokens),
+                                            expert_min_tokens=args.expert_min_tokens,
+                                            reconstruct=_reconstruct_from_args(args)),
                         collect=StatsSpec(hessian=True) if args.measure else None,
                         dense_target_damping=args.dense_target_damping)
     from prac.allocation import AllocationConfig
@@ -312,6 +332,19 @@ def prune_job_from_args(args: argparse.Namespace):
                     eval_batch_size=args.eval_batch_size, dense_eval=not args.no_dense_eval, cache=not args.no_cache,
                     tasks=zeroshot_config(args, args.eval_batch_size), save=args.save, overwrite=args.overwrite,
                     report=args.report, device=args.device, dtype=args.dtype)
+
+
+def _reconstruct_from_args(args: argparse.Namespace):
+    """``--reconstruct*``: the mode and the settings given (the others at their defaults)."""
+    from prac.reconstruct import ReconstructConfig
+
+    given = {k: v for k, v in (("epochs", args.reconstruct_epochs), ("minibatches", args.reconstruct_minibatches),
+                               ("lr", args.reconstruct_lr), ("optimizer", args.reconstruct_optimizer)) if v is not None}
+    if given and args.reconstruct == "none":  # (--holdout alone belongs to a correction too)
+        raise PracError(f"{', '.join('--reconstruct-' + k for k in given)} given without --reconstruct block|sublayer")
+    if args.holdout is not None:
+        given["holdout"] = args.holdout
+    return ReconstructConfig(mode=args.reconstruct, **given)
 
 
 def _min_tokens(text: str) -> int | None:
@@ -358,6 +391,13 @@ def format_summary(report: dict[str, Any], save: str | None = None, report_path:
         lines.append(f"cosine similarity of last hidden states to dense: {number(s['cosine_similarity'], '.6f')}")
     if "mean_relative_error" in s:
         lines.append(f"mean relative layer error: {number(s['mean_relative_error'], '.6f')}")
+    if "reconstruction" in s:
+        r = s["reconstruction"]
+        held = (f", held-out {number(r['mean_heldout_error_before'], '.5f')} -> {number(r['mean_heldout_error_after'], '.5f')}"
+                if "mean_heldout_error_before" in r else "")
+        lines.append(f"{r['mode']} reconstruction: kept in {r['kept']}/{r['blocks']} blocks; block output error "
+                     f"{number(r['mean_fit_error_before'], '.5f')} -> {number(r['mean_fit_error_after'], '.5f')}{held} "
+                     f"({r['steps']} steps, {number(r['seconds'], '.1f')}s)")
     if "correction" in s:
         c = s["correction"]
         lines.append("correction: " + ", ".join(f"{k} {number(v, '.6g')}" if isinstance(v, float) or v is None

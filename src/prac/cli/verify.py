@@ -18,6 +18,8 @@ Check, on a given model and calibration set, the invariants every run relies on:
      the identical model, bit for bit.
   4. Every corrected layer ends with a lower error than uncorrected (or is reverted to it), on the
      calibration tokens and on the held-out share it was not fitted to (--holdout of prune).
+  5. Block-wise reconstruction (--reconstruct of prune; one epoch of block when not given) leaves
+     every pruned weight exactly zero.
 
 Under torchrun (torchrun --nproc-per-node N -m prac verify ...) the checks run data-parallel.
 
@@ -34,6 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     pat.add_argument("--nm", default=None, metavar="N:M", help="keep N weights in every M consecutive inputs of a row, e.g. 2:4")
     p.add_argument("--method", choices=list(METHODS), default="wanda", help="mask source (default: wanda)")
     p.add_argument("--batch-size", type=positive_int, default=4, help="sequences per calibration forward (default: 4)")
+    p.add_argument("--reconstruct", choices=("block", "sublayer"), default=None,
+                   help="the reconstruction mode check 5 runs (default: block, one epoch)")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:i (default: auto)")
     add_logging_options(p)
 
@@ -56,12 +60,15 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(args.model)
     tokenizer = load_tokenizer(args.model)
     pattern = parse_nm(args.nm) if args.nm else Unstructured(0.5 if args.sparsity is None else args.sparsity)
+    from prac.reconstruct import ReconstructConfig
+
+    tuning = ReconstructConfig(mode=args.reconstruct, epochs=1, minibatches=1) if args.reconstruct else None
     cfg = PruneConfig(method=args.method, pattern=pattern, engine=EngineConfig(batch_size=args.batch_size),
                       correction=CorrectionConfig(seed=args.seed))
     job = resolve(PruneJob(model=args.model, calib=args.calib, calib_tokens=args.calib_tokens,
                            nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, prune=cfg, eval="none"), model)
     calib = calibration_tokens(job, tokenizer).input_ids
     checks = run_checks(model, calib, cfg, device, lambda name: print(f"checking {name} ...", file=sys.stderr),
-                        session=session)
+                        session=session, reconstruct=tuning)
     print(format_table(checks))
     return 0 if all(c.passed for c in checks) else 1

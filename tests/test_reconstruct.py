@@ -1,0 +1,138 @@
+"""Block-wise reconstruction (--reconstruct): survivors tuned to the dense model's block outputs, masks
+fixed, judged on held-out sequences, the same in one process and two."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from prac.engine import EngineConfig
+from prac.errors import PracError
+from prac.patterns import NM, Unstructured
+from prac.pipeline import PruneConfig, prune_model
+from prac.reconstruct import ReconstructConfig
+from prac.units import model_units
+from tests.conftest import VOCAB, make_tiny_model, state_hash
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def calib():
+    torch.manual_seed(0)
+    return torch.randint(0, VOCAB, (16, 32))
+
+
+def masks(model) -> dict[str, torch.Tensor]:
+    return {name: unit.read() == 0 for _b, _i, units in model_units(model) for name, unit in units.items()}
+
+
+def run(arch, calib, mode="block", method="wanda", pattern=Unstructured(0.6), **settings):
+    model = make_tiny_model(arch)
+    cfg = PruneConfig(method=method, pattern=pattern,
+                      engine=EngineConfig(batch_size=2, reconstruct=ReconstructConfig(mode, **settings)))
+    return model, prune_model(model, calib, cfg, CPU)
+
+
+@pytest.mark.parametrize("mode", ["block", "sublayer"])
+def test_tuning_lowers_the_fitted_block_error_and_keeps_every_mask(mode, calib):
+    reference = make_tiny_model("mistral")
+    prune_model(reference, calib, PruneConfig(pattern=Unstructured(0.6), engine=EngineConfig(batch_size=2)), CPU)
+    model, outcome = run("mistral", calib, mode, lr=1e-3, holdout=0.0)
+    assert [r.block for r in outcome.reconstruction] == ["model.layers.0", "model.layers.1"]
+    for r in outcome.reconstruction:
+        assert r.fit_after < r.fit_before and r.kept and r.steps == 4 * 4 and r.masks_kept
+        assert r.heldout_before is None and r.sublayers == ([] if mode == "block" else ["self_attn", "mlp"])
+    before, after = masks(reference), masks(model)
+    # block 0 is pruned on the same inputs: the same masks after tuning, and nothing else zero (the later
+    # blocks are calibrated on the tuned block 0's outputs, so their masks differ)
+    first = [n for n in before if ".layers.0." in n]
+    assert first and all(torch.equal(before[n], after[n]) for n in first)
+    assert all(int(after[r.name].sum()) == round(r.sparsity * r.numel) for r in outcome.layers)
+    assert state_hash(model) != state_hash(reference)
+
+
+def test_n_m_stays_n_m_and_an_moe_model_is_tuned_with_its_experts(calib):
+    model, outcome = run("mixtral", calib, method="sparsegpt", pattern=NM(2, 4), lr=1e-3)
+    for name, mask in masks(model).items():
+        kept = (~mask).reshape(mask.shape[0], -1, 4).sum(-1)
+        assert int(kept.max()) <= 2, name
+    assert all(r.masks_kept for r in outcome.reconstruction)
+    assert any(".experts." in r.name for r in outcome.layers)
+
+
+def test_a_block_whose_held_out_error_rises_keeps_its_weights(calib):
+    reference = make_tiny_model("mistral")
+    prune_model(reference, calib, PruneConfig(pattern=Unstructured(0.6), engine=EngineConfig(batch_size=2)), CPU)
+    model, outcome = run("mistral", calib, lr=10.0, optimizer="sgd", holdout=0.25)
+    assert outcome.reconstruction and not any(r.kept for r in outcome.reconstruction)
+    assert all(r.stopped_early and r.epochs == 1 for r in outcome.reconstruction)
+    assert all(r.heldout_after >= r.heldout_before or r.fit_after >= r.fit_before for r in outcome.reconstruction)
+    assert state_hash(model) == state_hash(reference)
+
+
+def test_held_out_sequences_decide_and_are_never_fitted(calib):
+    _, outcome = run("mistral", calib, lr=1e-3, holdout=0.25)
+    for r in outcome.reconstruction:
+        assert r.heldout_before is not None and r.heldout_after is not None
+        assert r.kept == (r.heldout_after < r.heldout_before)
+
+
+def test_reruns_are_bit_identical(calib):
+    hashes = [state_hash(run("qwen2", calib, "sublayer", lr=1e-3)[0]) for _ in range(2)]
+    assert hashes[0] == hashes[1]
+
+
+def test_bad_settings_are_one_line_errors():
+    for bad in ({"mode": "layer"}, {"epochs": 0}, {"lr": -1.0}, {"optimizer": "lbfgs"}, {"holdout": 1.0}):
+        with pytest.raises(PracError):
+            ReconstructConfig(**{"mode": "block", **bad})
+
+
+def test_cli_reports_the_reconstruction_and_refuses_settings_without_it(tiny_model_dir, small_text, tmp_path, capsys):
+    import json
+
+    from prac.cli import main
+
+    args = ["prune", "--model", str(tiny_model_dir("mistral")), "--calib", str(small_text), "--nsamples", "8",
+            "--seqlen", "32", "--eval", "none", "--no-progress"]
+    assert main([*args, "--reconstruct-epochs", "2"]) == 2
+    assert "without --reconstruct" in capsys.readouterr().err
+    report = tmp_path / "r.json"
+    assert main([*args, "--reconstruct", "block", "--reconstruct-epochs", "2", "--report", str(report)]) == 0
+    out = capsys.readouterr().out
+    assert "block reconstruction: kept in" in out
+    data = json.loads(report.read_text())
+    assert len(data["reconstruction"]) == 2 and data["summary"]["reconstruction"]["blocks"] == 2
+    assert "reconstruct" in data["summary"]["phase_seconds"]
+
+
+@pytest.mark.slow
+def test_two_processes_tune_like_one(tiny_model_dir, small_text, tmp_path):
+    """Gradients all-reduced: the two-process weights equal one process's to float tolerance."""
+    from safetensors.torch import load_file
+
+    from tests.test_distributed import _prac
+
+    weights = {}
+    for world in (1, 2):
+        cwd = tmp_path / f"w{world}"
+        cwd.mkdir()
+        proc = _prac(["prune", "--model", str(tiny_model_dir("mistral")), "--calib", str(small_text), "--nsamples", "8",
+                      "--seqlen", "32", "--batch-size", "2", "--eval", "none", "--no-progress", "--reconstruct",
+                      "sublayer", "--reconstruct-lr", "1e-3", "--save", "out"], world, cwd)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        weights[world] = load_file(str(cwd / "out" / "model.safetensors"))
+    for name, w in weights[1].items():
+        torch.testing.assert_close(weights[2][name], w, rtol=1e-4, atol=1e-6)
+        assert torch.equal(weights[2][name] == 0, w == 0), name
