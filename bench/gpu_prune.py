@@ -36,25 +36,35 @@ MISTRAL_7B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=3
                   head_dim=128, sliding_window=None)
 SMOKE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, vocab_size=256, max_position_embeddings=256, head_dim=16)
-RUNS = {"wanda": ("wanda", "none"), "sparsegpt": ("sparsegpt", "none"),
-        "wanda+full": ("wanda", "full"), "wanda+optimal": ("wanda", "optimal")}
+MIXTRAL_8X7B = dict(MISTRAL_7B, num_local_experts=8, num_experts_per_tok=2)
+SMOKE_MOE = dict(SMOKE, num_local_experts=4, num_experts_per_tok=2)
+# run name -> (method, correction, engine settings)
+RUNS = {"wanda": ("wanda", "none", {}), "sparsegpt": ("sparsegpt", "none", {}),
+        "wanda+full": ("wanda", "full", {}), "wanda+optimal": ("wanda", "optimal", {}),
+        "admm": ("admm", "none", {"dense_target": True}),
+        "sparsegpt+optimal+dt": ("sparsegpt", "optimal", {"dense_target": True}),
+        "sparsegpt+reconstruct": ("sparsegpt", "none", {"reconstruct": "block"}),
+        "sparsegpt+cache2g": ("sparsegpt", "optimal", {"dense_target": True, "cache_budget": 2.0})}
 
 
-def build(config: dict, layers: int, dtype: torch.dtype, seed: int = 0):
-    """A randomly initialised Mistral on the CPU, built without a slow per-module init."""
-    from transformers import MistralConfig, MistralForCausalLM
+def build(config: dict, layers: int, dtype: torch.dtype, seed: int = 0, device: torch.device | None = None):
+    """A randomly initialised Mistral (or Mixtral, with experts in the config) on the CPU, built
+    without a slow per-module init; the random numbers are drawn on ``device`` (fast on a GPU)."""
+    from transformers import MistralConfig, MistralForCausalLM, MixtralConfig, MixtralForCausalLM
 
-    cfg = MistralConfig(**{**config, "num_hidden_layers": layers})
+    moe = "num_local_experts" in config
+    cfg = (MixtralConfig if moe else MistralConfig)(**{**config, "num_hidden_layers": layers})
     with torch.device("meta"):
-        model = MistralForCausalLM(cfg)
+        model = (MixtralForCausalLM if moe else MistralForCausalLM)(cfg)
     model = model.to_empty(device="cpu").to(dtype)
-    gen = torch.Generator().manual_seed(seed)
+    where = device or torch.device("cpu")
+    gen = torch.Generator(device=where).manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() == 1:
                 p.fill_(1.0)
             else:
-                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32).mul_(0.02).to(dtype))
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32, device=where).mul_(0.02).to(dtype))
     # inv_freq is a non-persistent buffer computed at construction: build the rotary module for real.
     model.model.rotary_emb = type(model.model.rotary_emb)(config=cfg)
     model.eval().requires_grad_(False)
@@ -63,8 +73,13 @@ def build(config: dict, layers: int, dtype: torch.dtype, seed: int = 0):
 
 
 def run(model, calib, name: str, device: torch.device, batch_size: int) -> dict:
-    method, correction = RUNS[name]
-    cfg = PruneConfig(method=method, pattern=Unstructured(0.5), engine=EngineConfig(batch_size=batch_size),
+    from prac.reconstruct import ReconstructConfig
+
+    method, correction, engine = RUNS[name]
+    engine = dict(engine)
+    if "reconstruct" in engine:
+        engine["reconstruct"] = ReconstructConfig(mode=engine["reconstruct"])
+    cfg = PruneConfig(method=method, pattern=Unstructured(0.5), engine=EngineConfig(batch_size=batch_size, **engine),
                       correction=CorrectionConfig.of(correction, exact_errors=False))
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -75,27 +90,37 @@ def run(model, calib, name: str, device: torch.device, batch_size: int) -> dict:
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     return {"run": name, "blocks": len(model.model.layers), "seconds": seconds,
             "phase_seconds": outcome.phase_seconds, "peak_gpu_bytes": peak,
-            "activation_device": outcome.activation_device}
+            "cache_peak_bytes": outcome.cache_peak_bytes,
+            "needed_peak_bytes": None if peak is None else peak - outcome.cache_peak_bytes,
+            "weights_resident": outcome.resident, "activation_device": outcome.activation_device,
+            "moe": any(r.expert for r in outcome.layers)}
 
 
 def table(rows: list[dict]) -> str:
-    phases = ["capture", "transfer", "calibrate", "prune", "propagate"]
-    lines = ["| run | blocks | total s | " + " | ".join(f"{p} s" for p in phases) + " | peak GPU GiB |",
-             "|---|---|---|" + "---|" * len(phases) + "---|"]
+    phases = ["capture", "transfer", "calibrate", "prune", "reconstruct", "propagate"]
+    lines = ["| run | blocks | total s | " + " | ".join(f"{p} s" for p in phases) + " | peak GPU GiB | of it cache GiB |",
+             "|---|---|---|" + "---|" * len(phases) + "---|---|"]
     for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['run']} | {r.get('blocks', '–')} | failed: {r['error'][:80]} |")
+            continue
         peak = "–" if r["peak_gpu_bytes"] is None else f"{r['peak_gpu_bytes'] / 2**30:.2f}"
-        lines.append(f"| {r['run']} | {r['blocks']} | {r['seconds']:.1f} | "
-                     + " | ".join(f"{r['phase_seconds'].get(p, 0.0):.1f}" for p in phases) + f" | {peak} |")
+        cache = f"{r.get('cache_peak_bytes', 0) / 2**30:.2f}"
+        label = r["run"] + (" (MoE)" if r.get("moe") else "")
+        lines.append(f"| {label} | {r['blocks']} | {r['seconds']:.1f} | "
+                     + " | ".join(f"{r['phase_seconds'].get(p, 0.0):.1f}" for p in phases) + f" | {peak} | {cache} |")
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="tiny configuration (checks the script only)")
-    ap.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
+    ap.add_argument("--runs", nargs="+", default=["wanda", "sparsegpt", "wanda+full", "wanda+optimal"], choices=list(RUNS))
     ap.add_argument("--nsamples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--batch-size", type=int, default=8, help="sequences per calibration forward")
+    ap.add_argument("--blocks", type=int, default=None, help="build only this many blocks (default: the model's)")
+    ap.add_argument("--moe", action="store_true", help="Mixtral-8x7B shapes (8 experts, top-2) instead of Mistral-7B")
     ap.add_argument("--depth-check", action=argparse.BooleanOptionalAction, default=True,
                     help="also prune a 2x deeper model with wanda and compare peak memory")
     ap.add_argument("--device", default="auto")
@@ -104,12 +129,12 @@ def main(argv=None) -> int:
     ap.add_argument("--resume", action="store_true", help="keep the runs already in --out; do the missing ones")
     args = ap.parse_args(argv)
     device = resolve_device(args.device)
-    config = SMOKE if args.smoke else MISTRAL_7B
+    config = (SMOKE_MOE if args.moe else SMOKE) if args.smoke else (MIXTRAL_8X7B if args.moe else MISTRAL_7B)
     if args.smoke:
         args.nsamples, args.seqlen = min(args.nsamples, 4), min(args.seqlen, 32)
     dtype = getattr(torch, args.dtype)
     calib = torch.randint(0, config["vocab_size"], (args.nsamples, args.seqlen), generator=torch.Generator().manual_seed(0))
-    layers = config["num_hidden_layers"]
+    layers = args.blocks or config["num_hidden_layers"]
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "none"
     meta = {"date": dt.date.today().isoformat(), "device": str(device), "gpu": gpu, "dtype": args.dtype,
             "calibration": f"{args.nsamples} x {args.seqlen} random tokens", "config": config,
@@ -126,16 +151,19 @@ def main(argv=None) -> int:
 
     todo = [name for name in args.runs if (name, layers) not in done]
     if todo:
-        model = build(config, layers, dtype)
+        model = build(config, layers, dtype, device=device)
         pristine = {k: v.clone() for k, v in model.state_dict().items()}
         for name in todo:
             model.load_state_dict(pristine)
-            rows.append(run(model, calib, name, device, args.batch_size))
+            try:
+                rows.append(run(model, calib, name, device, args.batch_size))
+            except Exception as exc:  # noqa: BLE001 — one failed configuration must not lose the others
+                rows.append({"run": name, "blocks": layers, "error": f"{type(exc).__name__}: {exc}"})
             save()
-            print(f"{name}: {rows[-1]['seconds']:.1f}s", file=sys.stderr, flush=True)
+            print(f"{name}: {rows[-1].get('seconds', rows[-1].get('error'))}", file=sys.stderr, flush=True)
         del model, pristine
     if args.depth_check and ("wanda", 2 * layers) not in done:
-        deep = build(config, 2 * layers, dtype)
+        deep = build(config, 2 * layers, dtype, device=device)
         rows.append(run(deep, calib, "wanda", device, args.batch_size))
         save()
         del deep

@@ -70,6 +70,7 @@ from prac.group import InputGroup
 from prac.progress import Progress, no_progress
 from prac.reconstruct import ReconstructConfig, reconstruct_block, sublayers_of
 from prac.replay import Replay
+from prac.residency import BlockMover
 from prac.stats import InputStats, StatsSpec, holdout_rows
 from prac.units import Unit, block_units, block_weight_counts, check_block_parameters, model_units
 
@@ -142,6 +143,7 @@ class EngineConfig:
     replay: bool = True
     expert_min_tokens: int | None = 0
     reconstruct: ReconstructConfig = ReconstructConfig()
+    cache_budget: float | None = None
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -150,6 +152,8 @@ class EngineConfig:
             raise PracError(f"offload must be auto, device or cpu, got {self.offload!r}")
         if self.layer_batch_size < 0:
             raise PracError(f"layer-batch-size must be >= 0, got {self.layer_batch_size}")
+        if self.cache_budget is not None and not self.cache_budget >= 0:
+            raise PracError(f"cache budget must be >= 0 GiB, got {self.cache_budget}")
         if self.expert_min_tokens is not None and self.expert_min_tokens < 0:
             raise PracError(f"expert-min-tokens must be >= 0, got {self.expert_min_tokens}")
 
@@ -164,6 +168,8 @@ class EngineOutcome:
     # (zeros, entries) over every weight matrix of the processed blocks, after processing
     block_weights: tuple[int, int] = (0, 0)
     reconstruction: list = field(default_factory=list)  # prac.reconstruct.ReconstructRecord per block
+    resident: bool = False  # every block's weights stayed on the device (prac.residency)
+    cache_peak_bytes: int = 0  # the most memory replay's kept outputs took (EngineConfig.cache_budget)
 
 
 class PhaseTimer:
@@ -228,6 +234,7 @@ class BlockEngine:
         self._calls: dict[str, int] | None = None  # calls per linear in one forward of the current block
         self._replay: Replay | None = None  # kept submodule outputs of the current block (sequential)
         self._first_batch = 0  # the global index of this process's first calibration batch
+        self.cache_peak = 0  # the most bytes replay kept at once (a cache, not what the run needs)
 
     def run(
         self,
@@ -272,31 +279,44 @@ class BlockEngine:
         count = len(blocks) if max_blocks is None else min(max_blocks, len(blocks))
         last = count - 1
         zeros = entries = 0
-        for i in self.progress(range(count), "blocks", count):
-            block = blocks.modules[i]
+        mover = BlockMover(blocks.modules, self.device, count=count)
+        outcome.resident = mover.resident
+        try:
+            for i in self.progress(range(count), "blocks", count):
+                zeros, entries = self._one_block(blocks, i, mover, inputs, dense, spec, step, ignore, timer, outcome,
+                                                 i < last or return_hidden, zeros, entries)
+        finally:
             with timer("transfer"):
-                block.to(self.device)
-            with expert_views(block, blocks.name(i), ignore):  # removed before the block moves again
-                units = block_units(block, blocks.name(i), ignore, i)
-                self._block(block, units, inputs, dense, spec, step, timer)
-                if dense is not None and self.config.reconstruct.active and units:
-                    outcome.replayed += self._end_replay()  # kept outputs are of the weights before tuning
-                    with timer("reconstruct"):
-                        outcome.reconstruction.append(self._reconstruct(block, blocks.name(i), units, inputs, dense))
-                if inputs is not None and (i < last or return_hidden):
-                    with timer("propagate"):
-                        self._propagate(block, inputs)
-                self._dense = None
-                outcome.replayed += self._end_replay()
-            log.info("block %d/%d (%s) done", i + 1, len(blocks), blocks.name(i))
-            z, n = block_weight_counts(block)
-            zeros, entries = zeros + z, entries + n
-            with timer("transfer"):
-                block.to("cpu")
+                mover.finish()
         outcome.block_weights = (zeros, entries)
+        outcome.cache_peak_bytes = self.cache_peak
         if return_hidden and inputs is not None:
             outcome.final_hidden = inputs.hidden
         return outcome
+
+    def _one_block(self, blocks, i, mover, inputs, dense, spec, step, ignore, timer, outcome, propagate, zeros, entries):
+        """Steps 1-7 of the module docstring for block ``i``; the updated weight-zero counts."""
+        block = blocks.modules[i]
+        with timer("transfer"):
+            mover.fetch(i)
+            mover.prefetch(i + 1)  # the next block's weights arrive while this one is worked on
+        with expert_views(block, blocks.name(i), ignore):  # removed before the block moves again
+            units = block_units(block, blocks.name(i), ignore, i)
+            self._block(block, units, inputs, dense, spec, step, timer)
+            if dense is not None and self.config.reconstruct.active and units:
+                outcome.replayed += self._end_replay()  # kept outputs are of the weights before tuning
+                with timer("reconstruct"):
+                    outcome.reconstruction.append(self._reconstruct(block, blocks.name(i), units, inputs, dense))
+            if inputs is not None and propagate:
+                with timer("propagate"):
+                    self._propagate(block, inputs)
+            self._dense = None
+            outcome.replayed += self._end_replay()
+        log.info("block %d/%d (%s) done", i + 1, len(blocks), blocks.name(i))
+        z, n = block_weight_counts(block)
+        with timer("transfer"):
+            mover.release(i)
+        return zeros + z, entries + n
 
     def _dense_stream(self, spec, step) -> bool:
         """Whether the dense model's stream runs beside the pruned one (dense target, reconstruction)."""
@@ -379,7 +399,10 @@ class BlockEngine:
         store = inputs.hidden[0].device
         # kept outputs next to the compute (fetching them from the host would cost what they save)
         if sequential and self.config.replay and store.type == self.device.type:
-            self._replay = Replay(block, [u.module for u in units.values()], store, replay_budget(store))
+            budget = replay_budget(store)
+            if self.config.cache_budget is not None:
+                budget = min(budget, int(self.config.cache_budget * 2**30))
+            self._replay = Replay(block, [u.module for u in units.values()], store, budget)
         for chunk in self._chunks(names, units, sequential):
             with timer("calibrate"):
                 groups = self._collect(block, chunk, units, inputs, spec)
@@ -540,6 +563,7 @@ class BlockEngine:
         if self._replay is None:
             return 0
         hits = self._replay.hits
+        self.cache_peak = max(self.cache_peak, self._replay.peak)
         log.info("replay: %d submodule calls reused, %.1f MiB kept", hits, self._replay.nbytes / 2**20)
         self._replay.clear()
         self._replay = None

@@ -534,6 +534,8 @@ def run_prune(job: PruneJob, progress: Progress = no_progress) -> dict[str, Any]
         if phase in meter.seconds:
             summary["phase_seconds"][phase] = round(meter.seconds[phase], 3)
     summary.update(meter.summary())
+    summary["cache_peak_bytes"] = outcome.cache_peak_bytes  # part of the peak, a cache the run can do without
+    summary["weights_resident"] = outcome.resident
     set_status(summary)
 
     report = {

@@ -83,6 +83,8 @@ class PruneOutcome:
     factorisations: dict[str, int] = field(default_factory=dict)  # Cholesky attempts per input group
     block_weights: tuple[int, int] = (0, 0)  # (zeros, entries) over every weight matrix of the blocks
     reconstruction: list = field(default_factory=list)  # prac.reconstruct.ReconstructRecord per block
+    cache_peak_bytes: int = 0  # replay's kept outputs at their largest (included in the peak memory)
+    resident: bool = False  # the blocks stayed on the device for the whole run
 
 
 def check_pattern(model: nn.Module, pattern: Pattern, ignore: str | None = None) -> Blocks:
@@ -257,6 +259,7 @@ def prune_model(
     outcome.factorisations = step.factorisations
     outcome.block_weights = run.block_weights
     outcome.reconstruction = run.reconstruction
+    outcome.cache_peak_bytes, outcome.resident = run.cache_peak_bytes, run.resident
     if cfg.correction.active:
         from prac.correction.summary import run_warning
 

@@ -60,6 +60,7 @@ class ReconstructConfig:
     lr: float = 1e-4
     optimizer: str = "adam"
     holdout: float = 0.125  # share of the calibration sequences never fitted (prac.stats.holdout_rows)
+    schedule: str = "cosine"  # learning rate over the steps: constant | cosine (to zero at the last step)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -70,6 +71,8 @@ class ReconstructConfig:
             raise PracError(f"reconstruct learning rate must be > 0, got {self.lr}")
         if not (math.isfinite(self.holdout) and 0.0 <= self.holdout < 1.0):
             raise PracError(f"holdout must be in [0, 1), got {self.holdout}")
+        if self.schedule not in ("constant", "cosine"):
+            raise PracError(f"reconstruct schedule must be constant or cosine, got {self.schedule!r}")
         if self.optimizer not in OPTIMIZERS:
             raise PracError(f"reconstruct optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
 
@@ -267,6 +270,7 @@ def reconstruct_block(block: nn.Module, name: str, units: dict[str, Any], inputs
         scale[""] = reduced([fit_energy])[0].clamp_min(1e-30)
     best = (held_before if has_held else fit_before, {k: w.detach().clone() for k, w in weights.items()}, 0)
     opt = _optimizer(cfg, list(weights.values()))
+    total_steps = cfg.epochs * cfg.minibatches
     steps, stopped, epochs = 0, False, 0
     with torch.enable_grad():
         for epoch in range(cfg.epochs):
@@ -285,6 +289,9 @@ def reconstruct_block(block: nn.Module, name: str, units: dict[str, Any], inputs
                 grads = reduced([w.grad for w in weights.values()])
                 for w, g in zip(weights.values(), grads):
                     w.grad = g
+                if cfg.schedule == "cosine":
+                    for group in opt.param_groups:
+                        group["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * steps / total_steps))
                 opt.step()
                 with torch.no_grad():
                     for key, w in weights.items():

@@ -134,6 +134,7 @@ class Replay:
         self.batch = 0
         self.hits = 0
         self.nbytes = 0
+        self.peak = 0  # the most bytes kept at once
         self._pending = {id(m) for m in pending}
         self._candidates: list[nn.Module] = [m for _, m in block.named_modules() if m is not block
                                              and any(isinstance(x, PRUNABLE) for x in m.modules())]
@@ -210,6 +211,7 @@ class Replay:
             del self._kept[k]
         self._kept[key] = (kept_args, kept_kwargs, kept_out, size)
         self.nbytes += size - freed
+        self.peak = max(self.peak, self.nbytes)
 
     def clear(self) -> None:
         self._kept.clear()

@@ -155,6 +155,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(attention once q/k/v/o are pruned, gate/up once pruned) in the block's later forwards, on "
                         "equal inputs: the same result, less work; keeps up to a quarter of the free memory where "
                         "activations live (default: on)")
+    g.add_argument("--cache-budget", type=float, default=None, metavar="GIB",
+                   help="GiB that --replay's kept outputs may take (default: a quarter of the free memory where "
+                        "activations live); the report's cache_peak_bytes is what they took, part of the peak")
     g.add_argument("--layer-batch-size", type=int, default=0, help="distinct layer inputs whose statistics are held at once (0 = all of a block); fewer = less memory, one more calibration forward per chunk")
     g.add_argument("--reconstruct", choices=("none", "block", "sublayer"), default="none",
                    help="after a block is pruned, tune the surviving weights of its pruned linears (masks fixed) so "
@@ -312,7 +315,7 @@ def prune_job_from_args(args: argparse.Namespace):
                                             layer_batch_size=args.layer_batch_size, sequential=args.sequential,
                                             dense_target=_dense_target(args), replay=args.replay,
                                             expert_min_tokens=args.expert_min_tokens,
-                                            reconstruct=_reconstruct_from_args(args)),
+                                            reconstruct=_reconstruct_from_args(args), cache_budget=args.cache_budget),
                         collect=StatsSpec(hessian=True) if args.measure else None,
                         dense_target_damping=args.dense_target_damping)
     from prac.allocation import AllocationConfig
