@@ -120,7 +120,9 @@ def test_prune_writes_report_and_model(tiny_model_dir, small_text, tmp_path, cap
     printed = capsys.readouterr().out
     assert "perplexity: dense" in printed
     data = json.loads(report.read_text())
-    assert set(data) == {"config", "environment", "layers", "summary"}
+    assert set(data) == {"config", "environment", "layers", "summary", "saved"}
+    assert data["saved"]["format"] == "dense"
+    assert data["saved"]["weight_bytes"] == sum(p.stat().st_size for p in out.glob("*.safetensors"))
     assert {"python", "torch", "transformers", "prac", "device"} <= set(data["environment"])
     assert data["config"]["seqlen"] == 32 and data["config"]["eval_seqlen"] == 64
     assert data["config"]["calibration"]["protocol"] == "stream"

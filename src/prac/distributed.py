@@ -560,6 +560,11 @@ class DataParallel:
         counts = {k: v for _, fs in parts for k, v in fs.items()}
         return merged, {k: counts[k] for k in sorted(counts, key=lambda k: groups.get(k, len(groups)))}
 
+    def gather_grids(self, grids: dict[str, Any]) -> dict[str, Any]:
+        """Every rank's quantization grids (name -> :class:`prac.quantize.ColumnQuantizer`, on the CPU)."""
+        parts = self.session.all_gather_objects({k: v.cpu() for k, v in grids.items()}, "quantization grids")
+        return {k: v for part in parts for k, v in part.items()}
+
 
 # --- evaluation ------------------------------------------------------------------------------------------
 

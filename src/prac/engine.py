@@ -234,6 +234,7 @@ class BlockEngine:
         self._calls: dict[str, int] | None = None  # calls per linear in one forward of the current block
         self._replay: Replay | None = None  # kept submodule outputs of the current block (sequential)
         self._first_batch = 0  # the global index of this process's first calibration batch
+        self._finish_step: GroupStep | None = None
         self.cache_peak = 0  # the most bytes replay kept at once (a cache, not what the run needs)
 
     def run(
@@ -246,13 +247,18 @@ class BlockEngine:
         return_hidden: bool = False,
         max_blocks: int | None = None,
         timer: PhaseTimer | None = None,
+        finish_step: GroupStep | None = None,
     ) -> EngineOutcome:
         """Process the blocks of ``model`` from calibration token ids ``[n, seqlen]``.
+
+        ``finish_step``: after a block's reconstruction, one more calibrated pass over the tuned block
+        with this step (quantization on the final masks), its new weights applied like the first's.
 
         ``spec`` None: no statistics are needed — every linear is handed to ``step`` as a group of
         its own without a forward pass (magnitude pruning). ``max_blocks`` stops early (verification).
         """
         blocks = find_blocks(model)
+        self._finish_step = finish_step
         outcome = EngineOutcome(blocks_path=blocks.path)
         timer = timer or PhaseTimer(self.device, outcome.phase_seconds)
         inputs: BlockInputs | None = None
@@ -307,6 +313,8 @@ class BlockEngine:
                 outcome.replayed += self._end_replay()  # kept outputs are of the weights before tuning
                 with timer("reconstruct"):
                     outcome.reconstruction.append(self._reconstruct(block, blocks.name(i), units, inputs, dense))
+                if self._finish_step is not None:
+                    self._finish(block, units, inputs, spec, timer)
             if inputs is not None and propagate:
                 with timer("propagate"):
                     self._propagate(block, inputs)
@@ -317,6 +325,19 @@ class BlockEngine:
         with timer("transfer"):
             mover.release(i)
         return zeros + z, entries + n
+
+    def _finish(self, block, units: dict[str, Unit], inputs: BlockInputs, spec: StatsSpec, timer) -> None:
+        """The finishing pass: statistics of the tuned block (H, no drift, nothing held out) and
+        ``finish_step`` on every group, its weights applied."""
+        plain = StatsSpec(hessian=True, seed=spec.seed)
+        staged: dict[str, torch.Tensor] = {}
+        self._calibrated_block(block, units, inputs, plain, self._finish_step, timer, staged,
+                               self._grouping(block, units, inputs))
+        if self.parallel is not None:
+            staged = self.parallel.exchange(staged, units)
+        for name, weight in staged.items():
+            units[name].write(weight)
+        self._end_replay()
 
     def _dense_stream(self, spec, step) -> bool:
         """Whether the dense model's stream runs beside the pruned one (dense target, reconstruction)."""

@@ -45,7 +45,10 @@ from prac.allocation import AllocationConfig, allocate
 from prac.outputs import (Outputs, Sources, StagedFile, check_path_given, check_report_path, check_save_dir,
                           stage_json)
 from prac.report import environment, jsonable, peak_memory, summarize_layers
+from prac.compressed import check_compressed
+from prac.quantize import summarize_quantization
 from prac.saving import stage_model
+from prac.units import model_units
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +74,7 @@ class PruneJob:
     tasks: ZeroShotConfig | None = None  # zero-shot tasks (lm-evaluation-harness) run on the pruned model
     save: str | None = None
     overwrite: bool = False
+    save_format: str = "dense"  # dense | compressed (compressed-tensors' pack-quantized; needs prune.quant)
     report: str | None = None
     device: str = "auto"
     dtype: str = "auto"
@@ -491,6 +495,9 @@ def run_prune(job: PruneJob, progress: Progress = no_progress) -> dict[str, Any]
     job = resolve(job, model)
     check_pattern(model, job.prune.pattern, job.prune.ignore)
     check_something_to_prune(model, job.prune.ignore)
+    if job.save and job.save_format == "compressed":
+        check_compressed(job.prune.quant, {n: u for _b, _i, units in model_units(model, job.prune.ignore)
+                                           for n, u in units.items()})
     calib = calibration_tokens(job, tokenizer)
     log.info("calibration: %d x %d tokens from %s (defaults from %s)", *calib.input_ids.shape,
              calib.protocol.get("file") or calib.protocol.get("source"), job.defaults_from)
@@ -523,6 +530,8 @@ def run_prune(job: PruneJob, progress: Progress = no_progress) -> dict[str, Any]
         from prac.reconstruct import summarize
 
         summary["reconstruction"] = summarize(outcome.reconstruction)
+    if job.prune.quant.active:
+        summary["quantization"] = summarize_quantization(outcome.layers, job.prune.quant)
     if job.prune.correction.active:
         from prac import correction
 
@@ -556,7 +565,9 @@ def run_prune(job: PruneJob, progress: Progress = no_progress) -> dict[str, Any]
     with Outputs() as outputs:  # both land, or neither (a failed save leaves no report of it)
         if job.save:
             check_save_dir(job.save, _sources(job), job.overwrite)  # again: the folder may have changed
-            outputs.add(stage_model(model, tokenizer, job.save, written))
+            compressed = (outcome.grids, job.prune.quant) if job.save_format == "compressed" else None
+            outputs.add(stage_model(model, tokenizer, job.save, written, compressed))
+            report["saved"] = written["saved"]
         if job.report:
             outputs.add(stage_json(job.report, written))
         if job.plot and plan is not None:

@@ -42,12 +42,15 @@ MaskFn = Callable[[torch.Tensor, "InputGroup | None", Pattern, Any], MaskResult]
 
 @dataclass(frozen=True)
 class Method:
-    """``stats``: what the input statistics must hold (None: no calibration pass at all)."""
+    """``stats``: what the input statistics must hold (None: no calibration pass at all);
+    ``quantizes``: ``fn`` takes ``quant=`` (a :class:`prac.quantize.ColumnQuantizer`) and prunes and
+    quantizes in one sweep (else quantization is a GPTQ pass on its mask)."""
 
     fn: MaskFn
     settings: type
     stats: StatsSpec | None
     description: str
+    quantizes: bool = False
 
 
 def magnitude(weight: torch.Tensor, group: InputGroup | None, pattern: Pattern, settings: ScoreSettings) -> MaskResult:
@@ -62,17 +65,25 @@ def wanda(weight: torch.Tensor, group: InputGroup | None, pattern: Pattern, sett
     return MaskResult(apply_mask(weight, mask), mask)
 
 
-def sparsegpt(weight: torch.Tensor, group: InputGroup | None, pattern: Pattern, settings: SparseGPTConfig) -> MaskResult:
-    """SparseGPT with one factorisation of the group's H shared by every linear reading it."""
+def sparsegpt(weight: torch.Tensor, group: InputGroup | None, pattern: Pattern, settings: SparseGPTConfig,
+              quant=None) -> MaskResult:
+    """SparseGPT with one factorisation of the group's H shared by every linear reading it; with
+    ``quant``, its survivors quantized in the same sweep."""
     if group is None or group.stats is None or group.stats.hessian is None:
         raise RuntimeError("sparsegpt needs the input Hessian")
     hessian = group.stats.hessian
     factor = None
-    if pattern.target_sparsity > 0:  # sparsity 0 is a no-op: nothing to factorise
-        factor = group.factor(("sparsegpt", settings.percdamp, settings.damping_retries, settings.damping_growth),
-                              lambda: sparsegpt_factor(hessian, settings, weight.device))
-    result = sparsegpt_prune(weight, hessian, pattern, settings, factor=factor)
+    if pattern.target_sparsity > 0 or quant is not None:  # sparsity 0 alone is a no-op: nothing to factorise
+        factor = shared_factor(group, settings, weight.device)
+    result = sparsegpt_prune(weight, hessian, pattern, settings, factor=factor, quant=quant)
     return MaskResult(result.weight, result.mask, dict(result.diagnostics))
+
+
+def shared_factor(group: InputGroup, settings: SparseGPTConfig = SparseGPTConfig(), device=None):
+    """The group's SparseGPT factor ((H + λI)⁻¹ = UᵀU), built once for every linear that reads it."""
+    hessian = group.stats.hessian
+    return group.factor(("sparsegpt", settings.percdamp, settings.damping_retries, settings.damping_growth),
+                        lambda: sparsegpt_factor(hessian, settings, device or hessian.device))
 
 
 def admm(weight: torch.Tensor, group: InputGroup | None, pattern: Pattern, settings: ADMMSettings) -> MaskResult:
@@ -84,7 +95,7 @@ METHODS: dict[str, Method] = {
     "magnitude": Method(magnitude, ScoreSettings, None, "|W|, per row (or per layer with --scope layer)"),
     "wanda": Method(wanda, ScoreSettings, StatsSpec(), "|W|·||X||₂ compared within each output row"),
     "sparsegpt": Method(sparsegpt, SparseGPTConfig, StatsSpec(hessian=True),
-                        "OBS-style pruning with weight updates (Frantar & Alistarh 2023)"),
+                        "OBS-style pruning with weight updates (Frantar & Alistarh 2023)", quantizes=True),
     "admm": Method(admm, ADMMSettings, StatsSpec(hessian=True),
                    "mask and weights chosen jointly by ADMM on the layer objective, then solved exactly"),
 }

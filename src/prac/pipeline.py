@@ -29,6 +29,8 @@ from prac.progress import Progress, no_progress
 from prac.records import LayerRecord
 from prac.stats import StatsSpec
 from prac.units import Unit
+from prac.quantize import ColumnQuantizer, QuantConfig, gptq_on_mask
+from prac.methods import shared_factor
 
 if TYPE_CHECKING:
     from prac.distributed import DataParallel
@@ -48,7 +50,9 @@ class PruneConfig:
     ``--measure``); ``plan``: per-linear unstructured sparsity (full module name -> sparsity) that
     overrides ``pattern`` for the linears it names (a non-uniform allocation, see ``allocation.py``);
     ``dense_target_damping``: the relative ridge of :func:`dense_target_weight` (with
-    ``engine.dense_target``).
+    ``engine.dense_target``); ``quant``: quantize the survivors (:mod:`prac.quantize`; jointly with
+    SparseGPT's sweep when nothing changes its weights after it, else a GPTQ pass on the final mask,
+    after the correction — or after the block's reconstruction, on statistics collected again).
     """
 
     method: str = "wanda"
@@ -60,6 +64,7 @@ class PruneConfig:
     collect: StatsSpec | None = None
     plan: Mapping[str, float] | None = None
     dense_target_damping: float = 1e-2
+    quant: QuantConfig = QuantConfig()
 
     def __post_init__(self) -> None:
         if not self.dense_target_damping > 0:
@@ -85,11 +90,18 @@ class PruneOutcome:
     reconstruction: list = field(default_factory=list)  # prac.reconstruct.ReconstructRecord per block
     cache_peak_bytes: int = 0  # replay's kept outputs at their largest (included in the peak memory)
     resident: bool = False  # the blocks stayed on the device for the whole run
+    grids: dict = field(default_factory=dict)  # name -> prac.quantize.ColumnQuantizer of each quantized linear
 
 
 def check_pattern(model: nn.Module, pattern: Pattern, ignore: str | None = None) -> Blocks:
     """Fail before any work if the pattern cannot apply to some prunable layer."""
     return check_pattern_fits(model, lambda name, unit: pattern.check(unit.in_features, name), ignore)
+
+
+def check_quant(model: nn.Module, quant: QuantConfig, ignore: str | None = None) -> None:
+    """Fail before any work when the quantization grid cannot apply to some prunable layer."""
+    if quant.active:
+        check_pattern_fits(model, lambda name, unit: quant.check(unit.in_features, name), ignore)
 
 
 def stats_spec_for(cfg: PruneConfig) -> StatsSpec | None:
@@ -104,6 +116,8 @@ def stats_spec_for(cfg: PruneConfig) -> StatsSpec | None:
     if cfg.engine.dense_target:
         need = StatsSpec(hessian=True, drift=True)
         spec = need if spec is None else spec.union(need)
+    if cfg.quant.active:  # GPTQ's H
+        spec = StatsSpec(hessian=True) if spec is None else spec.union(StatsSpec(hessian=True))
     if cfg.engine.reconstruct.active:  # the calibration pass, and the held-out draw it is judged on
         need = StatsSpec(holdout=cfg.engine.reconstruct.holdout)
         spec = need if spec is None else spec.union(need)
@@ -161,6 +175,9 @@ class PruneStep:
         self.observer = observer
         self.records: list[LayerRecord] = []
         self.factorisations: dict[str, int] = {}  # Cholesky attempts per input group (its first linear)
+        # quantize in this step (else a pass after the block's reconstruction, :meth:`quantize_step`)
+        self.quantize_here = cfg.quant.active and not cfg.engine.reconstruct.active
+        self.grids: dict[str, Any] = {}  # name -> its ColumnQuantizer (scales, zero points) once quantized
 
     def __call__(self, group: InputGroup, units: dict[str, Unit]) -> dict[str, torch.Tensor]:
         if self.observer is not None and group.stats is not None:
@@ -186,7 +203,11 @@ class PruneStep:
         stats = group.stats
         if stats is not None and (stats.drift is not None or stats.drift_out is not None):
             w_orig = dense_target_weight(w_orig, group, cfg.dense_target_damping, name)
-        result = self.method.fn(w_orig, group if stats is not None else None, self.pattern_of(name), cfg.settings)
+        joint = self.quantize_here and self.method.quantizes and not cfg.correction.active
+        quant = self._quantizer(unit, w_orig) if joint else None
+        extra = {"quant": quant} if quant is not None else {}
+        result = self.method.fn(w_orig, group if stats is not None else None, self.pattern_of(name), cfg.settings,
+                                **extra)
         weight = result.weight
         diagnostics: dict[str, Any] = {}
         if cfg.correction.active:
@@ -205,13 +226,43 @@ class PruneStep:
             error = relative_error(weight, w_orig, stats.hessian)
         else:
             error = None
+        quantized: dict[str, Any] = {}
+        if joint:
+            self.grids[name] = quant
+            quantized = {**cfg.quant.describe(), "sweep": "joint"}
+        elif self.quantize_here:
+            before = error
+            weight, quant, _ = gptq_on_mask(weight, result.mask, shared_factor(group).upper, cfg.quant,
+                                            unit.weight.dtype)
+            self.grids[name] = quant
+            error = relative_error(weight, w_orig, stats.hessian)
+            quantized = {**cfg.quant.describe(), "sweep": "gptq on the mask", "error_unquantized": before}
         record = LayerRecord(
             name=name, shape=tuple(w_orig.shape), sparsity=float(result.mask.float().mean()),
             row_sparsity=(float(row.min()), float(row.max())) if row.numel() else (0.0, 0.0),
             seconds=round(time.perf_counter() - started, 6), group=group.names[0], relative_error=error,
-            method=dict(result.info), correction=diagnostics, expert=_expert_info(unit, stats),
+            method=dict(result.info), correction=diagnostics, expert=_expert_info(unit, stats), quant=quantized,
         )
         return weight, record
+
+    def _quantizer(self, unit: Unit, weight: torch.Tensor) -> ColumnQuantizer:
+        return ColumnQuantizer(self.cfg.quant, unit.in_features, unit.out_features, unit.weight.dtype, weight.device)
+
+    def quantize_step(self, group: InputGroup, units: dict[str, Unit]) -> dict[str, torch.Tensor]:
+        """The pass after a block's reconstruction: GPTQ on each linear's final mask (its zeros), on
+        statistics of the tuned block; the records of the prune are updated."""
+        records = {r.name: r for r in self.records}
+        staged = {}
+        for name in group.names:
+            unit = units[name]
+            w = unit.read().to(group.device)
+            weight, quant, _ = gptq_on_mask(w, w == 0, shared_factor(group).upper, self.cfg.quant, unit.weight.dtype)
+            self.grids[name] = quant
+            staged[name] = weight
+            if name in records:
+                records[name].quant = {**self.cfg.quant.describe(), "sweep": "gptq on the mask, after reconstruction",
+                                       "error_of_the_rounding": relative_error(weight, w, group.stats.hessian)}
+        return staged
 
 
 def _expert_info(unit: Unit, stats) -> dict[str, Any] | None:
@@ -244,11 +295,13 @@ def prune_model(
     rank owns, ``final_hidden`` is this rank's share, and the records of every rank come back in the
     single-process order."""
     check_pattern(model, cfg.pattern, cfg.ignore)
+    check_quant(model, cfg.quant, cfg.ignore)
     spec = stats_spec_for(cfg)
     step = PruneStep(cfg, observer)
     outcome = PruneOutcome()
     engine = BlockEngine(cfg.engine, device, progress, reduce=reduce, parallel=parallel)
-    run = engine.run(model, calib, spec, step, ignore=cfg.ignore, return_hidden=return_hidden,
+    finish = step.quantize_step if cfg.quant.active and not step.quantize_here else None
+    run = engine.run(model, calib, spec, step, ignore=cfg.ignore, return_hidden=return_hidden, finish_step=finish,
                      timer=PhaseTimer(device, outcome.phase_seconds))
     if parallel is not None:
         step.records, step.factorisations = parallel.gather_records(step.records, step.factorisations)
@@ -260,6 +313,9 @@ def prune_model(
     outcome.block_weights = run.block_weights
     outcome.reconstruction = run.reconstruction
     outcome.cache_peak_bytes, outcome.resident = run.cache_peak_bytes, run.resident
+    outcome.grids = {k: v.cpu() for k, v in step.grids.items()}
+    if parallel is not None and cfg.quant.active:
+        outcome.grids = parallel.gather_grids(outcome.grids)
     if cfg.correction.active:
         from prac.correction.summary import run_warning
 

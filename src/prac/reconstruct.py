@@ -60,7 +60,7 @@ class ReconstructConfig:
     lr: float = 1e-4
     optimizer: str = "adam"
     holdout: float = 0.125  # share of the calibration sequences never fitted (prac.stats.holdout_rows)
-    schedule: str = "cosine"  # learning rate over the steps: constant | cosine (to zero at the last step)
+    schedule: str = "cosine"  # constant | cosine: linear warm-up over the first epoch, then cosine to zero
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -199,6 +199,14 @@ class _Problem:
         return err, energy, subs
 
 
+def _cosine(step: int, warmup: int, total: int) -> float:
+    """The learning-rate factor at ``step``: linear warm-up over ``warmup`` steps, then a cosine to 0."""
+    if step < warmup and total > warmup:
+        return (step + 1) / warmup
+    span = max(total - warmup, 1)
+    return 0.5 * (1 + math.cos(math.pi * min(step - warmup, span) / span)) if total > warmup else 1.0
+
+
 def _optimizer(cfg: ReconstructConfig, params: list[torch.Tensor]) -> torch.optim.Optimizer:
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr)
@@ -291,7 +299,7 @@ def reconstruct_block(block: nn.Module, name: str, units: dict[str, Any], inputs
                     w.grad = g
                 if cfg.schedule == "cosine":
                     for group in opt.param_groups:
-                        group["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * steps / total_steps))
+                        group["lr"] = cfg.lr * _cosine(steps, cfg.minibatches, total_steps)
                 opt.step()
                 with torch.no_grad():
                     for key, w in weights.items():

@@ -17,6 +17,8 @@ class LayerRecord:
     ``expert``: for a projection of an MoE expert, its experts module, index and projection, the
     calibration ``tokens`` routed to it, and ``prior_tokens``, how many rows of the block's tokens
     run through it topped its statistics up (0: its own tokens sufficed; docs/moe.md).
+    ``quant``: the grid its survivors were rounded to and how (``sweep``), with the error before
+    rounding (``error_unquantized``) where it was measured; ``relative_error`` is then after it.
     """
 
     name: str
@@ -29,6 +31,7 @@ class LayerRecord:
     method: dict[str, Any] = field(default_factory=dict)
     correction: dict[str, Any] = field(default_factory=dict)
     expert: dict[str, Any] | None = None
+    quant: dict[str, Any] = field(default_factory=dict)
 
     @property
     def numel(self) -> int:
@@ -47,4 +50,6 @@ class LayerRecord:
             out["correction"] = self.correction
         if self.expert is not None:
             out["expert"] = self.expert
+        if self.quant:
+            out["quant"] = self.quant
         return out

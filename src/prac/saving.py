@@ -8,15 +8,25 @@ from typing import Any
 from prac.outputs import REPORT_NAME, StagedDir, dump_json
 
 
-def stage_model(model, tokenizer, out_dir: str | Path, report: dict[str, Any]) -> StagedDir:
+def stage_model(model, tokenizer, out_dir: str | Path, report: dict[str, Any], compressed: tuple | None = None
+                ) -> StagedDir:
     """Model (safetensors), tokenizer and ``prac_report.json`` in a temporary sibling of ``out_dir``.
 
     The report lists every file of the folder (``saved_files``): that list is what a later
-    ``--overwrite`` may replace. Nothing is visible at ``out_dir`` until the caller commits.
+    ``--overwrite`` may replace; ``report["saved"]`` is set to the format and the bytes of the weight
+    files. ``compressed``: ``(grids, QuantConfig)`` of a quantized prune, to write compressed-tensors'
+    pack-quantized format (:mod:`prac.compressed`; the model is compressed in place). Nothing is
+    visible at ``out_dir`` until the caller commits.
     """
+    from prac.compressed import FORMAT, to_compressed, weight_bytes
 
     def fill(tmp: Path) -> None:
+        compressor = to_compressed(model, *compressed) if compressed is not None else None
         model.save_pretrained(tmp, safe_serialization=True)
+        if compressor is not None:
+            compressor.update_config(str(tmp))
+        report["saved"] = {"format": f"compressed-tensors {FORMAT}" if compressor is not None else "dense",
+                           "weight_bytes": weight_bytes(tmp)}
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file()) + [REPORT_NAME]

@@ -136,6 +136,7 @@ def sparsegpt_prune(
     pattern: Pattern,
     config: SparseGPTConfig = SparseGPTConfig(),
     factor: SparseGPTFactor | None = None,
+    quant=None,
 ) -> SparseGPTResult:
     """Prune ``weight`` [out, in] to ``pattern`` and update the survivors with SparseGPT.
 
@@ -143,7 +144,8 @@ def sparsegpt_prune(
     saliencies and updates are ratios of H⁻¹ entries and the damping is relative). Neither input
     is modified. Work happens in fp32 on ``weight.device``. ``factor`` (from
     :func:`sparsegpt_factor` of the same H and config) skips the factorisation: linears that read
-    one input share it.
+    one input share it. ``quant`` (:class:`prac.quantize.ColumnQuantizer`): prune and quantize in
+    one sweep (the survivors end on its grid).
 
     Diagnostics: ``damping`` (λ finally used, in the units of ``hessian``), ``percdamp`` (its
     relative value), ``dead_inputs``, ``cholesky_failures`` (failed factorisations) and
@@ -158,7 +160,7 @@ def sparsegpt_prune(
     rows, cols = _check_inputs(weight, reference, pattern, config)
     device = weight.device
     start = time.perf_counter()
-    if isinstance(pattern, Unstructured) and pattern.sparsity == 0:
+    if isinstance(pattern, Unstructured) and pattern.sparsity == 0 and quant is None:
         diagnostics = {"skipped": "sparsity 0", "sparsity": 0.0, "seconds": time.perf_counter() - start}
         return SparseGPTResult(
             weight.detach().to(torch.float32).clone(),
@@ -171,7 +173,7 @@ def sparsegpt_prune(
     # contiguous memory.
     wt = weight.detach().to(torch.float32).t().contiguous()
     wt[factor.dead] = 0.0
-    maskt, error = _prune_columns(wt, factor.upper, pattern, config.blocksize)
+    maskt, error = _prune_columns(wt, factor.upper, pattern, config.blocksize, quant)
 
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -210,20 +212,24 @@ def _check_inputs(
 
 
 def _prune_columns(
-    wt: torch.Tensor, u: torch.Tensor, pattern: Pattern, blocksize: int
+    wt: torch.Tensor, u: torch.Tensor, pattern: Pattern, blocksize: int, quant=None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run the column sweep in place on ``wt`` = Wᵀ [in, out]; return maskᵀ and Σ err²."""
+    """Run the column sweep in place on ``wt`` = Wᵀ [in, out]; return maskᵀ and Σ err². With
+    ``quant`` (:class:`prac.quantize.ColumnQuantizer`) the survivors of each column are rounded to
+    its grid in the same step, and the rounding error is carried on with the pruning error."""
     cols, rows = wt.shape
     maskt = torch.zeros(cols, rows, dtype=torch.bool, device=wt.device)
     error = torch.zeros((), dtype=torch.float32, device=wt.device)
     diag = u.diagonal()
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
+        if quant is not None and quant.starts_group(i1) and quant.group >= i2 - i1:  # the group spans the block
+            quant.set_group(i1, wt[i1:i1 + quant.group])
         w1 = wt[i1:i2].clone()
         m1 = maskt[i1:i2]
-        if isinstance(pattern, Unstructured):
+        if isinstance(pattern, Unstructured) and pattern.sparsity > 0:
             m1.copy_(_unstructured_block_mask(w1, diag[i1:i2], pattern.sparsity))
-        err1 = _prune_block(w1, m1, u[i1:i2, i1:i2], pattern)
+        err1 = _prune_block(w1, m1, u[i1:i2, i1:i2], pattern, quant, i1)
         wt[i1:i2] = w1
         error += err1.square().sum()
         if i2 < cols:
@@ -239,11 +245,13 @@ def _unstructured_block_mask(w1t: torch.Tensor, d: torch.Tensor, sparsity: float
     return scores <= threshold
 
 
-def _prune_block(w1: torch.Tensor, m1: torch.Tensor, u1: torch.Tensor, pattern: Pattern) -> torch.Tensor:
+def _prune_block(w1: torch.Tensor, m1: torch.Tensor, u1: torch.Tensor, pattern: Pattern, quant=None,
+                 offset: int = 0) -> torch.Tensor:
     """Sequential OBS steps over one column block, in place on ``w1`` [block, out] and ``m1``.
 
     For N:M patterns ``m1`` is filled here, group by group, from the weights updated so far.
     Returns the scaled errors err [block, out] for the lazy update of the columns to the right.
+    With ``quant`` the survivors are rounded to the grid too (``offset``: the block's first input).
     """
     count = w1.shape[0]
     d = u1.diagonal()
@@ -255,10 +263,20 @@ def _prune_block(w1: torch.Tensor, m1: torch.Tensor, u1: torch.Tensor, pattern: 
             drop = torch.sort(group, dim=0, stable=True).indices[: nm.m - nm.n]
             m1[i : i + nm.m].scatter_(0, drop, True)
         prune = m1[i]
-        err = torch.where(prune, w1[i], 0.0) / d[i]
+        if quant is None:
+            err = torch.where(prune, w1[i], 0.0) / d[i]
+        else:
+            column = offset + i
+            if quant.starts_group(column) and quant.group < count:
+                quant.set_group(column, w1[i : i + quant.group])
+            target = torch.where(prune, 0.0, quant(column, w1[i]))
+            err = (w1[i] - target) / d[i]
         err1[i] = err
         if i + 1 < count:
             # A k=1 matmul rather than addr_: it goes to BLAS and is ~50x faster on CPU.
             w1[i + 1 :].addmm_(u1[i, i + 1 :].unsqueeze(1), err.unsqueeze(0), alpha=-1)
-        w1[i].masked_fill_(prune, 0.0)
+        if quant is None:
+            w1[i].masked_fill_(prune, 0.0)
+        else:
+            w1[i] = target
     return err1

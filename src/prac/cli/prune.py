@@ -190,6 +190,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--measure", action="store_true",
                    help=f"layer errors of uncorrected methods too: collect H for every layer (any method) to report "
                         f"its exact relative reconstruction error; costs {_H_COST}")
+    g = p.add_argument_group("quantization (see docs/quantize.md)")
+    g.add_argument("--wbits", type=int, choices=(2, 3, 4, 8), default=None, metavar="{2,3,4,8}",
+                   help="round the surviving weights to a BITS-bit integer grid: in SparseGPT's own sweep (--method "
+                        "sparsegpt, no correction), else a GPTQ pass on the final mask (pruned weights stay zero); "
+                        "with --sparsity 0 it is plain GPTQ")
+    g.add_argument("--groupsize", type=int, default=None, metavar="G",
+                   help="inputs per scale (default: 128; -1: one scale per output channel)")
+    g.add_argument("--asym", action="store_true", help="asymmetric grid (an integer zero point per group); default symmetric")
+    g.add_argument("--save-format", choices=("auto", "dense", "compressed"), default="auto",
+                   help="--save writes dense weights (zeros stored, quantized values as floats) or, for --wbits, "
+                        "compressed-tensors' pack-quantized integers that vLLM and transformers load "
+                        "(default: auto = compressed with --wbits, else dense)")
     g = p.add_argument_group("evaluation and output")
     g.add_argument("--eval", default=None,
                    help="wikitext2 | c4 | FILE.txt | FILE.jsonl | none, comma-separated for several; the first is the "
@@ -317,7 +329,7 @@ def prune_job_from_args(args: argparse.Namespace):
                                             expert_min_tokens=args.expert_min_tokens,
                                             reconstruct=_reconstruct_from_args(args), cache_budget=args.cache_budget),
                         collect=StatsSpec(hessian=True) if args.measure else None,
-                        dense_target_damping=args.dense_target_damping)
+                        dense_target_damping=args.dense_target_damping, quant=_quant_from_args(args))
     from prac.allocation import AllocationConfig
 
     owl = {k: v for k, v in (("owl_lambda", args.owl_lambda), ("owl_m", args.owl_m)) if v is not None}
@@ -334,7 +346,35 @@ def prune_job_from_args(args: argparse.Namespace):
                     seqlen=args.seqlen, seed=args.seed, prune=prune, eval=args.eval, eval_seqlen=args.eval_seqlen,
                     eval_batch_size=args.eval_batch_size, dense_eval=not args.no_dense_eval, cache=not args.no_cache,
                     tasks=zeroshot_config(args, args.eval_batch_size), save=args.save, overwrite=args.overwrite,
+                    save_format=_save_format(args),
                     report=args.report, device=args.device, dtype=args.dtype)
+
+
+def _quant_from_args(args: argparse.Namespace):
+    """``--wbits``, ``--groupsize``, ``--asym``: the grid, or no quantization without ``--wbits``."""
+    from prac.quantize import QuantConfig
+
+    if args.wbits is None:
+        given = [flag for flag, v in (("--groupsize", args.groupsize), ("--asym", args.asym or None)) if v is not None]
+        if given:
+            raise PracError(f"{', '.join(given)} given without --wbits")
+        return QuantConfig()
+    return QuantConfig(bits=args.wbits, group_size=128 if args.groupsize is None else args.groupsize,
+                       symmetric=not args.asym)
+
+
+def _save_format(args: argparse.Namespace) -> str:
+    """``--save-format``: ``auto`` is compressed for a quantized model, dense otherwise."""
+    fmt = args.save_format
+    if fmt == "auto":
+        return "compressed" if args.wbits is not None and not args.asym else "dense"
+    if fmt == "compressed" and args.save is None:
+        raise PracError("--save-format compressed given without --save")
+    if fmt == "compressed":
+        from prac.compressed import check_compressed
+
+        check_compressed(_quant_from_args(args), {})
+    return fmt
 
 
 def _reconstruct_from_args(args: argparse.Namespace):
@@ -401,12 +441,24 @@ def format_summary(report: dict[str, Any], save: str | None = None, report_path:
         lines.append(f"{r['mode']} reconstruction: kept in {r['kept']}/{r['blocks']} blocks; block output error "
                      f"{number(r['mean_fit_error_before'], '.5f')} -> {number(r['mean_fit_error_after'], '.5f')}{held} "
                      f"({r['steps']} steps, {number(r['seconds'], '.1f')}s)")
+    if "quantization" in s:
+        q = s["quantization"]
+        before = q.get("mean_relative_error_unquantized")
+        errors = (f"; mean layer error {number(before, '.6f')} before rounding -> {number(q.get('mean_relative_error'), '.6f')}"
+                  if before is not None else f"; mean layer error {number(q.get('mean_relative_error'), '.6f')}")
+        groups = "per channel" if q["group_size"] == -1 else f"groups of {q['group_size']}"
+        sweeps = ", ".join(f"{k}: {v}" for k, v in q["sweeps"].items())
+        lines.append(f"quantized {q['quantized_layers']} layers to {q['bits']}-bit, {groups}, "
+                     f"{'symmetric' if q['symmetric'] else 'asymmetric'} ({sweeps}){errors}")
     if "correction" in s:
         c = s["correction"]
         lines.append("correction: " + ", ".join(f"{k} {number(v, '.6g')}" if isinstance(v, float) or v is None
                                                 else f"{k} {v}" for k, v in c.items()))
     if save:
-        lines.append(f"saved to {save}")
+        saved = report.get("saved") or {}
+        size = (f" ({saved['format']}, {saved['weight_bytes'] / 2**20:.2f} MiB of weights)"
+                if "weight_bytes" in saved else "")
+        lines.append(f"saved to {save}{size}")
     if report_path:
         lines.append(f"report written to {report_path}")
     return "\n".join(lines)
