@@ -198,6 +198,8 @@ def _one_line_error(argv, capsys, root: Path, *needles: str) -> None:
     (["--wbits", "4"], ["--groupsize 128 does not divide the 64 inputs"]),
     (["--wbits", "4", "--groupsize", "0"], ["--groupsize must be -1"]),
     (["--groupsize", "32"], ["--groupsize given without --wbits"]),
+    (["--wbits", "4", "--groupsize", "32", "--method", "sparsegpt", "--blocksize", "48"],
+     ["--groupsize 32 and the sweep's --blocksize 48 must divide one another"]),
     (["--wbits", "4", "--groupsize", "32", "--asym", "--save-format", "compressed", "--save", "OUT"], ["symmetric"]),
     (["--save-format", "compressed", "--save", "OUT"], ["give --wbits"]),
     (["--wbits", "4", "--groupsize", "32", "--save-format", "compressed"], ["without --save"]),

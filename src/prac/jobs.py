@@ -39,7 +39,7 @@ from prac.harness import ZeroShotConfig
 from prac.loading import (check_model_source, is_causal_lm, load_model, load_tokenizer, model_context, model_vocab_size,
                           resolve_device)
 from prac.patterns import pattern_to_dict
-from prac.pipeline import PruneConfig, check_pattern, prune_model
+from prac.pipeline import PruneConfig, check_pattern, check_quant, prune_model, sweep_blocksize
 from prac.progress import Progress, no_progress
 from prac.allocation import AllocationConfig, allocate
 from prac.outputs import (Outputs, Sources, StagedFile, check_path_given, check_report_path, check_save_dir,
@@ -494,6 +494,7 @@ def run_prune(job: PruneJob, progress: Progress = no_progress) -> dict[str, Any]
         tokenizer = load_tokenizer(job.model)
     job = resolve(job, model)
     check_pattern(model, job.prune.pattern, job.prune.ignore)
+    check_quant(model, job.prune.quant, job.prune.ignore, sweep_blocksize(job.prune))
     check_something_to_prune(model, job.prune.ignore)
     if job.save and job.save_format == "compressed":
         check_compressed(job.prune.quant, {n: u for _b, _i, units in model_units(model, job.prune.ignore)

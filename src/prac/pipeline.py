@@ -29,7 +29,7 @@ from prac.progress import Progress, no_progress
 from prac.records import LayerRecord
 from prac.stats import StatsSpec
 from prac.units import Unit
-from prac.quantize import ColumnQuantizer, QuantConfig, gptq_on_mask
+from prac.quantize import ColumnQuantizer, QuantConfig, check_blocks, gptq_on_mask
 from prac.methods import shared_factor
 
 if TYPE_CHECKING:
@@ -98,10 +98,20 @@ def check_pattern(model: nn.Module, pattern: Pattern, ignore: str | None = None)
     return check_pattern_fits(model, lambda name, unit: pattern.check(unit.in_features, name), ignore)
 
 
-def check_quant(model: nn.Module, quant: QuantConfig, ignore: str | None = None) -> None:
-    """Fail before any work when the quantization grid cannot apply to some prunable layer."""
+def sweep_blocksize(cfg: "PruneConfig") -> int:
+    """The column block of the quantizing sweep: SparseGPT's ``--blocksize``, else 128."""
+    return getattr(cfg.settings, "blocksize", None) or 128
+
+
+def check_quant(model: nn.Module, quant: QuantConfig, ignore: str | None = None, blocksize: int = 128) -> None:
+    """Fail before any work when the quantization grid cannot apply to some prunable layer, or its
+    groups do not fit the sweep's column blocks (``blocksize``)."""
     if quant.active:
-        check_pattern_fits(model, lambda name, unit: quant.check(unit.in_features, name), ignore)
+        def check(name: str, unit: Unit) -> None:
+            quant.check(unit.in_features, name)
+            check_blocks(quant, blocksize, unit.in_features)
+
+        check_pattern_fits(model, check, ignore)
 
 
 def stats_spec_for(cfg: PruneConfig) -> StatsSpec | None:
@@ -233,7 +243,7 @@ class PruneStep:
         elif self.quantize_here:
             before = error
             weight, quant, _ = gptq_on_mask(weight, result.mask, shared_factor(group).upper, cfg.quant,
-                                            unit.weight.dtype)
+                                            unit.weight.dtype, sweep_blocksize(cfg))
             self.grids[name] = quant
             error = relative_error(weight, w_orig, stats.hessian)
             quantized = {**cfg.quant.describe(), "sweep": "gptq on the mask", "error_unquantized": before}
@@ -256,7 +266,8 @@ class PruneStep:
         for name in group.names:
             unit = units[name]
             w = unit.read().to(group.device)
-            weight, quant, _ = gptq_on_mask(w, w == 0, shared_factor(group).upper, self.cfg.quant, unit.weight.dtype)
+            weight, quant, _ = gptq_on_mask(w, w == 0, shared_factor(group).upper, self.cfg.quant, unit.weight.dtype,
+                                            sweep_blocksize(self.cfg))
             self.grids[name] = quant
             staged[name] = weight
             if name in records:
@@ -295,7 +306,7 @@ def prune_model(
     rank owns, ``final_hidden`` is this rank's share, and the records of every rank come back in the
     single-process order."""
     check_pattern(model, cfg.pattern, cfg.ignore)
-    check_quant(model, cfg.quant, cfg.ignore)
+    check_quant(model, cfg.quant, cfg.ignore, sweep_blocksize(cfg))
     spec = stats_spec_for(cfg)
     step = PruneStep(cfg, observer)
     outcome = PruneOutcome()
