@@ -38,6 +38,7 @@ def masks(model) -> dict[str, torch.Tensor]:
 
 
 def run(arch, calib, mode="block", method="wanda", pattern=Unstructured(0.6), **settings):
+    settings = {"epochs": 4, "minibatches": 4, **settings}  # fewer steps than the defaults: a tiny model
     model = make_tiny_model(arch)
     cfg = PruneConfig(method=method, pattern=pattern,
                       engine=EngineConfig(batch_size=2, reconstruct=ReconstructConfig(mode, **settings)))
@@ -136,3 +137,10 @@ def test_two_processes_tune_like_one(tiny_model_dir, small_text, tmp_path):
     for name, w in weights[1].items():
         torch.testing.assert_close(weights[2][name], w, rtol=1e-4, atol=1e-6)
         assert torch.equal(weights[2][name] == 0, w == 0), name
+
+
+def test_no_more_minibatches_than_calibration_batches(calib):
+    """16 sequences in batches of 2 are 8 batches: asking for 100 minibatches makes 8 steps an epoch
+    (an empty step would still move the weights through the optimiser's momentum)."""
+    _, outcome = run("mistral", calib, lr=1e-3, holdout=0.0, epochs=1, minibatches=100)
+    assert [r.steps for r in outcome.reconstruction] == [8, 8]

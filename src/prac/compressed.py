@@ -17,8 +17,9 @@ parameters, not ``nn.Linear``: the library's schemes target linears) and asymmet
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -65,17 +66,28 @@ def to_compressed(model: nn.Module, grids: Mapping[str, ColumnQuantizer], quant:
         raise PracError(f"--save-format compressed: {missing[0]} is not a linear layer")
     ignore = [n for n, m in modules.items() if isinstance(m, nn.Linear) and n not in grids]
     scheme = QuantizationScheme(targets=["Linear"], weights=quant.args())
-    apply_quantization_config(model, QuantizationConfig(config_groups={"group_0": scheme}, ignore=ignore),
-                              show_progress=False)
-    with torch.no_grad():
-        for name, grid in grids.items():
-            module = modules[name]
-            module.weight_scale.copy_(grid.scales.to(module.weight_scale))
-            module.weight_zero_point.copy_(grid.zero_points.to(module.weight_zero_point))
-            module.quantization_status = QuantizationStatus.FROZEN
-    compressor = ModelCompressor.from_pretrained_model(model, quantization_format=FORMAT)
-    compressor.compress_model(model)
+    with _one_process():
+        apply_quantization_config(model, QuantizationConfig(config_groups={"group_0": scheme}, ignore=ignore),
+                                  show_progress=False)
+        with torch.no_grad():
+            for name, grid in grids.items():
+                module = modules[name]
+                module.weight_scale.copy_(grid.scales.to(module.weight_scale))
+                module.weight_zero_point.copy_(grid.zero_points.to(module.weight_zero_point))
+                module.quantization_status = QuantizationStatus.FROZEN
+        compressor = ModelCompressor.from_pretrained_model(model, quantization_format=FORMAT)
+        compressor.compress_model(model)
     return compressor
+
+
+@contextlib.contextmanager
+def _one_process() -> Iterator[None]:
+    """The library's own work in this process alone: under torchrun only rank 0 saves, and the
+    library would otherwise split the modules across the ranks and wait for the others (a hang)."""
+    from compressed_tensors.offload.utils import as_single_threaded
+
+    with as_single_threaded():
+        yield
 
 
 def weight_bytes(folder: str | Path) -> int:

@@ -15,7 +15,8 @@ the dense block), so a block also takes up what the blocks before it lost.
   relative errors summed.
 - **Masks fixed.** The weights are fp32 copies (the model may be bf16); after every step the pruned
   entries are multiplied by zero again, so they stay exactly zero (and N:M stays N:M).
-- **Minibatches.** An epoch makes ``minibatches`` steps; step ``k`` sums the gradient of every
+- **Minibatches.** An epoch makes ``minibatches`` steps (at most one per calibration batch); step
+  ``k`` sums the gradient of every
   calibration batch whose global index is ``k`` modulo ``minibatches``. The minibatches are thus the
   same whatever process holds which batch: in a data-parallel run each process sums the gradient of
   its own batches of the step and the gradients are all-reduced, so 2 processes take the steps of 1
@@ -55,9 +56,9 @@ class ReconstructConfig:
     same draw as a correction's). Defaults measured on the bundled model (docs/reconstruct.md)."""
 
     mode: str = "none"
-    epochs: int = 4
-    minibatches: int = 4
-    lr: float = 1e-4
+    epochs: int = 8
+    minibatches: int = 16
+    lr: float = 1e-3
     optimizer: str = "adam"
     holdout: float = 0.125  # share of the calibration sequences never fitted (prac.stats.holdout_rows)
     schedule: str = "cosine"  # constant | cosine: linear warm-up over the first epoch, then cosine to zero
@@ -278,12 +279,16 @@ def reconstruct_block(block: nn.Module, name: str, units: dict[str, Any], inputs
         scale[""] = reduced([fit_energy])[0].clamp_min(1e-30)
     best = (held_before if has_held else fit_before, {k: w.detach().clone() for k, w in weights.items()}, 0)
     opt = _optimizer(cfg, list(weights.values()))
-    total_steps = cfg.epochs * cfg.minibatches
+    # no more minibatches than calibration batches over every process: an empty step would still move
+    # the weights (the optimiser's momentum)
+    batches = int(float(reduced([torch.tensor(float(len(inputs)), device=device)])[0]))
+    minibatches = max(1, min(cfg.minibatches, batches))
+    total_steps = cfg.epochs * minibatches
     steps, stopped, epochs = 0, False, 0
     with torch.enable_grad():
         for epoch in range(cfg.epochs):
-            for k in range(cfg.minibatches):
-                mine = [j for j in range(len(inputs)) if (first_batch + j) % cfg.minibatches == k]
+            for k in range(minibatches):
+                mine = [j for j in range(len(inputs)) if (first_batch + j) % minibatches == k]
                 opt.zero_grad(set_to_none=False)
                 for w in weights.values():
                     if w.grad is None:
@@ -299,7 +304,7 @@ def reconstruct_block(block: nn.Module, name: str, units: dict[str, Any], inputs
                     w.grad = g
                 if cfg.schedule == "cosine":
                     for group in opt.param_groups:
-                        group["lr"] = cfg.lr * _cosine(steps, cfg.minibatches, total_steps)
+                        group["lr"] = cfg.lr * _cosine(steps, minibatches, total_steps)
                 opt.step()
                 with torch.no_grad():
                     for key, w in weights.items():
