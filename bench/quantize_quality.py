@@ -40,6 +40,10 @@ ROWS: dict[str, tuple[list[str], str | None]] = {
     "sparsegpt_2of4": (["--nm", "2:4", "--method", "sparsegpt"], None),
     "sparsegpt_2of4_w4": (["--nm", "2:4", "--method", "sparsegpt", "--wbits", "4"], None),
     "sparsegpt_2of4+rtn": ([], "sparsegpt_2of4"),
+    "sparsegpt_50_w3": (["--sparsity", "0.5", "--method", "sparsegpt", "--wbits", "3"], None),
+    "sparsegpt_50+rtn3": ([], "sparsegpt_50"),
+    "sparsegpt_2of4_w3": (["--nm", "2:4", "--method", "sparsegpt", "--wbits", "3"], None),
+    "sparsegpt_2of4+rtn3": ([], "sparsegpt_2of4"),
     "admm_50_w4": (["--sparsity", "0.5", "--method", "admm", "--wbits", "4"], None),
     "admm_2of4_w4": (["--nm", "2:4", "--method", "admm", "--wbits", "4"], None),
 }
@@ -133,7 +137,8 @@ def main() -> None:
                 if source not in folders:
                     folders[source] = Path(tmp) / source
                     prune(source, ROWS[source][0], folders[source], args.smoke, args.threads)
-                row = round_to_nearest(name, folders[source], args.smoke, args.threads)
+                row = round_to_nearest(name, folders[source], args.smoke, args.threads,
+                                       bits=3 if name.endswith("rtn3") else 4)
             row["wall_seconds"] = round(time.perf_counter() - started, 1)
             rows.append(row)
             print(json.dumps(row), flush=True)
