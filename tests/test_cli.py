@@ -218,7 +218,8 @@ def test_non_finite_result_prints_nan_and_exits_1(capsys):
     report = {"config": {"blocks": "model.layers"}, "summary": summary}
     assert prune_cmd.print_summary(report, report_path="r.json") == 1
     out, err = capsys.readouterr()
-    assert "perplexity: dense 61.4437 -> pruned nan" in out and "mean_reduction nan" in out and "r.json" in out
+    assert "perplexity: dense 61.4437 -> pruned nan" in out and "correction: mean error nan -> nan" in out
+    assert "r.json" in out
     assert err.strip() == "prac prune: the result is not usable (status not_finite)"
     assert prune_cmd.print_summary({**report, "summary": {**summary, "ppl": 63.4, "status": "ok"}}) == 0
     assert "pruned 63.4000" in capsys.readouterr().out

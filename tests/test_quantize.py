@@ -27,12 +27,7 @@ CPU = torch.device("cpu")
 Q4 = QuantConfig(bits=4, group_size=32)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -229,3 +224,15 @@ def test_cli_quantized_prune_saves_compressed_by_default(work, capsys):
     assert all(l["quant"]["bits"] == 4 for l in report["layers"])
     assert report["config"]["save_format"] == "compressed"
     assert json.loads((out / "config.json").read_text())["quantization_config"]["format"] == "pack-quantized"
+
+
+def test_moe_experts_are_quantized_on_their_masks(calib):
+    """Fused experts: every expert projection on its grid after GPTQ on its mask (saved dense)."""
+    model = make_tiny_model("mixtral")
+    outcome = prune_model(model, calib, PruneConfig(method="wanda", pattern=Unstructured(0.5), quant=Q4,
+                                                    engine=EngineConfig(batch_size=2)), CPU)
+    experts = [r for r in outcome.layers if r.expert is not None]
+    assert len(experts) == 2 * 4 * 3 and all(r.quant["sweep"] == "gptq on the mask" for r in experts)
+    for name, w in weights(model).items():
+        assert on_grid(w, outcome.grids[name]), name
+        assert float((w == 0).float().mean()) >= 0.5 - 1e-6, name

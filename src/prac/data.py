@@ -53,16 +53,73 @@ class TokenSet:
     protocol: dict = field(default_factory=dict)
 
 
+HUB_DATASETS = {"c4": C4_REPO, "wikitext2": WIKITEXT[0]}
+"""The texts prac reads from the hub (``--calib``/``--eval`` names), by the dataset each loads."""
+
+
 def _load_dataset(*args, **kwargs):
-    """``datasets.load_dataset`` with one-line errors for a missing package or an unreachable hub."""
+    """``datasets.load_dataset`` with one-line errors for a missing package or an unreachable hub.
+
+    When the hub cannot be reached (:func:`prac.loading.hub_offline_reason`) ``datasets`` is put in
+    offline mode for the call: it reads its cache at once instead of retrying the hub for 40 s."""
+    from prac.loading import hub_offline_reason
+
     try:
+        import datasets.config
         from datasets import load_dataset
     except ImportError as exc:
         raise PracError("the c4 and wikitext2 loaders need the 'datasets' package: pip install 'prac[hub]'") from exc
+    offline, before = hub_offline_reason(), datasets.config.HF_HUB_OFFLINE
     try:
+        if offline is not None:
+            datasets.config.HF_HUB_OFFLINE = True  # read at call time by datasets' loader: no HEAD retries
         return load_dataset(*args, **kwargs)
     except (OSError, ConnectionError, ValueError) as exc:
-        raise PracError(f"could not load dataset {args[0]!r} from the hub: {_first_line(exc)}") from exc
+        why = (f"the hub cannot be reached ({offline}) and it is not in the datasets cache" if offline
+               else _first_line(exc))
+        raise PracError(f"could not load dataset {args[0]!r} from the hub: {why}") from exc
+    finally:
+        datasets.config.HF_HUB_OFFLINE = before
+
+
+def hub_dataset_cached(repo: str) -> bool:
+    """Whether ``datasets``' cache holds a copy of ``repo`` (where its loader looks when the hub is offline)."""
+    import glob
+    import os
+
+    from datasets import config
+    from datasets.naming import camelcase_to_snakecase
+
+    parts = repo.split("/")
+    parts[-1] = camelcase_to_snakecase(parts[-1])
+    root = os.path.join(os.path.expanduser(str(config.HF_DATASETS_CACHE)), "___".join(parts))
+    return any(os.path.isdir(p) for p in glob.glob(os.path.join(root, "*", "*", "*")))
+
+
+def check_text_source(spec: str, what: str) -> None:
+    """Refuse, with one line and before any model is loaded, a ``--calib``/``--eval`` text that cannot
+    be read: a hub text (``c4``, ``wikitext2``) without ``datasets`` or with the hub unreachable and no
+    cached copy; a file that is missing, a folder, unreadable, not UTF-8 text, or (``.jsonl``) not
+    JSON lines with a ``text`` field."""
+    if spec in HUB_DATASETS:
+        import importlib.util
+
+        from prac.loading import hub_offline_reason
+
+        if importlib.util.find_spec("datasets") is None:
+            raise PracError(f"{what} {spec} needs the 'datasets' package: pip install 'prac[hub]' (or give a "
+                            f"local .txt/.jsonl file)")
+        offline = hub_offline_reason()
+        if offline is not None and not hub_dataset_cached(HUB_DATASETS[spec]):
+            raise PracError(f"{what} {spec} needs the dataset {HUB_DATASETS[spec]!r} from the hub, which cannot be "
+                            f"reached ({offline}), and the datasets cache has no copy: give a local .txt/.jsonl file")
+        return
+    path = Path(spec).expanduser()
+    if path.suffix == ".jsonl":
+        if not _read_jsonl_texts(path, what=what):
+            raise PracError(f"{what} {str(path)!r} has no documents")
+    else:
+        read_text_file(path, what)
 
 
 def _tokenize(tokenizer, text: str) -> torch.Tensor:

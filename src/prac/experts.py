@@ -305,6 +305,8 @@ def check_experts(root: nn.Module, prefix: str = "", samples: int = 24, seed: in
         full = ".".join(p for p in (prefix, path, param) if p)
         dtype = module._parameters[param].dtype
         device = module._parameters[param].device
+        if device.type == "meta":  # a skeleton without weights (prac.loading.model_skeleton): checked once loaded
+            continue
         hidden = int(module._parameters["down_proj"].shape[2 if layout.is_transposed else 1])
         k = min(2, layout.num_experts)
         x = torch.randn(samples, hidden, generator=generator).to(device=device, dtype=dtype)

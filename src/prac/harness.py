@@ -128,6 +128,44 @@ def _quiet_harness() -> Iterator[None]:
         logger.setLevel(before)
 
 
+@functools.lru_cache(maxsize=4)
+def _disabled(cls: type) -> type:
+    """``cls`` (a tqdm class) with every bar disabled."""
+
+    class Disabled(cls):  # type: ignore[misc, valid-type]
+        def __init__(self, *args, **kwargs):
+            kwargs["disable"] = True
+            super().__init__(*args, **kwargs)
+
+    return Disabled
+
+
+@contextlib.contextmanager
+def _bars(show: bool) -> Iterator[None]:
+    """lm-eval's progress bars shown, or (``show`` False: ``--no-progress``) hidden for the call.
+
+    The harness has no switch of its own: its modules call the ``tqdm`` class they imported (some
+    import it inside a function), so for the call that name in each of its modules, and ``tqdm.tqdm``
+    itself, are a subclass that is always disabled; both are restored after."""
+    if show:
+        yield
+        return
+    import tqdm
+    import tqdm.auto
+
+    originals = {tqdm.tqdm, tqdm.auto.tqdm}
+    swapped = [(tqdm, "tqdm", tqdm.tqdm)]
+    swapped += [(module, "tqdm", module.tqdm) for name, module in list(sys.modules.items())
+                if name.split(".")[0] == "lm_eval" and getattr(module, "tqdm", None) in originals]
+    for module, attr, cls in swapped:
+        setattr(module, attr, _disabled(cls))
+    try:
+        yield
+    finally:
+        for module, attr, cls in swapped:
+            setattr(module, attr, cls)
+
+
 def _first_line(exc: BaseException) -> str:
     lines = str(exc).strip().splitlines()
     return lines[0] if lines else type(exc).__name__
@@ -199,13 +237,13 @@ def _batch_size(config: ZeroShotConfig, model, device) -> int:
     return default_eval_batch_size(model, min(context, 2048), device)
 
 
-def run_tasks(model, tokenizer, config: ZeroShotConfig, device) -> dict[str, Any]:
+def run_tasks(model, tokenizer, config: ZeroShotConfig, device, progress: bool = True) -> dict[str, Any]:
     """Evaluate ``model`` (in memory) on ``config``'s tasks with the harness's ``HFLM``; the report's record.
 
     Returns ``harness`` (lm-eval version), ``tasks`` (per task: ``acc``, ``acc_stderr``, ``acc_norm``,
     ``acc_norm_stderr`` where present, ``version``, ``num_fewshot``, ``samples``), ``mean`` (per
     preset and over all tasks: the mean ``acc`` and, where every task has it, ``acc_norm``),
-    ``batch_size``, ``limit``, ``seconds``."""
+    ``batch_size``, ``limit``, ``seconds``. ``progress`` False hides the harness's bars (:func:`_bars`)."""
     from prac.evaluate import placed
 
     prepared = prepare(config)
@@ -216,7 +254,7 @@ def run_tasks(model, tokenizer, config: ZeroShotConfig, device) -> dict[str, Any
     started = time.perf_counter()
     was_training = model.training
     model.eval()
-    with placed(model, device), _quiet_harness():
+    with placed(model, device), _quiet_harness(), _bars(progress):
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch)
         out = lm_eval.simple_evaluate(model=lm, tasks=list(config.tasks), num_fewshot=config.num_fewshot,
                                       limit=config.limit, task_manager=prepared.manager, log_samples=False)

@@ -31,13 +31,13 @@ from typing import Any
 import torch
 
 from prac import assets, distributed
-from prac.data import (TokenSet, check_calibration, check_token_ids, eval_windows, load_calibration, load_eval_tokens,
-                       load_token_file, split_eval_sets)
+from prac.data import (HUB_DATASETS, TokenSet, check_calibration, check_text_source, check_token_ids, eval_windows,
+                       load_calibration, load_eval_tokens, load_token_file, split_eval_sets)
 from prac.errors import PracError
 from prac.evaluate import default_eval_batch_size, last_hidden_states, mean_cosine, perplexity
 from prac.harness import ZeroShotConfig
-from prac.loading import (check_model_source, is_causal_lm, load_model, load_tokenizer, model_context, model_vocab_size,
-                          resolve_device)
+from prac.loading import (check_model_source, check_tokenizer_source, is_causal_lm, load_model, load_tokenizer,
+                          model_context, model_skeleton, model_vocab_size, resolve_device)
 from prac.patterns import pattern_to_dict
 from prac.pipeline import PruneConfig, check_pattern, check_quant, prune_model, sweep_blocksize
 from prac.progress import Progress, no_progress
@@ -236,13 +236,85 @@ def folder_defaults(path_or_id: str, model) -> tuple[dict[str, Any], str]:
 
 def check_prune_inputs(job: PruneJob) -> None:
     """Checks of a prune's settings that need no model, run before it is loaded: the ``--ignore`` regex,
-    the ``--eval`` list and the zero-shot tasks (names known, data reachable; see :mod:`prac.harness`)."""
+    the ``--eval`` list, the calibration and evaluation texts given (:func:`check_sources`) and the
+    zero-shot tasks (names known, data reachable; see :mod:`prac.harness`)."""
     check_ignore(job.prune.ignore)
     split_eval_sets(job.eval)
+    check_sources(job.calib, job.calib_tokens, job.eval)
     if job.tasks is not None:
         from prac.harness import prepare
 
         prepare(job.tasks)
+
+
+def check_sources(calib: str | None, calib_tokens: str | None, ev: str | None, note: str = "") -> None:
+    """The calibration text (or token file) and the evaluation texts named, read before any model is:
+    a missing, unreadable or binary file, a malformed token file or ``.jsonl``, or a hub text the hub
+    cannot give is one line now rather than after the load (:func:`prac.data.check_text_source`)."""
+    if calib_tokens:
+        load_token_file(calib_tokens)
+    elif calib:
+        check_text_source(calib, "--calib" + note)
+    for name in split_eval_sets(ev):
+        check_text_source(name, "--eval" + note)
+
+
+def check_without_weights(job: PruneJob) -> None:
+    """What needs the model's shapes but not its weights, on its meta-device skeleton
+    (:func:`prac.loading.model_skeleton`), before the load: the folder's tokenizer, the defaults and
+    context lengths (:func:`resolve`) and the texts the defaults name, the N:M pattern and the
+    quantization grid against every layer's inputs, and ``--ignore`` leaving something to prune.
+    Without a skeleton (a config transformers cannot build on ``meta``) they run after the load only."""
+    skeleton = model_skeleton(job.model)
+    if skeleton is None:
+        return
+    check_tokenizer_source(job.model)
+    with _muted(log):  # its warnings (a saved protocol's missing text) come once, from the resolve after the load
+        early = resolve(job, skeleton)
+    check_sources(early.calib if job.calib is None and job.calib_tokens is None else None, None,
+                  early.eval if job.eval is None else None, note=f" (default for {job.model})")
+    check_model_fits(skeleton, job)
+
+
+def check_model_fits(model, job: PruneJob) -> None:
+    """The job's pattern, quantization grid, ``--ignore`` and save format against ``model``'s layers
+    (its meta-device skeleton before the load, the loaded model after)."""
+    check_pattern(model, job.prune.pattern, job.prune.ignore)
+    check_quant(model, job.prune.quant, job.prune.ignore, sweep_blocksize(job.prune))
+    check_something_to_prune(model, job.prune.ignore)
+    if job.save and job.save_format == "compressed":
+        check_compressed(job.prune.quant, {n: u for _b, _i, units in model_units(model, job.prune.ignore)
+                                           for n, u in units.items()})
+
+
+@contextlib.contextmanager
+def _muted(logger: logging.Logger):
+    """``logger``'s warnings dropped inside (errors still pass)."""
+    before = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(before)
+
+
+def warn_if_evaluated_on_calibration(job: PruneJob) -> None:
+    """A warning when an evaluation text is the calibration text (the same file, or a byte-identical
+    copy): its numbers then measure the fit to the calibration windows, not quality on unseen text.
+    (``c4`` and ``wikitext2`` calibrate on their train split and evaluate on another.)"""
+    import filecmp
+
+    if job.calib_tokens or not job.calib or job.calib in HUB_DATASETS:
+        return
+    for name in split_eval_sets(job.eval):
+        try:
+            same = name not in HUB_DATASETS and filecmp.cmp(Path(job.calib).expanduser(), Path(name).expanduser(),
+                                                            shallow=False)
+        except OSError:
+            same = False
+        if same:
+            log.warning("the evaluation text %s is the calibration text %s: the result measures the fit to the "
+                        "calibration windows, not quality on unseen text (give --eval another file)", name, job.calib)
 
 
 def check_ignore(regex: str | None) -> None:
@@ -474,7 +546,8 @@ class _Evaluator:
         if self.tasks is not None:
             from prac.harness import run_tasks
 
-            out["zeroshot"] = run_tasks(model, self.tokenizer, self.tasks, self.device)
+            out["zeroshot"] = run_tasks(model, self.tokenizer, self.tasks, self.device,
+                                        progress=self.progress is not no_progress)
         return out
 
 
@@ -486,6 +559,7 @@ def run_prune(job: PruneJob, progress: Progress = no_progress) -> dict[str, Any]
     check_prune_inputs(job)
     job.allocation.check(job.prune.pattern)
     check_prune_outputs(job)
+    check_without_weights(job)
     session = distributed.active()  # a rank of `torchrun … prac prune`, or None
     device = session.device if session else resolve_device(job.device)
     meter = PhaseMeter(device)
@@ -493,12 +567,8 @@ def run_prune(job: PruneJob, progress: Progress = no_progress) -> dict[str, Any]
         model = load_model(job.model, job.dtype)
         tokenizer = load_tokenizer(job.model)
     job = resolve(job, model)
-    check_pattern(model, job.prune.pattern, job.prune.ignore)
-    check_quant(model, job.prune.quant, job.prune.ignore, sweep_blocksize(job.prune))
-    check_something_to_prune(model, job.prune.ignore)
-    if job.save and job.save_format == "compressed":
-        check_compressed(job.prune.quant, {n: u for _b, _i, units in model_units(model, job.prune.ignore)
-                                           for n, u in units.items()})
+    warn_if_evaluated_on_calibration(job)
+    check_model_fits(model, job)
     calib = calibration_tokens(job, tokenizer)
     log.info("calibration: %d x %d tokens from %s (defaults from %s)", *calib.input_ids.shape,
              calib.protocol.get("file") or calib.protocol.get("source"), job.defaults_from)
@@ -567,7 +637,7 @@ def run_prune(job: PruneJob, progress: Progress = no_progress) -> dict[str, Any]
         if job.save:
             check_save_dir(job.save, _sources(job), job.overwrite)  # again: the folder may have changed
             compressed = (outcome.grids, job.prune.quant) if job.save_format == "compressed" else None
-            outputs.add(stage_model(model, tokenizer, job.save, written, compressed))
+            outputs.add(stage_model(model, tokenizer, job.save, written, compressed, source=job.model))
             report["saved"] = written["saved"]
         if job.report:
             outputs.add(stage_json(job.report, written))
@@ -632,7 +702,8 @@ def _config_dict(job: PruneJob) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class EvalJob:
-    """A ``prac eval`` run: perplexity on one or more texts and/or zero-shot tasks."""
+    """A ``prac eval`` run: perplexity on one or more texts and/or zero-shot tasks; for an encoder, the
+    cosine similarity of its last hidden states to a dense ``reference`` model's."""
 
     model: str = str(assets.DEFAULT_MODEL)
     data: str | None = None  # comma-separated sets as for --eval; None: as for prune (none when tasks are given)
@@ -643,6 +714,28 @@ class EvalJob:
     report: str | None = None
     tasks: ZeroShotConfig | None = None
     overwrite: bool = False  # replace a --report file prac did not write
+    reference: str | None = None  # encoders: the dense model compared with; None: the source a prac save names
+
+
+def encoder_reference(job: EvalJob, causal: bool) -> str | None:
+    """The dense model an encoder's last hidden states are compared with: ``job.reference``, else the
+    source model a prac-saved folder's report names; None for a causal LM (judged by its perplexity).
+    Refuses zero-shot tasks for an encoder, ``--reference`` for a causal LM, and an encoder with no
+    reference known (one line naming what to give)."""
+    if causal:
+        if job.reference:
+            raise PracError(f"--reference compares an encoder's hidden states; {job.model} is a causal LM, judged by "
+                            f"its perplexity without one")
+        return None
+    if job.tasks is not None:
+        raise PracError(f"{job.model} is not a causal LM: zero-shot tasks (--tasks) need one")
+    reference = job.reference or (saved_protocol(job.model) or {}).get("source_model")
+    if not reference:
+        raise PracError(f"{job.model} is an encoder (no LM head), so it has no perplexity; prac eval compares its "
+                        f"last hidden states with a dense model's: give --reference DENSE_MODEL (a folder prac "
+                        f"saved names its source itself)")
+    check_model_source(str(reference))
+    return str(reference)
 
 
 def run_eval(job: EvalJob, progress: Progress = no_progress) -> dict[str, Any]:
@@ -656,6 +749,17 @@ def run_eval(job: EvalJob, progress: Progress = no_progress) -> dict[str, Any]:
     sets = split_eval_sets(job.data)
     if job.data is not None and not sets and job.tasks is None:
         raise PracError("--data none leaves nothing to evaluate (give --tasks, or a text)")
+    for name in sets:
+        check_text_source(name, "--data")
+    skeleton = model_skeleton(job.model)  # shapes, no weights: an encoder's reference is settled before the load
+    if skeleton is not None:
+        check_tokenizer_source(job.model)
+        with _muted(log):  # warnings come once, after the load
+            encoder_reference(job, is_causal_lm(skeleton))
+            if job.data is None and job.tasks is None:  # the texts the defaults name
+                early = resolve(PruneJob(model=job.model, seqlen=job.seqlen, eval_seqlen=job.seqlen), skeleton)
+                for name in split_eval_sets(early.eval) or ["wikitext2"]:
+                    check_text_source(name, f"--data (default for {job.model})")
     if job.tasks is not None:
         from prac.harness import prepare
 
@@ -668,9 +772,9 @@ def run_eval(job: EvalJob, progress: Progress = no_progress) -> dict[str, Any]:
     meter = PhaseMeter(device)
     with meter("load"):
         model = load_model(job.model, job.dtype)
-        if not is_causal_lm(model):
-            raise PracError(f"{job.model} is not a causal LM: perplexity does not exist for it")
+        reference = encoder_reference(job, is_causal_lm(model))
         tokenizer = load_tokenizer(job.model)
+        dense = load_model(reference, job.dtype) if reference else None
     resolved = resolve(PruneJob(model=job.model, seqlen=job.seqlen, eval_seqlen=job.seqlen,
                                 eval=job.data or None), model)
     if job.data is None:
@@ -685,11 +789,17 @@ def run_eval(job: EvalJob, progress: Progress = no_progress) -> dict[str, Any]:
         tokens, protocol = load_eval_tokens(data, tokenizer, resolved.eval_seqlen)
         windows = eval_windows(tokens, resolved.eval_seqlen)
         check_token_ids(windows, resolved.model_vocab_size, f"evaluation text {data}")
+        if dense is not None:
+            check_token_ids(windows, model_vocab_size(dense), f"evaluation text {data} (for the reference {reference})")
+            protocol["metric"] = "mean cosine similarity of last hidden states to the reference model"
         loaded.append((data, windows, protocol))
     result: dict[str, Any] = {}
     per_set: dict[str, dict[str, Any]] = {}
     with meter("eval"):
         for data, windows, _ in loaded:
+            if dense is not None:
+                per_set[data] = _cosine_to_reference(dense, model, windows, device, batch, progress, data)
+                continue
             per_set[data] = (distributed.perplexity(session, model, windows, device, batch, progress, desc="eval")
                              if session else perplexity(model, windows, device, batch, progress, desc=f"eval {data}"))
     if loaded:
@@ -700,11 +810,11 @@ def run_eval(job: EvalJob, progress: Progress = no_progress) -> dict[str, Any]:
         from prac.harness import run_tasks
 
         with meter("zeroshot"):
-            result["zeroshot"] = run_tasks(model, tokenizer, job.tasks, device)
+            result["zeroshot"] = run_tasks(model, tokenizer, job.tasks, device, progress=progress is not no_progress)
     result["phase_seconds"] = {k: round(v, 3) for k, v in meter.seconds.items()}
     result.update(meter.summary())
     set_status(result)
-    report = {"config": {**jsonable(job), "seqlen": resolved.eval_seqlen,
+    report = {"config": {**jsonable(job), "seqlen": resolved.eval_seqlen, "reference_resolved": reference,
                          "data_resolved": ",".join(sets) if sets else None, "batch_size_resolved": batch,
                          "defaults_from": resolved.defaults_from,
                          "evaluation": loaded[0][2] if loaded else None,
@@ -717,3 +827,16 @@ def run_eval(job: EvalJob, progress: Progress = no_progress) -> dict[str, Any]:
             outputs.add(stage_json(job.report, json_report(report)))
             outputs.commit()
     return report
+
+
+def _cosine_to_reference(dense, model, windows: torch.Tensor, device, batch: int, progress: Progress,
+                         name: str) -> dict[str, Any]:
+    """An encoder's evaluation on one set: the mean cosine over tokens of its last hidden states to the
+    dense reference's (as ``prac prune`` reports for encoders)."""
+    ref = last_hidden_states(dense, windows, device, batch, progress, desc=f"reference {name}")
+    got = last_hidden_states(model, windows, device, batch, progress, desc=f"eval {name}")
+    if ref.shape != got.shape:
+        raise PracError(f"the reference's last hidden states have {ref.shape[-1]} features, the model's "
+                        f"{got.shape[-1]}: give --reference the dense model this one was pruned from")
+    return {"cosine_similarity": mean_cosine(ref, got), "windows": int(windows.shape[0]),
+            "seqlen": int(windows.shape[1])}

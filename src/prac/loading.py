@@ -194,13 +194,46 @@ def load_model(path_or_id: str, dtype: str = "auto") -> torch.nn.Module:
     return model
 
 
+def model_skeleton(path_or_id: str) -> torch.nn.Module | None:
+    """The model built from its ``config.json`` on the ``meta`` device: every module and shape, no
+    weights read or allocated (seconds, whatever the size). Lets the checks that need only shapes
+    (N:M and group sizes against the layers' inputs, ``--ignore``, context lengths) run before the
+    load. None when the config cannot be read or the model not built that way (the load says why)."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(path_or_id, **_hub_kwargs(path_or_id))
+        auto_cls = AutoModelForCausalLM if is_causal_lm_config(config) else AutoModel
+        with torch.device("meta"):
+            return auto_cls.from_config(config).eval()
+    except Exception as exc:  # noqa: BLE001 - the checks run again on the loaded model
+        log.debug("no meta skeleton of %s (%s: %s); its shapes are checked after the load", path_or_id,
+                  type(exc).__name__, _first_line(exc))
+        return None
+
+
+#: Files one of which a folder's tokenizer is read from (transformers' fast, sentencepiece, BPE, WordPiece).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "vocab.json",
+                   "vocab.txt", "tokenizer_config.json")
+
+
+def check_tokenizer_source(path_or_id: str) -> None:
+    """A local model folder must hold a tokenizer (one of :data:`TOKENIZER_FILES`), checked before the
+    weights are loaded; a hub id is left to the load."""
+    path = Path(path_or_id).expanduser()
+    if path.is_dir() and not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise PracError(f"model folder {path_or_id!r} has no tokenizer (none of tokenizer.json, tokenizer.model, "
+                        f"vocab.json, vocab.txt): copy the tokenizer files of the model it was made from into it")
+
+
 def load_tokenizer(path_or_id: str):
     from transformers import AutoTokenizer
 
+    check_tokenizer_source(path_or_id)
     try:
         return AutoTokenizer.from_pretrained(path_or_id, **_hub_kwargs(path_or_id))
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise PracError(f"could not load a tokenizer from {path_or_id!r}: {_first_line(exc)}") from exc
+        raise PracError(f"could not load a tokenizer from {path_or_id!r}: {_one_line(exc)}") from exc
 
 
 def is_causal_lm(model: torch.nn.Module) -> bool:
@@ -210,3 +243,9 @@ def is_causal_lm(model: torch.nn.Module) -> bool:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
+
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    """The whole message on one line (a first line ending in ``:`` says nothing alone), cut at ``limit``."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3].rstrip() + "..."

@@ -166,6 +166,8 @@ def check_report_path(report: str | Path, sources: Sources, what: str = "report 
     """Refuse a report destination that is empty, a folder, an input, inside the model, not writable,
     or an existing file prac did not write (unless ``overwrite``)."""
     check_path_given(report, what)
+    if str(report).endswith(("/", os.sep)):
+        raise PracError(f"{what} {str(report)!r} ends with a slash: it names a folder; give a file name")
     path = _resolve(report)
     model_dir = sources.model_dir()
     if model_dir is not None and _inside(path, model_dir):
@@ -214,7 +216,8 @@ def check_save_dir(out_dir: str | Path, sources: Sources, overwrite: bool) -> Pa
         if not overwrite:
             raise PracError(f"output folder {shown!r} is not empty (use --overwrite to replace a previous prac save)")
         ours = prac_written_files(out)
-        entries = sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir())
+        entries = (sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir()) if ours is None
+                   else _entries(out))  # a prac save may hold sub-folders (1_Pooling/): every file must be listed
         foreign = entries if ours is None else [e for e in entries if e not in ours]
         if foreign:
             listed = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
@@ -224,6 +227,20 @@ def check_save_dir(out_dir: str | Path, sources: Sources, overwrite: bool) -> Pa
             raise PracError(f"output folder {shown!r} is not writable")
     _check_creatable(out, "output folder", shown)
     return out
+
+
+def _entries(folder: Path) -> list[str]:
+    """Every file under ``folder`` (relative POSIX paths, as ``saved_files`` lists them) and every
+    empty sub-folder (with a trailing ``/``)."""
+    out = []
+    for p in folder.rglob("*"):
+        rel = p.relative_to(folder).as_posix()
+        if p.is_dir():
+            if not any(p.iterdir()):
+                out.append(rel + "/")
+        else:
+            out.append(rel)
+    return sorted(out)
 
 
 def _tmp_prefix(target: Path) -> str:

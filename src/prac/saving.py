@@ -6,17 +6,19 @@ from pathlib import Path
 from typing import Any
 
 from prac.outputs import REPORT_NAME, StagedDir, dump_json
+from prac.source_files import copy_source_files
 
 
-def stage_model(model, tokenizer, out_dir: str | Path, report: dict[str, Any], compressed: tuple | None = None
-                ) -> StagedDir:
+def stage_model(model, tokenizer, out_dir: str | Path, report: dict[str, Any], compressed: tuple | None = None,
+                source: str | None = None) -> StagedDir:
     """Model (safetensors), tokenizer and ``prac_report.json`` in a temporary sibling of ``out_dir``.
 
     The report lists every file of the folder (``saved_files``): that list is what a later
     ``--overwrite`` may replace; ``report["saved"]`` is set to the format and the bytes of the weight
     files. ``compressed``: ``(grids, QuantConfig)`` of a quantized prune, to write compressed-tensors'
-    pack-quantized format (:mod:`prac.compressed`; the model is compressed in place). Nothing is
-    visible at ``out_dir`` until the caller commits.
+    pack-quantized format (:mod:`prac.compressed`; the model is compressed in place). ``source``: the
+    model folder or hub id pruned, whose other files and model card are carried over
+    (:mod:`prac.source_files`). Nothing is visible at ``out_dir`` until the caller commits.
     """
     from prac.compressed import FORMAT, to_compressed, weight_bytes
 
@@ -29,6 +31,7 @@ def stage_model(model, tokenizer, out_dir: str | Path, report: dict[str, Any], c
                            "weight_bytes": weight_bytes(tmp)}
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        copy_source_files(source, tmp, report)
         files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file()) + [REPORT_NAME]
         (tmp / REPORT_NAME).write_text(dump_json({**report, "saved_files": sorted(files)}), encoding="utf-8")
         from prac.outputs import file_mode

@@ -26,6 +26,7 @@ import os
 import sys
 import traceback
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, NoReturn, Sequence
 
 from prac.cli.common import positive_int, sparsity
@@ -46,10 +47,35 @@ class Command:
     data_parallel: bool = False  # under torchrun: every rank works (else rank 0 alone)
 
 
+def registry_names(module: str, name: str) -> tuple[str, ...]:
+    """The string keys of the dict literal ``name`` in ``module``'s source, read without importing it
+    (the method registry imports torch; ``prac --help`` must not). Empty when it is not a literal."""
+    import ast
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec(module)
+        tree = ast.parse(Path(spec.origin).read_text(encoding="utf-8"))
+    except (ImportError, AttributeError, TypeError, OSError, SyntaxError, ValueError):
+        return ()
+    for node in tree.body:
+        target = node.target if isinstance(node, ast.AnnAssign) else (node.targets[0] if isinstance(node, ast.Assign)
+                                                                       else None)
+        if isinstance(target, ast.Name) and target.id == name and isinstance(node.value, ast.Dict):
+            return tuple(k.value for k in node.value.keys if isinstance(k, ast.Constant) and isinstance(k.value, str))
+    return ()
+
+
+def _prune_help() -> str:
+    methods = registry_names("prac.methods", "METHODS")
+    listed = f" ({', '.join(methods)})" if methods else ""
+    return f"prune a model block by block{listed} with optional correction and quantization"
+
+
 COMMANDS: dict[str, Command] = {
-    "prune": Command("prac.cli.prune", "prune a model block by block (Wanda, magnitude, SparseGPT) with optional correction",
-                     data_parallel=True),
-    "eval": Command("prac.cli.eval", "perplexity of a causal LM on a text", data_parallel=True),
+    "prune": Command("prac.cli.prune", _prune_help(), data_parallel=True),
+    "eval": Command("prac.cli.eval", "perplexity of a causal LM on texts (an encoder: cosine to its dense model), "
+                                     "zero-shot tasks", data_parallel=True),
     "verify": Command("prac.cli.verify", "check the statistics and correction invariants on a model",
                       data_parallel=True),
     "spectrum": Command("prac.cli.spectrum", "per-block Fisher eigenvalue spectra from per-sample gradients"),

@@ -54,7 +54,13 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:i (default: auto)")
     p.add_argument("--dtype", default="auto", help="model dtype: auto (as saved), float32, float16, bfloat16")
     add_logging_options(p)
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars (also transformers' own)")
+    add_progress_option(p)
+
+
+def add_progress_option(group: Any) -> None:
+    """``--no-progress``, on every command: no bar of prac's, transformers', the hub's or lm-eval's."""
+    group.add_argument("--no-progress", action="store_true",
+                       help="hide progress bars (prac's, and those of transformers, the hub and lm-eval)")
 
 
 def progress(args: argparse.Namespace) -> Progress:
@@ -68,12 +74,19 @@ def progress(args: argparse.Namespace) -> Progress:
 
 
 def quiet_libraries() -> None:
-    """--no-progress also hides transformers' and the hub's own loading/writing bars."""
+    """--no-progress also hides transformers', the hub's and ``datasets``' own loading/writing bars
+    (lm-eval's are hidden where it runs: :func:`prac.harness.run_tasks`)."""
+    import os
+    import sys
+
     from huggingface_hub.utils import disable_progress_bars
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     disable_progress_bars()
+    os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"  # read when datasets is imported (it is, late, if at all)
+    if "datasets" in sys.modules:
+        sys.modules["datasets"].disable_progress_bars()
 
 
 def number(value: Any, spec: str = ".4f") -> str:

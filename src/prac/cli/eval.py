@@ -10,13 +10,15 @@ from prac import assets
 from prac.cli.common import add_common, non_negative_int, not_finite, number, positive_int, progress
 
 DESCRIPTION = ("Perplexity on non-overlapping seqlen windows, ppl = exp(mean NLL over all predicted tokens); "
-               "zero-shot accuracy through lm-evaluation-harness (--tasks).")
+               "zero-shot accuracy through lm-evaluation-harness (--tasks). An encoder (no LM head) gets the mean "
+               "cosine similarity of its last hidden states to a dense model's (--reference), as prac prune reports.")
 
 EPILOG = """\
 examples:
   prac eval --model out/mistral-50 --data wikitext2,c4 --seqlen 2048
   prac eval --model out/mistral-50 --tasks paper7          # BoolQ, RTE, HellaSwag, WinoGrande, ARC-e/c, OBQA
   prac eval --tasks prac_pycode --include-path tests/data/zeroshot   # a local task, offline
+  prac eval --model out/minilm-50 --eval notes.txt   # an encoder: cosine to the model it was pruned from
 """
 
 
@@ -58,9 +60,12 @@ def zeroshot_config(args: argparse.Namespace, batch_size: int | None):
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Every option of ``prac eval``."""
     p.add_argument("--model", default=str(assets.DEFAULT_MODEL), help="model folder or hub id (default: bundled)")
-    p.add_argument("--data", default=None,
+    p.add_argument("--data", "--eval", dest="data", default=None,
                    help="wikitext2 | c4 | FILE.txt | FILE.jsonl, comma-separated for several (default: bundled eval "
-                        "text for the bundled model, else wikitext2; none with --tasks)")
+                        "text for the bundled model, else wikitext2; none with --tasks); --eval as in prac prune")
+    p.add_argument("--reference", default=None, metavar="MODEL",
+                   help="encoders: the dense model whose last hidden states the model's are compared with (default: "
+                        "the source model a folder prac saved names in its report)")
     p.add_argument("--seqlen", type=positive_int, default=None, help="window length (default as for prune)")
     p.add_argument("--batch-size", "--eval-batch-size", type=positive_int, default=None,
                    help="windows (and harness requests) per forward (default: chosen for the device: "
@@ -73,8 +78,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def format_perplexity(summary: dict[str, Any]) -> list[str]:
-    """One line per evaluation set (the first is the summary's own)."""
+    """One line per evaluation set (the first is the summary's own): perplexity, or an encoder's cosine."""
     sets = summary.get("eval_sets") or {}
+    if "cosine_similarity" in summary:
+        return [f"cosine similarity of last hidden states to the reference {number(r.get('cosine_similarity'), '.6f')}"
+                + (f" on {name}" if name else "") + f" over {r.get('windows')} windows of {r.get('seqlen')} tokens"
+                for name, r in (sets or {"": summary}).items()]
     if sets:
         return [f"perplexity {number(r.get('ppl'))} on {name} over {r.get('windows')} windows of {r.get('seqlen')} tokens"
                 for name, r in sets.items()]
@@ -104,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
     """Evaluate and print the perplexity and/or the zero-shot table."""
     from prac.jobs import EvalJob, run_eval
 
-    job = EvalJob(model=args.model, data=args.data, seqlen=args.seqlen, batch_size=args.batch_size,
-                  device=args.device, dtype=args.dtype, report=args.report, overwrite=args.overwrite,
-                  tasks=zeroshot_config(args, args.batch_size))
+    job = EvalJob(model=args.model, data=args.data, reference=args.reference, seqlen=args.seqlen,
+                  batch_size=args.batch_size, device=args.device, dtype=args.dtype, report=args.report,
+                  overwrite=args.overwrite, tasks=zeroshot_config(args, args.batch_size))
     return print_summary(run_eval(job, progress(args))["summary"])

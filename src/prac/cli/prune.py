@@ -451,9 +451,7 @@ def format_summary(report: dict[str, Any], save: str | None = None, report_path:
         lines.append(f"quantized {q['quantized_layers']} layers to {q['bits']}-bit, {groups}, "
                      f"{'symmetric' if q['symmetric'] else 'asymmetric'} ({sweeps}){errors}")
     if "correction" in s:
-        c = s["correction"]
-        lines.append("correction: " + ", ".join(f"{k} {number(v, '.6g')}" if isinstance(v, float) or v is None
-                                                else f"{k} {v}" for k, v in c.items()))
+        lines.append(format_correction(s["correction"], report_path))
     if save:
         saved = report.get("saved") or {}
         size = (f" ({saved['format']}, {saved['weight_bytes'] / 2**20:.2f} MiB of weights)"
@@ -462,6 +460,29 @@ def format_summary(report: dict[str, Any], save: str | None = None, report_path:
     if report_path:
         lines.append(f"report written to {report_path}")
     return "\n".join(lines)
+
+
+def format_correction(c: dict[str, Any], report_path: str | None = None) -> str:
+    """The correction's one summary line: layers, mean error before -> after, the held-out check and
+    the yardstick when measured, and only the failures that happened (solve failures, reverted or
+    refused layers, solver fallbacks); every number is in the report's ``summary.correction``."""
+    layers = f"{c['layers']} layers, " if "layers" in c else ""
+    line = (f"correction: {layers}mean error {number(c.get('mean_error_before'), '.6g')} -> "
+            f"{number(c.get('mean_error_after'), '.6g')} ({number(c.get('mean_reduction_pct'), '.1f')}% lower)")
+    if "mean_heldout_error_before" in c:
+        line += (f", held-out {number(c['mean_heldout_error_before'], '.6g')} -> "
+                 f"{number(c.get('mean_heldout_error_after'), '.6g')}")
+    if "mean_fraction_of_optimal" in c:
+        line += f", {number(c['mean_fraction_of_optimal'], '.3f')} of optimal"
+    events = [f"{c[k]} {what}" for k, what in (("total_solve_failures", "solve failures"), ("reverted", "reverted"),
+                                               ("refused", "refused on held-out"),
+                                               ("layers_with_solver_fallback", "layers on the solver's fallback"))
+              if c.get(k)]
+    if c.get("solver_converged") is False:
+        events.append("solver short of tolerance")
+    if events:
+        line += "; " + ", ".join(events)
+    return line + ("" if report_path else " (every number: --report FILE)")
 
 
 def print_summary(report: dict[str, Any], save: str | None = None, report_path: str | None = None) -> int:

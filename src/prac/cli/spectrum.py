@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from prac import assets
-from prac.cli.common import add_logging_options, positive_int
+from prac.cli.common import add_logging_options, add_progress_option, positive_int, quiet_libraries
 from prac.errors import PracError
 
 DESCRIPTION = ("Eigenvalue spectrum of the (empirical or Monte-Carlo) Fisher information, per block of "
@@ -24,7 +24,8 @@ what it computes:
   block the eigenvalues of F = (1/N) sum_i g_i g_i^T via the N x N Gram matrix, in float64.
 
 outputs (a missing folder is created; nothing is written unless the whole run succeeds):
-  --out FILE.json   metadata + per-block eigenvalues and metrics (JSON, NaN written as null)
+  --out FILE.json   metadata + per-block eigenvalues and metrics (JSON, NaN written as null);
+                    --out DIR/ (a trailing slash, or an existing folder) writes DIR/spectrum.json
   --csv FILE.csv    one row per block (default: the --out path with .csv)
   --plot FILE.png   log-log eigenvalue vs rank per block, and layer x {attention, mlp}
                     heatmaps of the top eigenvalue and the trace
@@ -75,13 +76,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "float64", "bfloat16", "float16"],
                    help="model dtype (default: as saved); float64 for reference-grade gradients")
     g = p.add_argument_group("output")
-    g.add_argument("--out", default="spectrum.json", metavar="FILE.json", help="JSON report (default: spectrum.json)")
-    g.add_argument("--csv", default=None, metavar="FILE.csv", help="per-block metrics (default: --out with .csv)")
+    g.add_argument("--out", default="spectrum.json", metavar="FILE.json",
+                   help="JSON report; a folder (trailing / or existing) gets spectrum.json (default: spectrum.json)")
+    g.add_argument("--csv", default=None, metavar="FILE.csv", help="per-block metrics (default: --out with .csv; "
+                                                                  "a folder gets that name)")
     g.add_argument("--overwrite", action="store_true",
                    help="replace output files that prac did not write (those it wrote are replaced anyway)")
-    g.add_argument("--plot", default=None, metavar="FILE.png", help="write the figure (.png, .pdf or .svg)")
+    g.add_argument("--plot", default=None, metavar="FILE.png",
+                   help="write the figure (.png, .pdf or .svg; a folder gets --out's name with .png)")
     add_logging_options(g)
-    g.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_progress_option(g)
 
 
 def output_paths(args: argparse.Namespace) -> dict[str, Path]:
@@ -92,17 +96,27 @@ def output_paths(args: argparse.Namespace) -> dict[str, Path]:
 
     for option in ("out", "csv", "plot"):
         check_path_given(getattr(args, option), f"--{option}")
-    out = Path(args.out)
-    paths = {"spectrum JSON": out, "spectrum CSV": Path(args.csv) if args.csv else out.with_suffix(".csv")}
+    out = _file_in(args.out, "spectrum.json")
+    paths = {"spectrum JSON": out,
+             "spectrum CSV": _file_in(args.csv, out.with_suffix(".csv").name) if args.csv else out.with_suffix(".csv")}
     if args.plot:
-        if Path(args.plot).suffix.lower() not in PLOT_FORMATS:
+        figure = _file_in(args.plot, out.with_suffix(".png").name)
+        if figure.suffix.lower() not in PLOT_FORMATS:
             raise PracError(f"figure {args.plot!r}: the name must end in {', '.join(PLOT_FORMATS)}")
-        paths["figure"] = Path(args.plot)
+        paths["figure"] = figure
     sources = Sources(model=str(args.model), files=(str(args.data),))
     resolved = {what: check_report_path(path, sources, what, overwrite=args.overwrite) for what, path in paths.items()}
     if len(set(resolved.values())) < len(resolved):
         raise PracError("--out, --csv and --plot must name different files")
     return paths
+
+
+def _file_in(value: str, name: str) -> Path:
+    """An output option's file: ``value`` itself, or ``value/name`` when ``value`` ends with a slash or
+    is an existing folder (``--out results/`` writes ``results/spectrum.json``)."""
+    if value.endswith(("/", os.sep)) or Path(value).is_dir():
+        return Path(value) / name
+    return Path(value)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -111,6 +125,11 @@ def run(args: argparse.Namespace) -> int:
         # cuBLAS reads this when its first handle is created: set it before anything touches CUDA.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     paths = output_paths(args)
+    if args.no_progress:
+        quiet_libraries()
+    from prac.data import check_text_source
+
+    check_text_source(args.data, "--data")  # before the load: a missing text is one line at once
 
     from prac.outputs import Outputs, StagedFile
     from prac.spectral import FisherSpectral, SpectralConfig

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from prac.cli.common import add_calibration, add_logging_options, positive_int, sparsity
+from prac.cli.common import (add_calibration, add_logging_options, add_progress_option, positive_int, quiet_libraries,
+                             sparsity)
 
 DESCRIPTION = """\
 Check, on a given model and calibration set, the invariants every run relies on:
@@ -40,13 +41,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the reconstruction mode check 5 runs (default: block, one epoch)")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:i (default: auto)")
     add_logging_options(p)
+    add_progress_option(p)
 
 
 def run(args: argparse.Namespace) -> int:
     """Load the model and calibration tokens, run every check, print the table."""
     from prac.correction import CorrectionConfig
     from prac.engine import EngineConfig
-    from prac.jobs import PruneJob, calibration_tokens, resolve
+    from prac.jobs import PruneJob, calibration_tokens, check_sources, resolve
     from prac.loading import check_model_source, load_model, load_tokenizer, resolve_device
     from prac.patterns import Unstructured, parse_nm
     from prac.pipeline import PruneConfig
@@ -54,7 +56,10 @@ def run(args: argparse.Namespace) -> int:
 
     from prac import distributed
 
+    if args.no_progress:
+        quiet_libraries()
     check_model_source(args.model)
+    check_sources(args.calib, args.calib_tokens, None)  # before the load: a missing file is one line at once
     session = distributed.active()  # a rank of `torchrun … prac verify`, or None
     device = session.device if session else resolve_device(args.device)
     model = load_model(args.model)
@@ -68,7 +73,11 @@ def run(args: argparse.Namespace) -> int:
     job = resolve(PruneJob(model=args.model, calib=args.calib, calib_tokens=args.calib_tokens,
                            nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, prune=cfg, eval="none"), model)
     calib = calibration_tokens(job, tokenizer).input_ids
-    checks = run_checks(model, calib, cfg, device, lambda name: print(f"checking {name} ...", file=sys.stderr),
-                        session=session, reconstruct=tuning)
+
+    def announce(name: str) -> None:
+        if not args.no_progress:
+            print(f"checking {name} ...", file=sys.stderr)
+
+    checks = run_checks(model, calib, cfg, device, announce, session=session, reconstruct=tuning)
     print(format_table(checks))
     return 0 if all(c.passed for c in checks) else 1
