@@ -22,6 +22,8 @@ if [ -n "${PRAC_REFERENCE:-}" ]; then
   step reference_sparsegpt 50 python3 bench/reference_sparsegpt.py --reference "$PRAC_REFERENCE" --device cuda \
     --out "$dest/reference_sparsegpt.json"
 fi
+# 1b. linears that share an input (q/k/v, gate/up of 7B shape): one by one vs one sweep
+step group_sweep 60 python3 bench/group_sweep.py --device cuda --repeats 2 --out "$dest/group_sweep.json"
 # 2. two blocks of Mistral-7B shape, every configuration (time per phase, peak and cache memory)
 step blocks2 170 python3 bench/gpu_prune.py --device cuda --blocks 2 --no-depth-check --out "$dest/gpu_2blocks.json" \
   --runs wanda sparsegpt admm sparsegpt+optimal+dt sparsegpt+cache2g sparsegpt+reconstruct

@@ -163,7 +163,7 @@ def bench_layer(
     spec = StatsSpec(hessian=True, seed=args.seed)
     if correction is not None:
         for m in methods:
-            if m != "admm":  # a mask source, not a correction: it reads H
+            if not m.startswith("admm"):  # a mask source, not a correction: it reads H
                 spec = spec.union(correction.stats_spec(method_config(m)))
     stats = collect_stats(x, spec, args.batch_tokens)
     del x
@@ -200,11 +200,12 @@ def bench_layer(
     ]
     sgpt_mask = sgpt.mask
     del sgpt
-    if "admm" in methods:
-        rows.append(admm_row(w, stats, pattern, sgpt_mask, sgpt_seconds, sgpt_error, base, device))
+    optimum_sgpt: list[float | None] = []  # the SparseGPT mask's optimum, computed once for every admm row
+    for method in [m for m in methods if m.startswith("admm")]:
+        rows.append(admm_row(method, w, stats, pattern, sgpt_mask, sgpt_seconds, sgpt_error, base, device, optimum_sgpt))
     if correction is None:
         return rows
-    for method in [m for m in methods if m != "admm"]:
+    for method in [m for m in methods if not m.startswith("admm")]:
         cfg = method_config(method)
         row: dict[str, Any] = {**base, "method": method, "wanda_relative_error": wanda_error}
         try:
@@ -227,19 +228,41 @@ def bench_layer(
     return rows
 
 
-def admm_row(w, stats, pattern, sgpt_mask, sgpt_seconds, sgpt_error, base, device) -> dict[str, Any]:
-    """``--method admm`` on the same layer: time and error next to SparseGPT's, and the exact optimum
-    (the yardstick) on each of the two masks — how much of the gain is the mask, how much the weights."""
-    from prac.admm import ADMMSettings, admm_prune
+def admm_settings(name: str) -> "Any":
+    """``admm`` -> the defaults; ``admm@blocks`` -> ``sweep="blocks"``; ``admm@blocks+none`` -> that
+    with ``final="none"``; ``admm@blocks/64`` -> blocksize 64 (``+`` and ``/`` combine)."""
+    from prac.admm import ADMMSettings
+
+    _, _, spec = name.partition("@")
+    kw: dict[str, Any] = {}
+    if spec:
+        spec, _, final = spec.partition("+")
+        sweep, _, blocksize = spec.partition("/")
+        kw["sweep"] = sweep
+        if blocksize:
+            kw["blocksize"] = int(blocksize)
+        if final:
+            kw["final"] = final
+    return ADMMSettings(**kw)
+
+
+def admm_row(name, w, stats, pattern, sgpt_mask, sgpt_seconds, sgpt_error, base, device, optimum_sgpt) -> dict[str, Any]:
+    """``--method admm`` (``name``: see :func:`admm_settings`) on the same layer: time and error next to
+    SparseGPT's, and the exact optimum (the yardstick) on each of the two masks — how much of the
+    gain is the mask, how much the weights."""
+    from prac.admm import admm_prune
     from prac.group import InputGroup
 
     h = stats.hessian
-    result, seconds = timed(lambda: admm_prune(w, InputGroup(["layer"], stats, device), pattern, ADMMSettings()), device)
+    settings = admm_settings(name)
+    result, seconds = timed(lambda: admm_prune(w, InputGroup(["layer"], stats, device), pattern, settings), device)
     err = relative_error(result.weight, w, h)
     scores = wanda_scores(w, stats.l2)
     optimum_admm = optimal_error(w, apply_mask(w, result.mask), result.mask, stats, scores)
-    optimum_sgpt = optimal_error(w, apply_mask(w, sgpt_mask), sgpt_mask, stats, scores)
-    return {**base, "method": "admm", "seconds": seconds, "ratio_to_sparsegpt": seconds / sgpt_seconds,
+    if not optimum_sgpt:
+        optimum_sgpt.append(optimal_error(w, apply_mask(w, sgpt_mask), sgpt_mask, stats, scores))
+    optimum_sgpt = optimum_sgpt[0]
+    return {**base, "method": name, "seconds": seconds, "ratio_to_sparsegpt": seconds / sgpt_seconds,
             "relative_error": err, "error_vs_sparsegpt": err / sgpt_error if sgpt_error else None,
             "optimal_relative_error": optimum_admm, "optimum_on_sparsegpt_mask": optimum_sgpt,
             "fraction_of_optimal": None, "fraction_comparable": False, "diagnostics": jsonable(result.info)}
@@ -283,7 +306,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         frac = fmt(r.get("fraction_of_optimal"), ".3f")
         if not r.get("fraction_comparable", True) and frac != "–":
             frac += " (own mask)"
-        if r["method"] == "admm":
+        if r["method"].startswith("admm"):
             frac = (f"own-mask optimum {fmt(r.get('optimal_relative_error'), '.4g')}, "
                     f"SparseGPT-mask optimum {fmt(r.get('optimum_on_sparsegpt_mask'), '.4g')}")
         lines.append(

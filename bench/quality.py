@@ -12,7 +12,8 @@ evaluated on the bundled held-out text with 256-token windows; results land in
 
 A method may carry variants after ``@``, joined by ``,`` (``admm@row``: ``--scope row``;
 ``admm@seq``: ``--sequential``; ``admm@dt``/``admm@nodt``: ``--dense-target``/``--no-dense-target``;
-``admm@row,seq``: both). Allocations other than
+``admm@row,seq``: both; ``admm@blocks``: ``--admm-sweep blocks``; ``admm@blocks,nofinal``: that with
+``--admm-final none``). Allocations other than
 ``uniform`` are skipped for N:M patterns, where they do not apply.
 """
 
@@ -33,7 +34,7 @@ GOLDEN = ROOT / "tests" / "golden"
 PATTERNS = ["50", "60", "70", "80", "2:4", "4:8"]
 ALLOCATIONS = ["uniform", "owl", "error"]
 VARIANTS = {"row": ["--scope", "row"], "layer": ["--scope", "layer"], "seq": ["--sequential"], "dt": ["--dense-target"],
-            "nodt": ["--no-dense-target"]}
+            "nodt": ["--no-dense-target"], "blocks": ["--admm-sweep", "blocks"], "nofinal": ["--admm-final", "none"]}
 CORRECTIONS = ["none", "full", "diagonal", "greedy", "optimal"]
 
 

@@ -70,3 +70,10 @@ def test_moe_quality_smoke(tmp_path):
     data = json.loads((tmp_path / "moe.json").read_text())
     assert len(data["rows"]) == 1 and data["rows"][0]["ppl"] > 1 and data["rows"][0]["topped_up"] > 0
     assert data["timing"][0]["ratio"][0] > 0 and "| 2:4 | wanda | default |" in out
+
+
+def test_group_sweep_smoke(tmp_path):
+    out = _run([str(ROOT / "bench" / "group_sweep.py"), "--smoke", "--device", "cpu", "--repeats", "1",
+                "--out", str(tmp_path / "g.json")], tmp_path)
+    rows = json.loads((tmp_path / "g.json").read_text())["rows"]
+    assert len(rows) == 4 and all(r["bit_identical"] for r in rows), out

@@ -45,6 +45,8 @@ from prac.masks import MaskResult, mask_from_scores
 from prac.patterns import NM, Pattern, Unstructured
 
 SCORES = ("scaled", "magnitude")
+SWEEPS = ("global", "blocks")
+FINALS = ("exact", "none")
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,10 @@ class ADMMSettings:
     full sparsity from the first step); ``score``: the projection's ranking; ``scope``: ``layer``
     (one budget per matrix, the default, as ALPS and the reference) or ``row`` (each output row its
     share); ``final_damping``/``final_tol``/``final_max_iter``: the exact solve on the final mask.
+    ``sweep``: ``global`` (the ADMM iterates on the whole matrix, the default) or ``blocks`` (SparseGPT's
+    column sweep with each block of ``blocksize`` columns chosen by ADMM, :mod:`prac.admm_blocks`:
+    about SparseGPT's cost); ``final``: ``exact`` (the exact solve on the final mask) or ``none`` (keep
+    the sweep's weights; ``blocks`` only, whose sweep already compensates every pruned block).
     """
 
     iterations: int = 20
@@ -69,6 +75,9 @@ class ADMMSettings:
     final_damping: float = 1e-2
     final_tol: float = 1e-2
     final_max_iter: int = 200
+    sweep: str = "global"
+    blocksize: int = 128
+    final: str = "exact"
 
     def __post_init__(self) -> None:
         if self.iterations < 1:
@@ -85,6 +94,14 @@ class ADMMSettings:
             raise PracError(f"admm scope must be row or layer, got {self.scope!r}")
         if not self.final_tol > 0 or self.final_max_iter < 1:
             raise PracError("admm final tolerance must be > 0 and its iterations >= 1")
+        if self.sweep not in SWEEPS:
+            raise PracError(f"admm sweep must be one of {', '.join(SWEEPS)}, got {self.sweep!r}")
+        if self.blocksize < 1:
+            raise PracError(f"admm blocksize must be >= 1, got {self.blocksize}")
+        if self.final not in FINALS:
+            raise PracError(f"admm final must be one of {', '.join(FINALS)}, got {self.final!r}")
+        if self.final == "none" and self.sweep == "global":
+            raise PracError("admm final none needs sweep blocks (the global iterate is only a mask finder)")
 
 
 @dataclass
@@ -180,8 +197,20 @@ def admm_prune(weight: torch.Tensor, group, pattern: Pattern, settings: ADMMSett
     if group is None or group.stats is None or group.stats.hessian is None:
         raise RuntimeError("admm needs the input Hessian")
     h = group.hessian()
-    spec = group.factor(("admm-eigh",), lambda: spectrum(h))
-    mask, _z, info = admm_mask(w0, spec, pattern, settings)
+    if settings.sweep == "blocks":
+        from prac.admm_blocks import block_admm
+        from prac.methods import shared_factor
+
+        factor = shared_factor(group, device=w0.device)
+        swept, mask, info = block_admm(w0, factor.upper, factor.dead, pattern, settings)
+        if settings.final == "none":
+            row = mask.float().mean(dim=1)
+            info.update(final_solver="none", row_sparsity_min=float(row.min()), row_sparsity_max=float(row.max()),
+                        seconds=time.perf_counter() - start)
+            return MaskResult(swept, mask, info)
+    else:
+        spec = group.factor(("admm-eigh",), lambda: spectrum(h))
+        mask, _z, info = admm_mask(w0, spec, pattern, settings)
     pruned = w0.masked_fill(mask, 0.0)
     inverse = group.inverse(settings.final_damping)
     meter = LayerError.of(w0, pruned, h)

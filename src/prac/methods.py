@@ -19,7 +19,7 @@ from prac.errors import PracError
 from prac.group import InputGroup
 from prac.masks import MaskResult, apply_mask, magnitude_scores, mask_from_scores, wanda_scores
 from prac.patterns import Pattern
-from prac.sparsegpt import SparseGPTConfig, sparsegpt_factor, sparsegpt_prune
+from prac.sparsegpt import SparseGPTConfig, sparsegpt_factor, sparsegpt_prune, sparsegpt_prune_many, worth_joining
 from prac.stats import StatsSpec
 
 SCOPES = ("row", "layer")
@@ -44,13 +44,17 @@ MaskFn = Callable[[torch.Tensor, "InputGroup | None", Pattern, Any], MaskResult]
 class Method:
     """``stats``: what the input statistics must hold (None: no calibration pass at all);
     ``quantizes``: ``fn`` takes ``quant=`` (a :class:`prac.quantize.ColumnQuantizer`) and prunes and
-    quantizes in one sweep (else quantization is a GPTQ pass on its mask)."""
+    quantizes in one sweep (else quantization is a GPTQ pass on its mask); ``many``: prunes the
+    linears of one input group together, ``(weights, group, patterns, settings) -> [MaskResult]``,
+    with the results ``fn`` gives one by one, where ``joinable(patterns, rows, device)`` says it pays."""
 
     fn: MaskFn
     settings: type
     stats: StatsSpec | None
     description: str
     quantizes: bool = False
+    many: Callable[..., list[MaskResult]] | None = None
+    joinable: Callable[[list[Pattern], list[int], torch.device], bool] | None = None
 
 
 def magnitude(weight: torch.Tensor, group: InputGroup | None, pattern: Pattern, settings: ScoreSettings) -> MaskResult:
@@ -79,6 +83,17 @@ def sparsegpt(weight: torch.Tensor, group: InputGroup | None, pattern: Pattern, 
     return MaskResult(result.weight, result.mask, dict(result.diagnostics))
 
 
+def sparsegpt_many(weights: list[torch.Tensor], group: InputGroup, patterns: list[Pattern],
+                   settings: SparseGPTConfig) -> list[MaskResult]:
+    """The linears of one input group in one SparseGPT sweep (:func:`prac.sparsegpt.sparsegpt_prune_many`),
+    on the group's shared factor."""
+    if group is None or group.stats is None or group.stats.hessian is None:
+        raise RuntimeError("sparsegpt needs the input Hessian")
+    factor = shared_factor(group, settings, weights[0].device)
+    results = sparsegpt_prune_many(weights, group.stats.hessian, patterns, settings, factor=factor)
+    return [MaskResult(r.weight, r.mask, dict(r.diagnostics)) for r in results]
+
+
 def shared_factor(group: InputGroup, settings: SparseGPTConfig = SparseGPTConfig(), device=None):
     """The group's SparseGPT factor ((H + λI)⁻¹ = UᵀU), built once for every linear that reads it."""
     hessian = group.stats.hessian
@@ -95,7 +110,8 @@ METHODS: dict[str, Method] = {
     "magnitude": Method(magnitude, ScoreSettings, None, "|W|, per row (or per layer with --scope layer)"),
     "wanda": Method(wanda, ScoreSettings, StatsSpec(), "|W|·||X||₂ compared within each output row"),
     "sparsegpt": Method(sparsegpt, SparseGPTConfig, StatsSpec(hessian=True),
-                        "OBS-style pruning with weight updates (Frantar & Alistarh 2023)", quantizes=True),
+                        "OBS-style pruning with weight updates (Frantar & Alistarh 2023)", quantizes=True,
+                        many=sparsegpt_many, joinable=worth_joining),
     "admm": Method(admm, ADMMSettings, StatsSpec(hessian=True),
                    "mask and weights chosen jointly by ADMM on the layer objective, then solved exactly"),
 }

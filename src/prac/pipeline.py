@@ -22,9 +22,9 @@ from prac.correction.objective import relative_error
 from prac.engine import BlockEngine, EngineConfig, PhaseTimer, StatsReducer, check_pattern_fits
 from prac.errors import PracError
 from prac.group import InputGroup
-from prac.masks import wanda_scores
+from prac.masks import MaskResult, wanda_scores
 from prac.methods import Method, get_method
-from prac.patterns import Pattern, Unstructured
+from prac.patterns import NM, Pattern, Unstructured
 from prac.progress import Progress, no_progress
 from prac.records import LayerRecord
 from prac.stats import StatsSpec
@@ -76,6 +76,10 @@ class PruneConfig:
             object.__setattr__(self, "settings", entry.settings())
         elif not isinstance(self.settings, entry.settings):
             raise PracError(f"method {self.method!r} takes {entry.settings.__name__}, got {type(self.settings).__name__}")
+        sweeps = self.method == "sparsegpt" or getattr(self.settings, "sweep", "") == "blocks"
+        if sweeps and isinstance(self.pattern, NM) and self.settings.blocksize % self.pattern.m:
+            raise PracError(f"--blocksize {self.settings.blocksize} must be a multiple of M={self.pattern.m} "
+                            f"for {self.pattern} sparsity")
 
 
 @dataclass
@@ -192,32 +196,70 @@ class PruneStep:
     def __call__(self, group: InputGroup, units: dict[str, Unit]) -> dict[str, torch.Tensor]:
         if self.observer is not None and group.stats is not None:
             self.observer(group)
+        swept = self._sweep_together(group, units)
         staged = {}
         for name in group.names:
-            weight, record = self._prune_unit(units[name], group)
+            weight, record = self._prune_unit(units[name], group, swept.get(name))
             staged[name] = weight
             self.records.append(record)
         self.factorisations[group.names[0]] = group.factorisations
         return staged
+
+    def _sweep_together(self, group: InputGroup, units: dict[str, Unit]) -> dict[str, tuple[torch.Tensor, MaskResult, float]]:
+        """Masks of the group's linears from one sweep where the method has one (SparseGPT: the
+        same masks and weights as one by one, tests/test_sparsegpt_many.py): name -> (the weight it
+        pruned, the result, seconds). Empty where they go one by one: a single linear, no
+        statistics, quantized in the sweep, or where the method says joining does not pay
+        (patterns it cannot join; on a CPU, too many rows in all)."""
+        names = group.names
+        method = self.method
+        patterns = [self.pattern_of(n) for n in names]
+        rows = [units[n].out_features for n in names]
+        if (method.many is None or len(names) < 2 or group.stats is None or self._quantizes_in_sweep()
+                or not method.joinable(patterns, rows, torch.device(group.device))):
+            return {}
+        started = time.perf_counter()
+        weights = [self._target_weight(units[n], group) for n in names]
+        results = method.many(weights, group, patterns, self.cfg.settings)
+        rows = sum(w.shape[0] for w in weights)
+        seconds = time.perf_counter() - started
+        return {n: (w, r, seconds * w.shape[0] / rows) for n, w, r in zip(names, weights, results)}
 
     def pattern_of(self, name: str) -> Pattern:
         """The layer's pattern: its planned sparsity when the config has a plan naming it."""
         plan = self.cfg.plan
         return Unstructured(float(plan[name])) if plan is not None and name in plan else self.cfg.pattern
 
-    def _prune_unit(self, unit: Unit, group: InputGroup) -> tuple[torch.Tensor, LayerRecord]:
+    def _quantizes_in_sweep(self) -> bool:
+        return self.quantize_here and self.method.quantizes and not self.cfg.correction.active
+
+    def _target_weight(self, unit: Unit, group: InputGroup) -> torch.Tensor:
+        """The weight the method prunes: the unit's, or its dense-target weight (``--dense-target``)."""
+        w = unit.read()
+        stats = group.stats
+        if stats is not None and (stats.drift is not None or stats.drift_out is not None):
+            w = dense_target_weight(w, group, self.cfg.dense_target_damping, unit.name)
+        return w
+
+    def _prune_unit(self, unit: Unit, group: InputGroup,
+                    swept: tuple[torch.Tensor, MaskResult, float] | None = None) -> tuple[torch.Tensor, LayerRecord]:
+        """Mask (or take ``swept``: the weight, result and seconds of a joint sweep), correct and
+        record one linear."""
         cfg = self.cfg
         name = unit.name
         started = time.perf_counter()
-        w_orig = unit.read()
         stats = group.stats
-        if stats is not None and (stats.drift is not None or stats.drift_out is not None):
-            w_orig = dense_target_weight(w_orig, group, cfg.dense_target_damping, name)
-        joint = self.quantize_here and self.method.quantizes and not cfg.correction.active
-        quant = self._quantizer(unit, w_orig) if joint else None
-        extra = {"quant": quant} if quant is not None else {}
-        result = self.method.fn(w_orig, group if stats is not None else None, self.pattern_of(name), cfg.settings,
-                                **extra)
+        joint = self._quantizes_in_sweep()
+        quant = None
+        if swept is not None:
+            w_orig, result, sweep_seconds = swept
+            started -= sweep_seconds
+        else:
+            w_orig = self._target_weight(unit, group)
+            quant = self._quantizer(unit, w_orig) if joint else None
+            extra = {"quant": quant} if quant is not None else {}
+            result = self.method.fn(w_orig, group if stats is not None else None, self.pattern_of(name), cfg.settings,
+                                    **extra)
         weight = result.weight
         diagnostics: dict[str, Any] = {}
         if cfg.correction.active:

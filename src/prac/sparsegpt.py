@@ -173,7 +173,8 @@ def sparsegpt_prune(
     # contiguous memory.
     wt = weight.detach().to(torch.float32).t().contiguous()
     wt[factor.dead] = 0.0
-    maskt, error = _prune_columns(wt, factor.upper, pattern, config.blocksize, quant)
+    maskt, errors = _prune_columns(wt, factor.upper, pattern, config.blocksize, quant)
+    error = errors[0]
 
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -190,6 +191,86 @@ def sparsegpt_prune(
         "seconds": seconds,
     }
     return SparseGPTResult(wt.t().contiguous(), mask, diagnostics)
+
+
+#: On a CPU, linears are swept together only up to this many rows in all; above it the block being
+#: swept (blocksize x rows) leaves the cache and one by one was faster. One thread, in 4096
+#: (``bench/group_sweep.py``, 2026-12-05): x1.59 at 768 rows, x1.28 at 1536, x1.07 at 3072, x0.93 at
+#: 4096, x0.96 for Mistral-7B's q/k/v (6144), x0.84 for its gate/up (28672). On a GPU, always: the
+#: sweep is launch-bound there and joining halves or thirds the launches (``bench/gpu.sh`` measures it).
+CPU_JOIN_MAX_ROWS = 3072
+
+
+def joinable(patterns: list[Pattern]) -> bool:
+    """Whether linears with these patterns can be swept together (:func:`sparsegpt_prune_many`):
+    all unstructured with sparsity > 0 (each its own), or all the same N:M."""
+    if all(isinstance(p, Unstructured) and p.sparsity > 0 for p in patterns):
+        return True
+    return all(isinstance(p, NM) for p in patterns) and len(set(patterns)) == 1
+
+
+def worth_joining(patterns: list[Pattern], rows: list[int], device: torch.device) -> bool:
+    """Whether to sweep these linears together: :func:`joinable`, and on a CPU at most
+    :data:`CPU_JOIN_MAX_ROWS` rows in all (the results are the same either way)."""
+    return len(patterns) > 1 and joinable(patterns) and (device.type != "cpu" or sum(rows) <= CPU_JOIN_MAX_ROWS)
+
+
+def sparsegpt_prune_many(
+    weights: list[torch.Tensor],
+    hessian: torch.Tensor | None,
+    patterns: list[Pattern],
+    config: SparseGPTConfig = SparseGPTConfig(),
+    factor: SparseGPTFactor | None = None,
+) -> list[SparseGPTResult]:
+    """:func:`sparsegpt_prune` of linears that read one input (q/k/v, gate/up), in one sweep.
+
+    Rows of one H are independent quadratics, so the linears' rows are stacked into one
+    ``[Σ out, in]`` matrix and swept once: one lazy update per block for all of them instead of
+    one each, and a third (q/k/v) or half (gate/up) of the column steps — the sweep is
+    launch-bound on a GPU and per-call-bound on small layers. Each linear keeps its own mask rule
+    (the unstructured block threshold is taken over its own rows), so masks and weights are those
+    of pruning it alone up to floating-point summation order in the lazy update's matmul (equal
+    bit for bit where the BLAS computes each output element the same way at any width; the tests
+    check). ``patterns`` must be :func:`joinable`. Diagnostics are each linear's, with
+    ``swept_with`` (how many linears shared the sweep) and ``seconds`` its share of the sweep by
+    rows."""
+    if len(weights) != len(patterns) or not weights:
+        raise ValueError("one pattern per weight, at least one weight")
+    if not joinable(patterns):
+        raise PracError("linears swept together need unstructured sparsities > 0 or one N:M pattern")
+    reference = hessian if hessian is not None else (factor.upper if factor is not None else None)
+    if reference is None:
+        raise PracError("SparseGPT needs the input Hessian or its factor")
+    shapes = [_check_inputs(w, reference, p, config) for w, p in zip(weights, patterns)]
+    start = time.perf_counter()
+    if factor is None:
+        factor = sparsegpt_factor(hessian, config, weights[0].device)
+    bounds = [0]
+    for rows, _ in shapes:
+        bounds.append(bounds[-1] + rows)
+    segments = [(bounds[k], bounds[k + 1], p) for k, p in enumerate(patterns)]
+    wt = torch.cat([w.detach().to(torch.float32) for w in weights]).t().contiguous()
+    wt[factor.dead] = 0.0
+    maskt, errors = _prune_columns(wt, factor.upper, patterns[0], config.blocksize, segments=segments)
+    if wt.device.type == "cuda":
+        torch.cuda.synchronize(wt.device)
+    seconds = time.perf_counter() - start
+    results = []
+    for k, (a, b, _) in enumerate(segments):
+        mask = maskt[:, a:b].t().contiguous()
+        diagnostics = {
+            "damping": factor.damping,
+            "percdamp": factor.percdamp,
+            "dead_inputs": int(factor.dead.sum()),
+            "cholesky_retries": factor.failures,
+            "cholesky_failures": factor.failures,
+            "error_estimate": float(errors[k]),
+            "sparsity": float(mask.float().mean()),
+            "seconds": seconds * (b - a) / bounds[-1],
+            "swept_with": len(weights),
+        }
+        results.append(SparseGPTResult(wt[:, a:b].t().contiguous(), mask, diagnostics))
+    return results
 
 
 def _check_inputs(
@@ -212,14 +293,20 @@ def _check_inputs(
 
 
 def _prune_columns(
-    wt: torch.Tensor, u: torch.Tensor, pattern: Pattern, blocksize: int, quant=None
+    wt: torch.Tensor, u: torch.Tensor, pattern: Pattern, blocksize: int, quant=None,
+    segments: list[tuple[int, int, Pattern]] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run the column sweep in place on ``wt`` = Wᵀ [in, out]; return maskᵀ and Σ err². With
-    ``quant`` (:class:`prac.quantize.ColumnQuantizer`) the survivors of each column are rounded to
-    its grid in the same step, and the rounding error is carried on with the pruning error."""
+    """Run the column sweep in place on ``wt`` = Wᵀ [in, out]; return maskᵀ and Σ err² per segment.
+    With ``quant`` (:class:`prac.quantize.ColumnQuantizer`) the survivors of each column are rounded
+    to its grid in the same step, and the rounding error is carried on with the pruning error.
+    ``segments`` (first row, end row, pattern): linears stacked side by side in ``wt`` (one input,
+    :func:`sparsegpt_prune_many`); an unstructured block threshold is taken per segment, as each
+    linear alone would take it (default: one segment, all of ``wt`` with ``pattern``)."""
     cols, rows = wt.shape
+    if segments is None:
+        segments = [(0, rows, pattern)]
     maskt = torch.zeros(cols, rows, dtype=torch.bool, device=wt.device)
-    error = torch.zeros((), dtype=torch.float32, device=wt.device)
+    errors = torch.zeros(len(segments), dtype=torch.float32, device=wt.device)
     diag = u.diagonal()
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
@@ -227,14 +314,19 @@ def _prune_columns(
             quant.set_group(i1, wt[i1:i1 + quant.group])
         w1 = wt[i1:i2].clone()
         m1 = maskt[i1:i2]
-        if isinstance(pattern, Unstructured) and pattern.sparsity > 0:
-            m1.copy_(_unstructured_block_mask(w1, diag[i1:i2], pattern.sparsity))
+        for a, b, p in segments:
+            if isinstance(p, Unstructured) and p.sparsity > 0:
+                m1[:, a:b] = _unstructured_block_mask(w1[:, a:b], diag[i1:i2], p.sparsity)
         err1 = _prune_block(w1, m1, u[i1:i2, i1:i2], pattern, quant, i1)
         wt[i1:i2] = w1
-        error += err1.square().sum()
+        if len(segments) == 1:
+            errors[0] += err1.square().sum()
+        else:
+            for k, (a, b, _) in enumerate(segments):
+                errors[k] += err1[:, a:b].square().sum()
         if i2 < cols:
             wt[i2:].addmm_(u[i1:i2, i2:].t(), err1, alpha=-1)
-    return maskt, error
+    return maskt, errors
 
 
 def _unstructured_block_mask(w1t: torch.Tensor, d: torch.Tensor, sparsity: float) -> torch.Tensor:

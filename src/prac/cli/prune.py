@@ -79,7 +79,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--scope", choices=["row", "layer"], default=None,
                    help=f"comparison group for unstructured masks (default: {_defaults(METHODS, 'scope')})")
     g.add_argument("--ignore", default=None, metavar="REGEX", help="skip layers whose full name matches this regex")
-    g.add_argument("--blocksize", type=positive_int, default=None, help=f"SparseGPT column block (default: {_defaults(METHODS, 'blocksize')})")
+    g.add_argument("--blocksize", type=positive_int, default=None,
+                   help=f"column block of SparseGPT's sweep and of admm's --admm-sweep blocks (default: {_defaults(METHODS, 'blocksize')})")
     g.add_argument("--percdamp", type=float, default=None,
                    help=f"SparseGPT damping, fraction of mean diag(H) (default: {_defaults(METHODS, 'percdamp')})")
     g.add_argument("--admm-iterations", type=positive_int, default=None, help=f"admm: ADMM steps (default: {_defaults(METHODS, 'iterations')})")
@@ -93,6 +94,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"admm: steps over which the projection's sparsity ramps up cubically, 0 = none (default: {_defaults(METHODS, 'gradual')})")
     g.add_argument("--admm-score", choices=["scaled", "magnitude"], default=None,
                    help="admm: projection score, |W|·√diag(H) (scaled, Wanda's) or |W| (default: scaled)")
+    g.add_argument("--admm-sweep", choices=["global", "blocks"], default=None,
+                   help="admm: global (ADMM on the whole matrix, best quality, ~25-30x SparseGPT's time per layer on a CPU) or "
+                        "blocks (SparseGPT's column sweep, each --blocksize block's mask and values by ADMM: 3-5x SparseGPT "
+                        "with --admm-final none, ~8-17x without; docs/admm.md) (default: global)")
+    g.add_argument("--admm-final", choices=["exact", "none"], default=None,
+                   help="admm: exact (solve the final mask's weights exactly, the default) or none (keep the block "
+                        "sweep's weights: --admm-sweep blocks only, saves 3-8 matmuls of in x in per linear)")
     g.add_argument("--allocation", choices=["uniform", "owl", "error"], default="uniform",
                    help="per-layer sparsities at the same total, from a dense scan: uniform (default), owl (outlier "
                         "ratio, Yin et al. 2024), error (measured layer error at trial sparsities); unstructured only")
@@ -224,7 +232,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 #: CLI option -> field of a method's settings dataclass (mask source or correction).
 MASK_FLAGS = {"scope": "scope", "blocksize": "blocksize", "percdamp": "percdamp",
               "admm_iterations": "iterations", "admm_penalty": "penalty", "admm_penalty_growth": "penalty_growth",
-              "admm_damping": "damping", "admm_gradual": "gradual", "admm_score": "score"}
+              "admm_damping": "damping", "admm_gradual": "gradual", "admm_score": "score",
+              "admm_sweep": "sweep", "admm_final": "final"}
 CORRECTION_FLAGS = {"selection_strategy": "selection_strategy", "percent_change": "percent_change",
                     "damping": "damping", "max_correction_magnitude": "max_correction_magnitude",
                     "correction_magnitude": "correction_magnitude", "max_activation_samples": "max_activation_samples",
