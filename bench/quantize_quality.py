@@ -46,6 +46,12 @@ ROWS: dict[str, tuple[list[str], str | None]] = {
     "sparsegpt_2of4+rtn3": ([], "sparsegpt_2of4"),
     "admm_50_w4": (["--sparsity", "0.5", "--method", "admm", "--wbits", "4"], None),
     "admm_2of4_w4": (["--nm", "2:4", "--method", "admm", "--wbits", "4"], None),
+    # GPTQ on a fixed mask (gptq_on_mask) from the other mask sources and after a correction
+    "wanda_50_w4": (["--sparsity", "0.5", "--method", "wanda", "--wbits", "4"], None),
+    "sparsegpt_50_optimal_w4": (["--sparsity", "0.5", "--method", "sparsegpt", "--correction", "optimal",
+                                 "--wbits", "4"], None),
+    "wanda_50_w3": (["--sparsity", "0.5", "--method", "wanda", "--wbits", "3"], None),
+    "admm_50_w3": (["--sparsity", "0.5", "--method", "admm", "--wbits", "3"], None),
 }
 
 

@@ -13,7 +13,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -92,6 +91,10 @@ CASES = {
     "wanda-50-w4": ["--method", "wanda", "--sparsity", "0.5", "--wbits", "4"],
     "sparsegpt-2of4-optimal": ["--method", "sparsegpt", "--nm", "2:4", "--correction", "optimal"],
     "admm-70": ["--method", "admm", "--sparsity", "0.7"],  # its defaults: dense target, sequential, replay
+    # each step's gradient summed over 4 batches held by 1, 2 or 3 processes (batches of 4: 8 batches,
+    # 3/3/2 per rank at 3), and the judge's errors over all 8: both along the fixed tree
+    "sparsegpt-2of4-reconstruct": ["--method", "sparsegpt", "--nm", "2:4", "--batch-size", "4", "--reconstruct",
+                                   "block", "--reconstruct-epochs", "2", "--reconstruct-minibatches", "2"],
 }
 
 
@@ -120,6 +123,8 @@ def test_one_two_and_three_processes_prune_bit_identically(case, inputs, tmp_pat
         hashes[world] = _saved_hash(cwd / "out" / "model.safetensors")
         reports[world] = json.loads((cwd / "report.json").read_text())
     assert len(set(hashes.values())) == 1, hashes
+    if "--reconstruct" in CASES[case]:  # not vacuous: the tuned weights were kept (else the pruned ones are saved)
+        assert reports[1]["summary"]["reconstruction"]["kept"] > 0, reports[1]["summary"]["reconstruction"]
     if "--wbits" in CASES[case]:
         config = json.loads((tmp_path / "w1" / "out" / "config.json").read_text())
         assert config["quantization_config"]["format"] == "pack-quantized"
@@ -196,20 +201,22 @@ raise SystemExit(main(sys.argv[1:]))
 def test_a_failing_rank_stops_every_rank_and_the_error_is_printed_once(inputs, tmp_path):
     script = tmp_path / "failing.py"
     script.write_text(FAILING)
-    started = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                            str(script), "prune", "--calib-tokens", str(inputs / "calib.safetensors"), "--eval", "none",
                            "--no-progress", "--report", str(tmp_path / "r.json")],
                           cwd=tmp_path, env=_env(), capture_output=True, text=True)
-    elapsed = time.monotonic() - started
     assert proc.returncode != 0
     assert proc.stderr.count("injected failure on one rank") == 1, proc.stderr
     assert "(process 1 of 2)" in proc.stderr
-    assert "exitcode: 1" in proc.stderr  # both ranks: rank 1 failed, rank 0 stopped with its code
     assert not (tmp_path / "r.json").exists()
-    # Rank 0 stopped on the failure's post, not on the collective timeout: far sooner than it, however busy
-    # the machine (startup of two processes and a few forwards take seconds).
-    assert elapsed < COLLECTIVE_TIMEOUT_S / 3, elapsed
+    # Rank 0 stopped on the failure's post, with the failing rank's code, 1 (PeerFailed), not on the collective
+    # timeout (a PracError: code 2), a collective broken by rank 1's exit (code 2) or torchrun ending it (-15):
+    # torchrun's table lists both ranks with exit code 1. (Counted, not timed: a busy machine is slow, not wrong.)
+    import re
+
+    codes = {int(rank): int(code) for rank, code in
+             re.findall(r"rank\s*:\s*(\d+) \(local_rank: \d+\)\s*exitcode\s*:\s*(-?\d+)", proc.stderr)}
+    assert codes == {0: 1, 1: 1}, proc.stderr
 
 
 def test_bad_input_on_every_rank_is_printed_once(tmp_path):

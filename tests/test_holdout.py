@@ -1,6 +1,7 @@
 """Corrections judged on calibration tokens they were not fitted to (issue 13's held-out acceptance)."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -30,31 +31,55 @@ def test_holdout_draw_is_seeded_and_sized():
     assert holdout_rows(1, 0.5, 0) is None and holdout_rows(10, 0.0, 0) is None
 
 
-def test_split_adds_up_and_equals_separate_accumulation():
+def test_held_out_rows_are_kept_apart_from_the_fitted_statistics():
+    """With a held-out share the statistics are the fit share's alone, summed exactly as an accumulator
+    given only the fitted rows would (no total minus a part), and the held-out share's are kept apart;
+    the token sample is drawn over both shares, and its fitted rows are ``samples``."""
     torch.manual_seed(0)
     x = torch.randn(6, 10, 5)
     held = torch.tensor([False, True, False, False, True, False])
     spec = StatsSpec(hessian=True, max_samples=1000, seed=3, holdout=0.3)
     stats = InputStats(5, "cpu", spec)
-    for part, flags in zip(x.split(4), held.split(4)):  # batching does not matter
-        stats.add_batch(part, held=flags)
-    fit, ho = stats.split()
-    assert (fit.count, ho.count) == (40, 20)
     own_fit, own_ho = InputStats(5, "cpu", StatsSpec(hessian=True)), InputStats(5, "cpu", StatsSpec(hessian=True))
-    own_fit.add_batch(x[~held])
-    own_ho.add_batch(x[held])
+    for part, flags in zip(x.split(4), held.split(4)):
+        stats.add_batch(part, held=flags)
+        own_fit.add_batch(part[~flags])
+        own_ho.add_batch(part[flags])
+    fit, ho = stats.split()
+    assert fit is stats and (stats.count, stats.held_count, ho.count) == (40, 20, 20)
     for mine, own in ((fit, own_fit), (ho, own_ho)):
-        torch.testing.assert_close(mine.sum, own.sum, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(mine.sumsq, own.sumsq, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(mine.hessian, own.hessian, rtol=1e-5, atol=1e-5)
+        for key in ("sum", "sumsq", "hessian"):
+            assert torch.equal(getattr(mine, key), getattr(own, key)), key
     # every token is in the sample (1000 > 60): its held-out flags partition it exactly
+    assert stats.sample_pool.shape[0] == 60 and int(stats.sample_held.sum()) == 20
     assert fit.samples.shape[0] == 40 and ho.samples.shape[0] == 20
+    torch.testing.assert_close(torch.sort(fit.samples, dim=0).values, torch.sort(x[~held].reshape(-1, 5), dim=0).values)
     torch.testing.assert_close(torch.sort(ho.samples, dim=0).values, torch.sort(x[held].reshape(-1, 5), dim=0).values)
-    # the totals are what they were without a held-out share (the mask sources see every token)
+    # the pool and its keys are what they were without a held-out share (the same draw)
     plain = InputStats(5, "cpu", StatsSpec(hessian=True, max_samples=1000, seed=3))
     for part in x.split(4):
         plain.add_batch(part)
-    assert torch.equal(plain.hessian, stats.hessian) and torch.equal(plain.samples, stats.samples)
+    assert torch.equal(plain.samples, stats.sample_pool) and torch.equal(plain._keys, stats._keys)
+    # with a held-out share but no flags given every row is fitted: bit-identical to no share at all
+    unflagged = InputStats(5, "cpu", spec)
+    for part in x.split(4):
+        unflagged.add_batch(part)
+    assert torch.equal(plain.hessian, unflagged.hessian) and torch.equal(plain.samples, unflagged.samples)
+    assert unflagged.split() is None
+
+
+def test_drift_leaves_the_held_out_rows_out():
+    torch.manual_seed(1)
+    x, dense = torch.randn(4, 6, 3), torch.randn(4, 6, 3)
+    held = torch.tensor([True, False, False, True])
+    stats = InputStats(3, "cpu", StatsSpec(hessian=True, drift=True, holdout=0.5))
+    own = InputStats(3, "cpu", StatsSpec(hessian=True, drift=True))
+    stats.add_batch(x, held=held)
+    stats.add_drift(dense, x, held=held)
+    own.add_batch(x[~held])
+    own.add_drift(dense[~held], x[~held])
+    assert torch.equal(stats.drift, own.drift) and torch.equal(stats.hessian, own.hessian)
+    assert stats.heldout.drift is None
 
 
 def _flipped_layer(holdout: float):
@@ -209,5 +234,108 @@ def test_cli_report_has_the_held_out_summary(tmp_path):
     s = rep["summary"]["correction"]
     assert s["heldout_layers"] == s["layers"] == 28 and 0 <= s["refused"] <= 28
     assert s["mean_heldout_error_after"] <= s["mean_heldout_error_before"]
+    # what was fitted and what judged it: round(0.25 * 8) = 2 of the 8 sequences of 32 tokens held out
+    assert rep["summary"]["calibration_tokens"] == {"fitted": 6 * 32, "held_out": 2 * 32, "fitted_sequences": 6,
+                                                    "held_out_sequences": 2}
     assert rep["config"]["prune"]["correction"]["holdout"] == {"share": 0.25, "refit": True, "dampings": [],
                                                                 "escalate": True}
+
+
+# --- the held-out sequences are never fitted (issue 31) --------------------------------------------------
+
+def _block_of(name: str) -> str:
+    return re.match(r"(.*?\.\d+)\.", name).group(1)  # model.layers.1.mlp.down_proj -> model.layers.1
+
+
+def _compare_until_a_verdict_differs(a, b) -> list[str]:
+    """Block by block, every candidate of run ``a`` equals run ``b``'s bit for bit: each linear's (the
+    mask source's weights on the fit share's H, the correction's candidate before its judge) and the
+    block's tuned weights before tuning and after every epoch. Until a verdict differs: a block is
+    compared when every verdict before it agreed (in a calibration that is not sequential the linears
+    of one block are calibrated on the same inputs, so their own verdicts do not reach each other; the
+    block's tuning starts from them, so it is compared when they agreed too). Returns the blocks
+    compared."""
+    tuned_a = {r.block: r for r in a.reconstruction}
+    tuned_b = {r.block: r for r in b.reconstruction}
+    assert [r.name for r in a.layers] == [r.name for r in b.layers] and tuned_a.keys() == tuned_b.keys()
+    blocks = list(dict.fromkeys(_block_of(r.name) for r in a.layers))
+    compared = []
+    for block in blocks:
+        agree = True
+        for ra, rb in zip(a.layers, b.layers):
+            if _block_of(ra.name) != block:
+                continue
+            ca, cb = ra.correction, rb.correction
+            if not ca:  # the mask source's weights are the layer's: its error on the fit share's H
+                assert ra.relative_error == rb.relative_error, ra.name
+                continue
+            assert ca["digest"] == cb["digest"], f"{ra.name}: the correction's candidate differs"
+            for key in ("fit_tokens", "heldout_tokens", "fit_error_before"):
+                assert ca[key] == cb[key], (ra.name, key)
+            verdict = ("status", "damping", "damping_escalated")
+            if all(ca.get(k) == cb.get(k) for k in verdict):  # the same candidate chosen: the same fit
+                assert ca["fit_error_proposed"] == cb["fit_error_proposed"], ra.name
+            else:
+                agree = False
+        compared.append(block)
+        if block in tuned_a and agree:
+            ta, tb = tuned_a[block], tuned_b[block]
+            common = min(len(ta.digests), len(tb.digests))
+            assert common >= 2 and ta.digests[:common] == tb.digests[:common], f"{block}: the tuned weights differ"
+            assert ta.fit_before == tb.fit_before, block
+            agree = (ta.kept, ta.best_epoch) == (tb.kept, tb.best_epoch)
+        if not agree:
+            break
+    return compared
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    from prac import assets
+    from prac.loading import load_model
+
+    return load_model(str(assets.DEFAULT_MODEL))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["sparsegpt+optimal", "admm+reconstruct", "sparsegpt+optimal+reconstruct"])
+def test_changing_only_the_held_out_rows_changes_no_mask_and_no_candidate(bundled, case):
+    """Issue 31: with held-out judging on (a correction's share, --reconstruct's), the masks (of a mask
+    source with a Hessian), every candidate correction and every tuned block are fitted on the fit share
+    alone: replace the held-out sequences' tokens by other text, and nothing that is fitted moves, bit
+    for bit, up to where a judge (which does see them) decides differently."""
+    import copy
+
+    from safetensors.torch import load_file
+
+    from prac.blocks import get_weight
+    from prac.reconstruct import ReconstructConfig
+    from tests.conftest import GOLDEN
+
+    tokens = load_file(str(GOLDEN / "calib_tokens.safetensors"))["input_ids"]
+    calib = tokens[:16, :64].clone()
+    held = holdout_rows(16, 0.125, 0)
+    other = calib.clone()
+    other[held] = tokens[64:64 + int(held.sum()), 64:128]  # other text, as many tokens
+    assert int(held.sum()) == 2 and torch.equal(other[~held], calib[~held]) and not torch.equal(other, calib)
+    method, *rest = case.split("+")
+    correction = (CorrectionConfig.of("optimal", exact_errors=False, holdout=Holdout(0.125)) if "optimal" in rest
+                  else CorrectionConfig())
+    recon = ReconstructConfig(mode="block", epochs=2, minibatches=2) if "reconstruct" in rest else ReconstructConfig()
+    cfg = PruneConfig(method=method, correction=correction,  # admm: the dense target, so its drift too
+                      engine=EngineConfig(batch_size=4, dense_target=method == "admm", reconstruct=recon))
+    models, outcomes = [], []
+    for ids in (calib, other):
+        model = copy.deepcopy(bundled)
+        outcomes.append(prune_model(model, ids, cfg, torch.device("cpu")))
+        models.append(model)
+    compared = _compare_until_a_verdict_differs(*outcomes)
+    assert compared[0] == "model.layers.0", compared
+    modules = [dict(m.named_modules()) for m in models]
+    masks = [r.name for r in outcomes[0].layers if _block_of(r.name) in compared]
+    assert len(masks) >= 7
+    for name in masks:  # masks never move after they are chosen (tuning keeps them)
+        assert torch.equal(get_weight(modules[0][name]) == 0, get_weight(modules[1][name]) == 0), name
+    for o in outcomes:
+        assert all(len(r.digests) == r.epochs + 1 for r in o.reconstruction)
+        assert all(r.correction["heldout_tokens"] == 2 * 64 for r in o.layers if r.correction)

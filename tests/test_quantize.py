@@ -103,7 +103,14 @@ def test_joint_sweep_beats_pruning_then_rounding_to_nearest():
         for g in range(0, 64, 32):
             rtn.set_group(g, pruned.t()[g:g + 32])
         rounded = torch.stack([rtn(c, pruned[:, c]) for c in range(64)], dim=1)
-        assert torch.equal(rounded == 0, rounded == 0) and torch.all(rounded[pruned == 0] == 0)
+        # the round-to-nearest baseline, checked without the quantizer's own call: every weight is an
+        # integer in [-8, 7] times its group's scale, the nearest such value to the pruned weight, and
+        # the pruned positions are exactly zero
+        scale = rtn.scales.repeat_interleave(32, dim=1)
+        ints = (rounded / scale).round()
+        assert torch.equal(ints * scale, rounded) and ints.min() >= -8 and ints.max() <= 7, pattern
+        assert torch.all((rounded - pruned).abs() <= scale / 2 * (1 + 1e-5)), pattern
+        assert torch.all(rounded[pruned == 0] == 0) and torch.all(pruned[rounded != 0] != 0), pattern
         assert relative_error(both, w, h) < relative_error(rounded, w, h), pattern
 
 
@@ -143,6 +150,7 @@ def test_compressed_folder_reloads_to_the_in_memory_logits(calib, tmp_path, toke
     ids = calib[:2, :16]
     with torch.no_grad():
         expected = model(ids).logits
+    in_memory = weights(model)  # before the packed save, which compresses the model in place
     dense_report: dict = {}
     stage_model(model, tokenizer, tmp_path / "dense", dense_report).commit()
     report: dict = {}
@@ -158,10 +166,29 @@ def test_compressed_folder_reloads_to_the_in_memory_logits(calib, tmp_path, toke
     assert saved["saved"]["format"] == "compressed-tensors pack-quantized"
     for folder in ("packed", "dense"):
         reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / folder, dtype=torch.float32).eval()
+        params = {name for name, _ in reloaded.named_parameters()}  # as loaded (a forward decompresses)
         with torch.no_grad():
             got = reloaded(ids).logits
         assert torch.equal(got, expected), folder
-        assert not any(name.startswith("weight_") for name, _ in reloaded.named_parameters()) or folder == "packed"
+        packed = {name for name in params if name.rsplit(".", 1)[-1] in ("weight_packed", "weight_scale")}
+        if folder == "dense":
+            assert not packed and all(f"{n}.weight" in params for n in outcome.grids)
+        else:  # every quantized linear came back as packed integers and scales, no float weight
+            assert packed == {f"{n}.{k}" for n in outcome.grids for k in ("weight_packed", "weight_scale")}
+            assert not any(f"{n}.weight" in params for n in outcome.grids)
+    # the file itself, read without the library: 4-bit integers, 8 to an int32 (lowest bits first, stored
+    # with +8), times the group's scale, are the in-memory weights exactly, zeros included
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "packed" / "model.safetensors"), "pt") as f:
+        assert not any(f"{n}.weight" in f.keys() for n in outcome.grids)
+        for name, w in in_memory.items():
+            words = f.get_tensor(f"{name}.weight_packed")
+            assert words.dtype == torch.int32 and words.shape == (w.shape[0], w.shape[1] // 8), name
+            ints = torch.stack([(words >> (4 * i)) & 0xF for i in range(8)], dim=-1).reshape(w.shape) - 8
+            scale = f.get_tensor(f"{name}.weight_scale")
+            assert torch.equal(scale, outcome.grids[name].scales.to(scale.dtype)), name
+            assert torch.equal(ints * scale.repeat_interleave(32, dim=1), w), name
 
 
 # --- the command line -------------------------------------------------------------------------------------
@@ -207,8 +234,26 @@ def test_bad_quantization_options_are_one_line(extra, needles, work, capsys):
 
 def test_compressed_save_refuses_fused_experts_before_work(tmp_path, tiny_model_dir, small_text, capsys):
     _one_line_error(["prune", "--model", str(tiny_model_dir("mixtral")), "--calib", str(small_text), *SMALL,
-                     "--wbits", "4", "--groupsize", "32", "--save", str(tmp_path / "out")], capsys, tmp_path,
-                    "fused MoE experts", "--save-format dense")
+                     "--wbits", "4", "--groupsize", "32", "--save-format", "compressed", "--save", str(tmp_path / "out")],
+                    capsys, tmp_path, "fused MoE experts", "--save-format dense")
+
+
+def test_auto_save_format_on_an_moe_model_saves_dense_and_says_so(tmp_path, small_text, capsys):
+    """--wbits 4 --save on the bundled tiny Mixtral: auto would pick compressed-tensors, which cannot hold
+    fused experts; it saves dense instead (every layer still quantized), with one line saying so."""
+    from prac import assets
+
+    out = tmp_path / "out"
+    assert main(["prune", "--model", str(assets.MOE_MODEL), "--calib", str(small_text), *SMALL,
+                 "--wbits", "4", "--groupsize", "32", "--save", str(out)]) == 0
+    captured = capsys.readouterr()
+    said = [line for line in captured.err.splitlines() if "--save-format auto" in line]
+    assert len(said) == 1 and "dense" in said[0] and "fused MoE experts" in said[0], captured.err
+    assert "error" not in captured.err
+    report = json.loads((out / "prac_report.json").read_text())
+    assert report["config"]["save_format"] == "dense" and report["saved"]["format"] == "dense"
+    assert report["summary"]["quantization"]["quantized_layers"] == len(report["layers"])
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
 
 
 def test_cli_quantized_prune_saves_compressed_by_default(work, capsys):

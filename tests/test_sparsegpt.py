@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
@@ -278,8 +277,10 @@ def test_layer_speed_bench_smoke(tmp_path: Path) -> None:
     assert len(sparse) == 2
     for r in sparse:
         assert r["seconds"] > 0 and 0 < r["relative_error"] < 1
-    if importlib.util.find_spec("prac.correction") is None or not report["correction_available"]:
-        pytest.skip("prac.correction is not importable: only the SparseGPT rows were checked")
+    # prac.correction ships with prac: the bench script catches its ImportError to keep timing SparseGPT,
+    # so here a failed import is a failure, not a skip
+    assert report["correction_available"], report.get("correction_import_error")
+    assert "not importable" not in proc.stdout + proc.stderr
     for method in ("full", "diagonal", "greedy", "optimal"):
         got = [r for r in rows if r["method"] == method]
         assert len(got) == 2, method

@@ -12,6 +12,16 @@ into non-overlapping ``seqlen`` windows; the trailing partial window is dropped.
 files of documents) follow SparseGPT's protocol instead: the first :data:`C4_EVAL_DOCS` documents of
 the validation shard joined with ``" "``, tokenized, and only the first :data:`C4_EVAL_WINDOWS` ×
 ``seqlen`` tokens kept. Several sets are given comma-separated (:func:`split_eval_sets`).
+
+BOS (``--bos``): a text is tokenized whole and cut into windows, so only a window that starts where
+the text starts can hold the tokenizer's BOS (the papers' protocol, and the references'). Some model
+families are trained with BOS at the start of every sequence (Gemma, Gemma 2, Gemma 3:
+:data:`BOS_MODEL_TYPES`) and calibrate and evaluate off-distribution without it. With ``always`` the
+**first token of every window is replaced by BOS** (:func:`with_bos`): windows keep exactly
+``seqlen`` tokens, the same starts and the same predicted tokens as ``never`` (a window's first token
+is never predicted), and only the context of each window begins with BOS. ``never`` keeps the windows
+as cut; ``auto`` (:func:`bos_mode`) is ``always`` for :data:`BOS_MODEL_TYPES` and ``never`` otherwise.
+Exact token files (``--calib-tokens``) are used as given.
 """
 
 from __future__ import annotations
@@ -43,6 +53,56 @@ MIN_CALIB_SEQLEN = 8
 MIN_CALIB_TOKENS = 128
 
 log = logging.getLogger(__name__)
+
+BOS_CHOICES = ("auto", "always", "never")
+#: ``config.model_type`` of the families that expect BOS at the start of every sequence (``--bos auto``).
+BOS_MODEL_TYPES = frozenset({"gemma", "gemma2", "gemma3", "gemma3_text", "gemma3n", "gemma3n_text"})
+
+
+def model_type_of(config) -> str | None:
+    """``config.model_type`` (a composite config's ``text_config`` is asked when the top level names none
+    of :data:`BOS_MODEL_TYPES`)."""
+    kind = getattr(config, "model_type", None)
+    text = getattr(config, "text_config", None)
+    if kind not in BOS_MODEL_TYPES and text is not None and getattr(text, "model_type", None) in BOS_MODEL_TYPES:
+        return text.model_type
+    return kind
+
+
+def bos_mode(choice: str, config=None) -> str:
+    """``--bos`` settled: ``always`` or ``never``; ``auto`` is ``always`` for a model whose
+    ``config.model_type`` is one of :data:`BOS_MODEL_TYPES` and ``never`` otherwise (or without a config)."""
+    if choice not in BOS_CHOICES:
+        raise PracError(f"--bos must be one of {', '.join(BOS_CHOICES)}, got {choice!r}")
+    if choice != "auto":
+        return choice
+    return "always" if config is not None and model_type_of(config) in BOS_MODEL_TYPES else "never"
+
+
+def bos_token_id(tokenizer, why: str = "--bos always") -> int:
+    """The tokenizer's BOS id, or a one-line :class:`PracError` when it has none."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        raise PracError(f"{why} puts the tokenizer's BOS token at the start of every window, but this tokenizer has "
+                        f"no BOS token (bos_token is not set): use --bos never")
+    return int(bos)
+
+
+def with_bos(ids: torch.Tensor, bos: int | None) -> torch.Tensor:
+    """Windows ``[n, seqlen]`` with their first token replaced by ``bos`` (a new tensor); ``ids`` itself
+    when ``bos`` is None."""
+    if bos is None:
+        return ids
+    out = ids.clone()
+    out[:, 0] = bos
+    return out
+
+
+def bos_protocol(bos: int | None) -> dict:
+    """What the report records of the windows' BOS (``bos``: the id placed, or None)."""
+    if bos is None:
+        return {"bos": "never"}
+    return {"bos": "always", "bos_token_id": int(bos), "bos_rule": "first token of every window replaced by BOS"}
 
 
 @dataclass
@@ -211,26 +271,32 @@ def sample_documents(texts: list[str], tokenizer, nsamples: int, seqlen: int, se
     return torch.stack(out)
 
 
-def load_calibration(source: str, tokenizer, nsamples: int, seqlen: int, seed: int) -> TokenSet:
-    """Calibration windows from ``c4``, ``wikitext2``, a ``.txt`` file (stream) or ``.jsonl`` (documents)."""
+def load_calibration(source: str, tokenizer, nsamples: int, seqlen: int, seed: int,
+                     bos: int | None = None) -> TokenSet:
+    """Calibration windows from ``c4``, ``wikitext2``, a ``.txt`` file (stream) or ``.jsonl`` (documents).
+
+    ``bos``: a token id put in place of the first token of every window (``--bos always``, :func:`with_bos`);
+    None leaves the windows as sampled. The windows' starts are the same either way."""
     if nsamples < 1 or seqlen < 2:
         raise PracError(f"nsamples must be >= 1 and seqlen >= 2, got {nsamples} and {seqlen}")
     proto = {"source": source, "nsamples": nsamples, "seqlen": seqlen, "seed": seed}
     if source == "c4":
         data = _load_dataset(C4_REPO, data_files={"train": C4_TRAIN_FILE}, split="train")
         ids = sample_documents(list(data["text"]), tokenizer, nsamples, seqlen, seed, "c4")
-        return TokenSet(ids, {**proto, "protocol": "documents", "dataset": f"{C4_REPO}:{C4_TRAIN_FILE}"})
-    if source == "wikitext2":
+        proto.update(protocol="documents", dataset=f"{C4_REPO}:{C4_TRAIN_FILE}")
+    elif source == "wikitext2":
         data = _load_dataset(*WIKITEXT, split="train")
         ids = sample_stream(_tokenize(tokenizer, " ".join(data["text"])), nsamples, seqlen, seed, "wikitext2")
-        return TokenSet(ids, {**proto, "protocol": "stream", "dataset": "wikitext-2-raw-v1 train, joined with ' '"})
-    path = Path(source).expanduser()
-    if path.suffix == ".jsonl":
-        ids = sample_documents(_read_jsonl_texts(path), tokenizer, nsamples, seqlen, seed, str(path))
-        return TokenSet(ids, {**proto, "protocol": "documents", "file": str(path)})
-    text = _read_text(path)
-    ids = sample_stream(_tokenize(tokenizer, text), nsamples, seqlen, seed, str(path))
-    return TokenSet(ids, {**proto, "protocol": "stream", "file": str(path)})
+        proto.update(protocol="stream", dataset="wikitext-2-raw-v1 train, joined with ' '")
+    else:
+        path = Path(source).expanduser()
+        if path.suffix == ".jsonl":
+            ids = sample_documents(_read_jsonl_texts(path), tokenizer, nsamples, seqlen, seed, str(path))
+            proto.update(protocol="documents", file=str(path))
+        else:
+            ids = sample_stream(_tokenize(tokenizer, _read_text(path)), nsamples, seqlen, seed, str(path))
+            proto.update(protocol="stream", file=str(path))
+    return TokenSet(with_bos(ids, bos), {**proto, **bos_protocol(bos)})
 
 
 def load_token_file(path: str | Path) -> TokenSet:
@@ -257,7 +323,8 @@ def load_token_file(path: str | Path) -> TokenSet:
         raise PracError(f"{path} holds an empty 'input_ids' of shape [{n}, {seqlen}]")
     ids = ids.to(torch.int64)
     check_token_ids(ids, None, str(path))
-    return TokenSet(ids, {"source": "tokens", "file": str(path), "nsamples": n, "seqlen": seqlen})
+    return TokenSet(ids, {"source": "tokens", "file": str(path), "nsamples": n, "seqlen": seqlen,
+                          "bos": "as given (exact tokens: --bos does not apply)"})
 
 
 def check_calibration(tokens: TokenSet, vocab_size: int | None = None, context: int | None = None) -> TokenSet:
@@ -353,9 +420,10 @@ def load_eval_tokens(source: str, tokenizer, seqlen: int | None = None) -> tuple
     return _tokenize(tokenizer, _read_text(path)), {"source": "file", "file": str(path)}
 
 
-def eval_windows(tokens: torch.Tensor, seqlen: int) -> torch.Tensor:
-    """Non-overlapping ``seqlen`` windows ``[n, seqlen]`` (trailing partial window dropped)."""
+def eval_windows(tokens: torch.Tensor, seqlen: int, bos: int | None = None) -> torch.Tensor:
+    """Non-overlapping ``seqlen`` windows ``[n, seqlen]`` (trailing partial window dropped); with ``bos``,
+    the first token of every window replaced by it (:func:`with_bos`: the predicted tokens stay the same)."""
     n = tokens.numel() // seqlen
     if n < 1:
         raise PracError(f"evaluation text has {tokens.numel()} tokens, fewer than one window of {seqlen}")
-    return tokens[: n * seqlen].reshape(n, seqlen)
+    return with_bos(tokens[: n * seqlen].reshape(n, seqlen), bos)

@@ -58,7 +58,7 @@ from prac.errors import PracError
 from prac.group import InputGroup
 from prac.records import LayerRecord
 from prac.stats import InputStats
-from prac.treesum import Node
+from prac.treesum import Node, fold, push
 
 if TYPE_CHECKING:
     from prac.units import Unit
@@ -409,7 +409,8 @@ class DataParallel:
     def reduce(self, group: InputGroup) -> None:
         """Count, Σx and Σx² summed on every rank; H (and the dense-input drift) summed on the
         owner (dropped elsewhere); the token sample merged on the owner (dropped elsewhere); the same
-        for the held-out share's statistics."""
+        for the held-out share's statistics (with a held-out share the group's own are the fit
+        share's: both trees are reduced apart, each as one process sums it)."""
         stats = group.stats
         if stats is None:
             return
@@ -422,8 +423,10 @@ class DataParallel:
 
     def reduce_all(self, stats: InputStats, name: str) -> None:
         """Statistics shared by several groups (an MoE experts module's prior): everything summed, and
-        the token sample merged, on every rank."""
+        the token sample merged, on every rank (and the held-out share's sums, if it has one)."""
         self._reduce_sums(stats, None, name)
+        if stats.heldout is not None:
+            self._reduce_sums(stats.heldout, None, f"held-out share of {name}")
         if stats.spec.max_samples > 0:
             self._merge_samples(stats, None, name)
 
@@ -489,30 +492,29 @@ class DataParallel:
     def _merge_samples(self, stats: InputStats, owner: int | None, name: str) -> None:
         """The single-process sample: every rank's candidates (≤ k each, with their keys and held-out
         flags) gathered, the k largest keys kept, in token order — what ``InputStats._add_samples``
-        keeps over all batches."""
+        keeps over all batches (the pool of both shares; its fit rows are ``samples``)."""
         k, s = stats.spec.max_samples, self.session
-        have = 0 if stats.samples is None else stats.samples.shape[0]
+        have = 0 if stats.sample_pool is None else stats.sample_pool.shape[0]
         table = torch.zeros(k, stats.dim + 2, dtype=torch.float32, device=stats.device)
         if have:
-            table[:have, : stats.dim] = stats.samples
+            table[:have, : stats.dim] = stats.sample_pool
             table[:have, stats.dim] = stats._keys
             if stats.sample_held is not None:
                 table[:have, stats.dim + 1] = stats.sample_held.float()
         counts = s.all_gather(torch.tensor([have], dtype=torch.int64, device=stats.device), f"samples of {name}")
         tables = s.all_gather(table, f"samples of {name}")
         if owner is not None and owner != s.rank:
-            stats.samples, stats._keys, stats.sample_held = None, None, None
+            stats.set_sample_pool(None, None, None)
             return
         merged = torch.cat([t[: int(c)] for t, c in zip(tables, counts)])
         if merged.shape[0] == 0:
-            stats.samples, stats._keys, stats.sample_held = None, None, None
+            stats.set_sample_pool(None, None, None)
             return
         if merged.shape[0] > k:
             keep = torch.topk(merged[:, stats.dim], k, sorted=False).indices.sort().values
             merged = merged[keep]
-        stats.samples = merged[:, : stats.dim].contiguous()
-        stats._keys = merged[:, stats.dim].contiguous()
-        stats.sample_held = merged[:, stats.dim + 1] > 0.5 if stats.heldout is not None else None
+        stats.set_sample_pool(merged[:, : stats.dim].contiguous(), merged[:, stats.dim].contiguous(),
+                              merged[:, stats.dim + 1] > 0.5 if stats.heldout is not None else None)
 
     def sum_tensors(self, tensors: list[torch.Tensor], what: str) -> None:
         """Each tensor summed over the ranks, in place (reconstruction's gradients and error sums: every
@@ -525,6 +527,27 @@ class DataParallel:
         for t in tensors:
             t.copy_(flat[offset: offset + t.numel()].view_as(t))
             offset += t.numel()
+
+    def sum_tree(self, nodes: list[Node], template: dict[str, torch.Tensor], what: str) -> dict[str, torch.Tensor]:
+        """The total of one fixed summation tree (:mod:`prac.treesum`) whose leaves the ranks hold in
+        contiguous runs, in rank order (reconstruction's per-batch gradients and errors), on every rank:
+        each rank's stack ``nodes`` (maybe empty; fields shaped as ``template``, one dtype) sent to
+        every rank by broadcast, one flat tensor per node, then added as one process adds its batches.
+        Every rank then takes the same optimiser step as one process, bit for bit."""
+        s = self.session
+        keys = list(template)
+        sizes = [template[k].numel() for k in keys]
+        dtype = template[keys[0]].dtype
+        layout = s.all_gather_objects([(n.start, n.size) for n in nodes], f"batches of {what}")
+        stack: list[Node] = []  # pushed as they arrive (what treesum.combine does): log2(leaves) + 1 held at most
+        for r, spans in enumerate(layout):
+            for i, (start, size) in enumerate(spans):
+                flat = (torch.cat([nodes[i].tensors[k].reshape(-1).to(dtype) for k in keys]) if r == s.rank
+                        else torch.empty(sum(sizes), dtype=dtype, device=s.device))
+                s.broadcast(flat, r, what)
+                push(stack, Node(start, size, {k: p.view_as(template[k]) for k, p in zip(keys, flat.split(sizes))}))
+        total = fold(stack)
+        return total if total is not None else {k: torch.zeros_like(v) for k, v in template.items()}
 
     # weights and records
     def exchange(self, staged: dict[str, torch.Tensor], linears: dict[str, nn.Module]) -> dict[str, torch.Tensor]:

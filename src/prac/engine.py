@@ -111,7 +111,11 @@ class BlockParallel(Protocol):
         """Every owner's new weights of the block, on every process."""
 
     def sum_tensors(self, tensors: list[torch.Tensor], what: str) -> None:
-        """Sum each tensor over the processes, in place (reconstruction's gradients and errors)."""
+        """Sum each tensor over the processes, in place (reconstruction's counts)."""
+
+    def sum_tree(self, nodes: list, template: dict[str, torch.Tensor], what: str) -> dict[str, torch.Tensor]:
+        """The total of every process's part of one fixed summation tree (:mod:`prac.treesum`), on every
+        process (reconstruction's gradients and errors)."""
 
 
 @dataclass(frozen=True)
@@ -173,24 +177,50 @@ class EngineOutcome:
 
 
 class PhaseTimer:
-    """Wall time per phase (capture, transfer, calibrate, prune, propagate), synchronised on CUDA."""
+    """Seconds per phase (capture, transfer, calibrate, prune, propagate, ...) into ``totals``.
+
+    On the CPU: wall time (``perf_counter``). On CUDA: the time between two events recorded on the
+    current stream at the phase's start and end — what the device's work stream spends on the phase,
+    including waiting for the host. Nothing waits for the device per phase (a device-wide synchronize
+    would also wait for the next block's copy on the prefetch stream, :mod:`prac.residency`): the
+    events are resolved by :meth:`flush`, which the engine calls after every block (only the events
+    the device has passed) and at the end of the run (all, waiting for the last one)."""
 
     def __init__(self, device: torch.device, totals: dict[str, float]):
         self.device, self.totals = device, totals
+        self._events: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []  # (phase, start, end), unresolved
 
     @contextlib.contextmanager
     def __call__(self, name: str) -> Iterator[None]:
-        self._sync()
-        start = time.perf_counter()
+        if self.device.type != "cuda":
+            start = time.perf_counter()
+            try:
+                yield
+            finally:
+                self.totals[name] = self.totals.get(name, 0.0) + time.perf_counter() - start
+            return
+        stream = torch.cuda.current_stream(self.device)
+        begin = torch.cuda.Event(enable_timing=True)
+        begin.record(stream)
         try:
             yield
         finally:
-            self._sync()
-            self.totals[name] = self.totals.get(name, 0.0) + time.perf_counter() - start
+            end = torch.cuda.Event(enable_timing=True)
+            end.record(stream)
+            self._events.append((name, begin, end))
 
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+    def flush(self, wait: bool = True) -> None:
+        """Add the recorded phases' times to ``totals``: every one (``wait``: the host waits for the
+        current stream to reach the last end event), or only those the device has already passed."""
+        left = []
+        for name, begin, end in self._events:
+            if wait:
+                end.synchronize()
+            elif not end.query():
+                left.append((name, begin, end))
+                continue
+            self.totals[name] = self.totals.get(name, 0.0) + begin.elapsed_time(end) / 1000.0
+        self._events = left
 
 
 def activation_store(offload: str, device: torch.device, calib: torch.Tensor, hidden: int, dtype,
@@ -291,9 +321,11 @@ class BlockEngine:
             for i in self.progress(range(count), "blocks", count):
                 zeros, entries = self._one_block(blocks, i, mover, inputs, dense, spec, step, ignore, timer, outcome,
                                                  i < last or return_hidden, zeros, entries)
+                timer.flush(wait=False)  # CUDA: the phases the device has passed; nothing waits
         finally:
             with timer("transfer"):
                 mover.finish()
+        timer.flush()
         outcome.block_weights = (zeros, entries)
         outcome.cache_peak_bytes = self.cache_peak
         if return_hidden and inputs is not None:
@@ -304,8 +336,8 @@ class BlockEngine:
         """Steps 1-7 of the module docstring for block ``i``; the updated weight-zero counts."""
         block = blocks.modules[i]
         with timer("transfer"):
-            mover.fetch(i)
-            mover.prefetch(i + 1)  # the next block's weights arrive while this one is worked on
+            mover.fetch(i)  # the current stream waits for block i's copy (prefetched under block i - 1)
+            mover.prefetch(i + 1)  # returns at once: block i + 1 is pinned and copied while block i is worked on
         with expert_views(block, blocks.name(i), ignore):  # removed before the block moves again
             units = block_units(block, blocks.name(i), ignore, i)
             self._block(block, units, inputs, dense, spec, step, timer)
@@ -327,9 +359,9 @@ class BlockEngine:
         return zeros + z, entries + n
 
     def _finish(self, block, units: dict[str, Unit], inputs: BlockInputs, spec: StatsSpec, timer) -> None:
-        """The finishing pass: statistics of the tuned block (H, no drift, nothing held out) and
-        ``finish_step`` on every group, its weights applied."""
-        plain = StatsSpec(hessian=True, seed=spec.seed)
+        """The finishing pass: statistics of the tuned block (H, no drift; the fit share's rows, the
+        held-out sequences are never fitted) and ``finish_step`` on every group, its weights applied."""
+        plain = StatsSpec(hessian=True, seed=spec.seed, holdout=spec.holdout)
         staged: dict[str, torch.Tensor] = {}
         self._calibrated_block(block, units, inputs, plain, self._finish_step, timer, staged,
                                self._grouping(block, units, inputs))
@@ -347,9 +379,11 @@ class BlockEngine:
         """Tune the block's pruned linears to the dense stream's outputs of this block (:mod:`prac.reconstruct`)."""
         par = self.parallel
         reduce = (lambda tensors: par.sum_tensors(tensors, f"reconstruction of {name}")) if par is not None else None
+        tree = ((lambda nodes, template, what: par.sum_tree(nodes, template, f"{what} in reconstruction of {name}"))
+                if par is not None else None)
         record = reconstruct_block(block, name, units, inputs, dense.hidden, self._held, self.config.reconstruct,
                                    self.device, sub_targets=self._dense.sublayers if self._dense else None,
-                                   first_batch=self._first_batch, reduce=reduce)
+                                   first_batch=self._first_batch, reduce=reduce, combine_tree=tree)
         self._dense = None
         log.info("%s reconstruction of %s: fit %.5f -> %.5f, held-out %s -> %s, %d steps, %s", record.mode, name,
                  record.fit_before, record.fit_after, record.heldout_before, record.heldout_after, record.steps,
@@ -477,7 +511,7 @@ class BlockEngine:
 
                 def sink(x: torch.Tensor, route: Route | None) -> None:
                     g.stats.add_batch(x, held=batch[0], route=route)
-                    g.stats.add_drift(dense.input(first, batch[1], route).to(x.device), x, project, route)
+                    g.stats.add_drift(dense.input(first, batch[1], route).to(x.device), x, project, route, batch[0])
             hook = input_recorder(sink, routed=True)
             return stopping(hook) if g.names[0] == last else hook
 
@@ -507,7 +541,8 @@ class BlockEngine:
                 poor.append((g, slot, need))
         if not poor:
             return
-        prior_spec = StatsSpec(hessian=spec.hessian, max_samples=spec.max_samples, seed=spec.seed)
+        # the fit share's rows alone, like the statistics they top up (the held-out ones are dropped)
+        prior_spec = StatsSpec(hessian=spec.hessian, max_samples=spec.max_samples, seed=spec.seed, holdout=spec.holdout)
         priors: dict[tuple[str, int | None], InputStats] = {}  # every expert's gate/up reads the same tokens
         for g, slot, _ in poor:
             key = _prior_key(slot)
@@ -515,6 +550,7 @@ class BlockEngine:
                 priors[key] = self._new_stats(units[g.names[0]].in_features, prior_spec)
         modules = {slot.experts: slot for _, slot, _ in poor}
         pending = [0]
+        held: list[torch.Tensor | None] = [None]  # the held-out flags of the batch being run
 
         def hook_of(slot):
             wanted = [(e, stats) for (path, e), stats in priors.items() if path == slot.experts]
@@ -523,9 +559,10 @@ class BlockEngine:
                 x = args[0]
                 for e, stats in wanted:
                     if e is None:
-                        stats.add_batch(x)
+                        stats.add_batch(x, held=held[0])
                     else:
-                        stats.add_batch(expert_hidden(slot.module, slot.layout, slot.module._modules[str(e)], x))
+                        stats.add_batch(expert_hidden(slot.module, slot.layout, slot.module._modules[str(e)], x),
+                                        held=held[0])
                 pending[0] -= 1
                 if pending[0] == 0:
                     raise StopForward
@@ -535,6 +572,7 @@ class BlockEngine:
         with pre_hooks(hooks), self._replaying([], record=False), torch.no_grad():
             for j in range(len(inputs)):
                 pending[0] = len(hooks)
+                held[0] = self._held[j] if self._held is not None else None
                 for stats in priors.values():
                     stats.begin(self._first_batch + j)
                 self._start_batch(j)

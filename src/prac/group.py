@@ -25,7 +25,7 @@ class InputGroup:
         self.stats = stats
         self.device = torch.device(device)
         self.factorisations = 0
-        self.parent = parent  # the group whose held-out split this is (it counts our factorisations too)
+        self.parent = parent  # the group whose held-out share this is (it counts our factorisations too)
         self._memo: dict[Hashable, Any] = {}
 
     @property
@@ -71,14 +71,18 @@ class InputGroup:
 
     def holdout(self) -> "tuple[InputGroup, InputGroup] | None":
         """(fit, held-out): this group's linears on the statistics of the calibration rows outside the
-        held-out sequences and of those in them (:meth:`InputStats.split`), each group with its own
-        H and factorisations, built once. None when nothing is held out."""
+        held-out sequences and of those in them (:meth:`InputStats.split`). The fit share's are this
+        group's own statistics (with a held-out share they hold no held-out row), so the fit group is
+        this group itself, with its H and factorisations; the held-out group is built once. None when
+        nothing is held out."""
 
         def build():
             parts = self.stats.split() if self.stats is not None else None
             if parts is None:
                 return None
-            return tuple(InputGroup(self.names, part, self.device, parent=self) for part in parts)
+            fit, held = parts
+            return (self if fit is self.stats else InputGroup(self.names, fit, self.device, parent=self),
+                    InputGroup(self.names, held, self.device, parent=self))
 
         return self.shared("holdout", build)
 

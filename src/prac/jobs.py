@@ -31,15 +31,16 @@ from typing import Any
 import torch
 
 from prac import assets, distributed
-from prac.data import (HUB_DATASETS, TokenSet, check_calibration, check_text_source, check_token_ids, eval_windows,
-                       load_calibration, load_eval_tokens, load_token_file, split_eval_sets)
+from prac.data import (HUB_DATASETS, TokenSet, bos_mode, bos_protocol, bos_token_id, check_calibration,
+                       check_text_source, check_token_ids, eval_windows, load_calibration, load_eval_tokens,
+                       load_token_file, split_eval_sets)
 from prac.errors import PracError
 from prac.evaluate import default_eval_batch_size, last_hidden_states, mean_cosine, perplexity
 from prac.harness import ZeroShotConfig
 from prac.loading import (check_model_source, check_tokenizer_source, is_causal_lm, load_model, load_tokenizer,
                           model_context, model_skeleton, model_vocab_size, resolve_device)
 from prac.patterns import pattern_to_dict
-from prac.pipeline import PruneConfig, check_pattern, check_quant, prune_model, sweep_blocksize
+from prac.pipeline import PruneConfig, check_pattern, check_quant, held_out_sequences, prune_model, sweep_blocksize
 from prac.progress import Progress, no_progress
 from prac.allocation import AllocationConfig, allocate
 from prac.outputs import (Outputs, Sources, StagedFile, check_path_given, check_report_path, check_save_dir,
@@ -74,11 +75,13 @@ class PruneJob:
     tasks: ZeroShotConfig | None = None  # zero-shot tasks (lm-evaluation-harness) run on the pruned model
     save: str | None = None
     overwrite: bool = False
-    save_format: str = "dense"  # dense | compressed (compressed-tensors' pack-quantized; needs prune.quant)
+    save_format: str = "dense"  # dense | compressed (compressed-tensors' pack-quantized; needs prune.quant) | auto
     report: str | None = None
     device: str = "auto"
     dtype: str = "auto"
+    bos: str = "auto"  # auto | always | never: BOS at the start of every calibration/evaluation window (prac.data)
     # Filled by resolve() from the loaded model (recorded in the report, not settings):
+    bos_resolved: str | None = None  # always | never (auto settled by the model type, or a saved folder's report)
     model_context: int | None = None  # max_position_embeddings or equivalent
     model_vocab_size: int | None = None  # rows of the input embedding
     defaults_from: str | None = None  # which rule gave the defaults (see folder_defaults)
@@ -100,17 +103,38 @@ def resolve(job: PruneJob, model) -> PruneJob:
         if ev != "none" and eval_seqlen > context:
             raise PracError(f"--eval-seqlen {eval_seqlen} is beyond the model's context of {context} tokens "
                             f"(max_position_embeddings)")
+    bos = defaults["bos"] if job.bos == "auto" and defaults.get("bos") else bos_mode(job.bos, model.config)
     return replace(job, seqlen=seqlen, calib=calib, eval=ev, eval_seqlen=eval_seqlen, model_context=context,
-                   model_vocab_size=model_vocab_size(model), defaults_from=origin)
+                   model_vocab_size=model_vocab_size(model), defaults_from=origin, bos_resolved=bos)
+
+
+def window_bos(job: PruneJob, tokenizer) -> int | None:
+    """The token id put at the start of every window the job cuts from a text (``bos_resolved`` always),
+    or None (never)."""
+    if job.bos_resolved != "always":
+        return None
+    return bos_token_id(tokenizer, _bos_why(job.bos, job.bos_resolved))
+
+
+def _bos_why(requested: str, resolved: str | None) -> str:
+    return "--bos always" if requested == "always" else f"--bos {requested} (here: {resolved}, for this model)"
+
+
+def check_bos_token(path_or_id: str, requested: str, resolved: str | None) -> None:
+    """Before the weights load: a ``--bos`` that resolves to ``always`` needs a tokenizer with a BOS token
+    (the tokenizer alone is read)."""
+    if resolved == "always":
+        bos_token_id(load_tokenizer(path_or_id), _bos_why(requested, resolved))
 
 
 def calibration_tokens(job: PruneJob, tokenizer) -> TokenSet:
-    """The job's calibration windows: exact tokens from a file, or sampled from its text; checked by
+    """The job's calibration windows: exact tokens from a file (as given, ``--bos`` aside), or sampled
+    from its text (with BOS at every window's start when ``bos_resolved`` is always); checked by
     :func:`prac.data.check_calibration` against the model ``resolve`` recorded in the job."""
     if job.calib_tokens:
         tokens = load_token_file(job.calib_tokens)
     else:
-        tokens = load_calibration(job.calib, tokenizer, job.nsamples, job.seqlen, job.seed)
+        tokens = load_calibration(job.calib, tokenizer, job.nsamples, job.seqlen, job.seed, window_bos(job, tokenizer))
     return check_calibration(tokens, job.model_vocab_size, job.model_context)
 
 
@@ -125,12 +149,12 @@ _CONFIG_NOISE = {"_name_or_path", "transformers_version"}
 
 def _bundled_defaults() -> dict[str, Any]:
     return {"seqlen": assets.DEFAULT_MODEL_SEQLEN, "calib": str(assets.DEFAULT_CALIB),
-            "eval": str(assets.DEFAULT_EVAL), "eval_seqlen": None}
+            "eval": str(assets.DEFAULT_EVAL), "eval_seqlen": None, "bos": None}
 
 
 def _generic_defaults(model) -> dict[str, Any]:
     context = model_context(model.config) if model is not None else None
-    return {"seqlen": min(2048, context or 2048), "calib": "c4", "eval": "none", "eval_seqlen": None}
+    return {"seqlen": min(2048, context or 2048), "calib": "c4", "eval": "none", "eval_seqlen": None, "bos": None}
 
 
 @functools.lru_cache(maxsize=32)
@@ -180,8 +204,9 @@ def _source_defaults(path_or_id: str, model) -> tuple[dict[str, Any], str] | Non
 def saved_protocol(path_or_id: str) -> dict[str, Any] | None:
     """The protocol a prac-saved folder's ``prac_report.json`` records, or None (no report, or not prac's).
 
-    Keys: ``seqlen`` (calibration), ``calib``, ``eval``, ``eval_seqlen``, ``source_model``; a recorded
-    text file that no longer exists is left out (with a warning)."""
+    Keys: ``seqlen`` (calibration), ``calib``, ``eval``, ``eval_seqlen``, ``bos`` (always/never, as the run
+    settled ``--bos``; None in a report older than the option), ``source_model``; a recorded text file that
+    no longer exists is left out (with a warning)."""
     report_path = Path(path_or_id).expanduser() / "prac_report.json"
     if not report_path.is_file():
         return None
@@ -196,6 +221,7 @@ def saved_protocol(path_or_id: str) -> dict[str, Any] | None:
         ev = config.get("eval")
         out["eval"] = ev if ev and ev != "none" else None
         out["eval_seqlen"] = int(config["eval_seqlen"]) if out["eval"] and config.get("eval_seqlen") else None
+        out["bos"] = config.get("bos_resolved") if config.get("bos_resolved") in ("always", "never") else None
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         log.warning("%s is not a prac report: its protocol is not reused", report_path)
         return None
@@ -211,7 +237,8 @@ def saved_protocol(path_or_id: str) -> dict[str, Any] | None:
 
 
 def folder_defaults(path_or_id: str, model) -> tuple[dict[str, Any], str]:
-    """Defaults (``seqlen``, ``calib``, ``eval``, ``eval_seqlen``) for a model, and which rule gave them.
+    """Defaults (``seqlen``, ``calib``, ``eval``, ``eval_seqlen``, ``bos``: None = by the model type) for a
+    model, and which rule gave them.
 
     In order: the bundled model; a folder prac saved (its ``prac_report.json``; what it does not
     record comes from the model it was pruned from); a copy of the bundled model; else the model's config."""
@@ -223,7 +250,7 @@ def folder_defaults(path_or_id: str, model) -> tuple[dict[str, Any], str]:
         source = saved.get("source_model")
         base = (_source_defaults(str(source), None) if isinstance(source, str) else None) or known
         out = dict(base[0]) if base else _generic_defaults(model)
-        for key in ("seqlen", "calib", "eval", "eval_seqlen"):
+        for key in ("seqlen", "calib", "eval", "eval_seqlen", "bos"):
             if saved.get(key) is not None:
                 out[key] = saved[key]
         return out, _SAVED_ORIGIN
@@ -267,13 +294,42 @@ def check_without_weights(job: PruneJob) -> None:
     Without a skeleton (a config transformers cannot build on ``meta``) they run after the load only."""
     skeleton = model_skeleton(job.model)
     if skeleton is None:
+        check_bos_token(job.model, job.bos, job.bos if job.bos == "always" else None)
         return
     check_tokenizer_source(job.model)
     with _muted(log):  # its warnings (a saved protocol's missing text) come once, from the resolve after the load
         early = resolve(job, skeleton)
+    check_bos_token(job.model, job.bos, early.bos_resolved)
     check_sources(early.calib if job.calib is None and job.calib_tokens is None else None, None,
                   early.eval if job.eval is None else None, note=f" (default for {job.model})")
     check_model_fits(skeleton, job)
+
+
+def resolve_save_format(job: PruneJob, model, say: bool = False) -> PruneJob:
+    """``save_format="auto"`` settled on ``model``'s layers: ``compressed`` for a quantized prune whose
+    quantized layers compressed-tensors can hold (symmetric grids, ``nn.Linear`` layers), else ``dense``.
+    ``say``: a quantized ``--save`` that falls back to dense says so in one line (a warning), e.g. an MoE
+    model, whose fused experts are 3D tensors, not linears."""
+    if job.save_format != "auto":
+        return job
+    quant = job.prune.quant
+    if not quant.active:
+        return replace(job, save_format="dense")
+    why = None
+    if not quant.symmetric:
+        why = "--asym grids (transformers cannot load packed zero points)"
+    else:
+        for name, unit in ((n, u) for _b, _i, units in model_units(model, job.prune.ignore) for n, u in units.items()):
+            if unit.kind == "expert":
+                why = f"fused MoE experts ({name.rsplit('.', 2)[0]}: 3D tensors, not linears)"
+                break
+            if unit.kind != "linear":
+                why = f"{name} is a {unit.kind}, not a linear"
+                break
+    if why is not None and say and job.save:
+        log.warning("--save-format auto: saving dense weights (quantized values as floats), not compressed-tensors: "
+                    "the format cannot hold %s", why)
+    return replace(job, save_format="dense" if why else "compressed")
 
 
 def check_model_fits(model, job: PruneJob) -> None:
@@ -282,6 +338,7 @@ def check_model_fits(model, job: PruneJob) -> None:
     check_pattern(model, job.prune.pattern, job.prune.ignore)
     check_quant(model, job.prune.quant, job.prune.ignore, sweep_blocksize(job.prune))
     check_something_to_prune(model, job.prune.ignore)
+    job = resolve_save_format(job, model)
     if job.save and job.save_format == "compressed":
         check_compressed(job.prune.quant, {n: u for _b, _i, units in model_units(model, job.prune.ignore)
                                            for n, u in units.items()})
@@ -433,6 +490,13 @@ def json_report(report: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def eval_rule(bos: int | None, causal: bool = True) -> str:
+    """The evaluation windows' rule as the report states it."""
+    return ("non-overlapping windows, trailing partial window dropped, "
+            + ("no BOS added" if bos is None else f"the first token of every window replaced by BOS (id {bos})")
+            + (", ppl = exp(mean NLL over all predicted tokens)" if causal else ""))
+
+
 @dataclass
 class _EvalSet:
     """One ``--eval`` set: its name, token windows and protocol (for the report)."""
@@ -483,13 +547,12 @@ class _Evaluator:
 
     def _load(self, name: str, tokenizer, job: PruneJob) -> _EvalSet:
         tokens, protocol = load_eval_tokens(name, tokenizer, job.eval_seqlen)
-        windows = eval_windows(tokens, job.eval_seqlen)
+        bos = window_bos(job, tokenizer)
+        windows = eval_windows(tokens, job.eval_seqlen, bos)
         check_token_ids(windows, job.model_vocab_size, f"evaluation text {name}")
         protocol.update(
             metric="perplexity" if self.causal else "mean cosine similarity of last hidden states to the dense model",
-            seqlen=job.eval_seqlen, windows=int(windows.shape[0]),
-            rule="non-overlapping windows, trailing partial window dropped, no BOS added"
-            + (", ppl = exp(mean NLL over all predicted tokens)" if self.causal else ""),
+            seqlen=job.eval_seqlen, windows=int(windows.shape[0]), rule=eval_rule(bos, self.causal), **bos_protocol(bos),
         )
         return _EvalSet(name, windows, protocol)
 
@@ -567,6 +630,7 @@ def run_prune(job: PruneJob, progress: Progress = no_progress) -> dict[str, Any]
         model = load_model(job.model, job.dtype)
         tokenizer = load_tokenizer(job.model)
     job = resolve(job, model)
+    job = resolve_save_format(job, model, say=True)
     warn_if_evaluated_on_calibration(job)
     check_model_fits(model, job)
     calib = calibration_tokens(job, tokenizer)
@@ -583,9 +647,11 @@ def run_prune(job: PruneJob, progress: Progress = no_progress) -> dict[str, Any]
             summary.update(_evaluate(evaluator, model, "dense", session))
         log.info("dense evaluation in %.1f s", meter.seconds["dense_eval"])
     plan = None
+    held = held_out_sequences(job.prune, calib.input_ids.shape[0])  # judged on, never fitted
     if job.allocation.active:
         with meter("allocate"):
-            plan = allocate(model, calib.input_ids, job.prune.pattern.target_sparsity, job.allocation,
+            fitted = calib.input_ids if held is None else calib.input_ids[~held]
+            plan = allocate(model, fitted, job.prune.pattern.target_sparsity, job.allocation,
                             job.prune.engine, device, job.prune.ignore)
         job = replace(job, prune=replace(job.prune, plan=plan.sparsity))
         log.info("%s allocation: %d linears, total sparsity %.6f", plan.method, len(plan.sparsity), plan.total())
@@ -596,6 +662,10 @@ def run_prune(job: PruneJob, progress: Progress = no_progress) -> dict[str, Any]
     summary["prune_seconds"] = round(time.perf_counter() - started, 3)
     log.info("pruned %d layers in %.1f s", len(outcome.layers), summary["prune_seconds"])
     summary["phase_seconds"] = {k: round(v, 3) for k, v in outcome.phase_seconds.items()}
+    if held is not None:  # what the masks, corrections and tuning were fitted on, and what judged them
+        seqlen = calib.input_ids.shape[1]
+        summary["calibration_tokens"] = {"fitted": int((~held).sum()) * seqlen, "held_out": int(held.sum()) * seqlen,
+                                         "fitted_sequences": int((~held).sum()), "held_out_sequences": int(held.sum())}
     summary.update(summarize_layers(outcome.layers, outcome.block_weights))
     if outcome.reconstruction:
         from prac.reconstruct import summarize
@@ -715,6 +785,7 @@ class EvalJob:
     tasks: ZeroShotConfig | None = None
     overwrite: bool = False  # replace a --report file prac did not write
     reference: str | None = None  # encoders: the dense model compared with; None: the source a prac save names
+    bos: str = "auto"  # auto | always | never, as for PruneJob
 
 
 def encoder_reference(job: EvalJob, causal: bool) -> str | None:
@@ -756,10 +827,14 @@ def run_eval(job: EvalJob, progress: Progress = no_progress) -> dict[str, Any]:
         check_tokenizer_source(job.model)
         with _muted(log):  # warnings come once, after the load
             encoder_reference(job, is_causal_lm(skeleton))
+            early = resolve(PruneJob(model=job.model, seqlen=job.seqlen, eval_seqlen=job.seqlen,
+                                     eval=job.data or None, bos=job.bos), skeleton)
             if job.data is None and job.tasks is None:  # the texts the defaults name
-                early = resolve(PruneJob(model=job.model, seqlen=job.seqlen, eval_seqlen=job.seqlen), skeleton)
                 for name in split_eval_sets(early.eval) or ["wikitext2"]:
                     check_text_source(name, f"--data (default for {job.model})")
+        check_bos_token(job.model, job.bos, early.bos_resolved)
+    else:
+        check_bos_token(job.model, job.bos, job.bos if job.bos == "always" else None)
     if job.tasks is not None:
         from prac.harness import prepare
 
@@ -776,7 +851,7 @@ def run_eval(job: EvalJob, progress: Progress = no_progress) -> dict[str, Any]:
         tokenizer = load_tokenizer(job.model)
         dense = load_model(reference, job.dtype) if reference else None
     resolved = resolve(PruneJob(model=job.model, seqlen=job.seqlen, eval_seqlen=job.seqlen,
-                                eval=job.data or None), model)
+                                eval=job.data or None, bos=job.bos), model)
     if job.data is None:
         sets = [] if job.tasks is not None else split_eval_sets(resolved.eval) or ["wikitext2"]
         if sets and resolved.eval == "none" and resolved.model_context is not None \
@@ -785,9 +860,11 @@ def run_eval(job: EvalJob, progress: Progress = no_progress) -> dict[str, Any]:
                             f"{resolved.model_context} tokens (max_position_embeddings)")
     batch = job.batch_size or default_eval_batch_size(model, resolved.eval_seqlen, device)
     loaded = []
+    bos = window_bos(resolved, tokenizer) if sets else None
     for data in sets:
         tokens, protocol = load_eval_tokens(data, tokenizer, resolved.eval_seqlen)
-        windows = eval_windows(tokens, resolved.eval_seqlen)
+        windows = eval_windows(tokens, resolved.eval_seqlen, bos)
+        protocol.update(rule=eval_rule(bos, dense is None), **bos_protocol(bos))
         check_token_ids(windows, resolved.model_vocab_size, f"evaluation text {data}")
         if dense is not None:
             check_token_ids(windows, model_vocab_size(dense), f"evaluation text {data} (for the reference {reference})")
@@ -815,6 +892,7 @@ def run_eval(job: EvalJob, progress: Progress = no_progress) -> dict[str, Any]:
     result.update(meter.summary())
     set_status(result)
     report = {"config": {**jsonable(job), "seqlen": resolved.eval_seqlen, "reference_resolved": reference,
+                         "bos_resolved": resolved.bos_resolved,
                          "data_resolved": ",".join(sets) if sets else None, "batch_size_resolved": batch,
                          "defaults_from": resolved.defaults_from,
                          "evaluation": loaded[0][2] if loaded else None,

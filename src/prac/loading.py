@@ -1,7 +1,8 @@
-"""Loading models and tokenizers from a folder or the Hugging Face hub, and choosing devices."""
+"""Loading models and tokenizers from a folder, a GGUF file or the Hugging Face hub, and choosing devices."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -35,8 +36,53 @@ def resolve_device(spec: str = "auto") -> torch.device:
     return device
 
 
+def gguf_file(path_or_id: str) -> Path | None:
+    """The path when ``path_or_id`` names a GGUF file (by its ``.gguf`` suffix), else None."""
+    return Path(path_or_id).expanduser() if str(path_or_id).lower().endswith(".gguf") else None
+
+
+def check_gguf_source(path: Path) -> None:
+    """A ``.gguf`` model: an existing file that starts with the GGUF magic, and the ``gguf`` package
+    (at the version transformers' GGUF loader needs) importable; else one line."""
+    if not path.exists():
+        raise PracError(f"model file {str(path)!r} does not exist")
+    if not path.is_file():
+        raise PracError(f"model path {str(path)!r} ends in .gguf but is not a file")
+    try:
+        with path.open("rb") as f:
+            magic = f.read(4)
+    except OSError as exc:
+        raise PracError(f"model file {str(path)!r} cannot be read: {exc.strerror or exc}") from exc
+    if magic != b"GGUF":
+        raise PracError(f"model file {str(path)!r} is not a GGUF file (it does not start with the GGUF magic)")
+    from transformers.utils import is_gguf_available
+    from transformers.utils.import_utils import GGUF_MIN_VERSION
+
+    if not is_gguf_available(GGUF_MIN_VERSION):
+        raise PracError(f"loading {path.name} needs the gguf package (>= {GGUF_MIN_VERSION}): "
+                        f"pip install 'prac[gguf]'")
+
+
+def gguf_types(path: Path) -> str:
+    """The tensor types of a GGUF file, most common first (``Q4_1 x210, F32 x61, Q8_0 x1``); ``?`` when
+    the file's tensor table cannot be read (the load that follows says why)."""
+    from collections import Counter
+
+    try:
+        from gguf import GGUFReader
+
+        counts = Counter(t.tensor_type.name for t in GGUFReader(path).tensors)
+    except Exception:  # noqa: BLE001 - only a description: transformers' load reports a bad file
+        return "?"
+    return ", ".join(f"{name} x{n}" for name, n in counts.most_common())
+
+
 def check_model_source(path_or_id: str) -> None:
     """Fail fast, before any heavy import or download, on a path that is clearly not a model."""
+    gguf = gguf_file(path_or_id)
+    if gguf is not None:
+        check_gguf_source(gguf)
+        return
     path = Path(path_or_id).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -164,7 +210,8 @@ def is_causal_lm_config(config) -> bool:
 
 
 def load_model(path_or_id: str, dtype: str = "auto") -> torch.nn.Module:
-    """Load a model on the CPU in eval mode; causal LMs with their head, encoders with ``AutoModel``."""
+    """Load a model on the CPU in eval mode; causal LMs with their head, encoders with ``AutoModel``;
+    a ``.gguf`` file through transformers' GGUF loader (:func:`load_gguf_model`)."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
     import pickle
@@ -172,6 +219,9 @@ def load_model(path_or_id: str, dtype: str = "auto") -> torch.nn.Module:
     from safetensors import SafetensorError
 
     check_model_source(path_or_id)
+    gguf = gguf_file(path_or_id)
+    if gguf is not None:
+        return _ready(load_gguf_model(gguf, dtype))
     hub = _hub_kwargs(path_or_id)
     try:
         config = AutoConfig.from_pretrained(path_or_id, **hub)
@@ -186,11 +236,63 @@ def load_model(path_or_id: str, dtype: str = "auto") -> torch.nn.Module:
         # a truncated or corrupt weights file (safetensors header, torch zip archive, state-dict shapes)
         raise PracError(f"could not load the weights of {path_or_id!r} (truncated or corrupt file?): "
                         f"{_first_line(exc)}") from exc
+    return _ready(model)
+
+
+def _ready(model: torch.nn.Module) -> torch.nn.Module:
+    """A loaded model checked finite, in eval mode, without gradients or a KV cache."""
     check_finite_weights(model)
     model.eval()
     model.requires_grad_(False)
     if getattr(model.config, "use_cache", None):
         model.config.use_cache = False
+    return model
+
+
+@contextlib.contextmanager
+def _gguf_progress_as_transformers():
+    """transformers' GGUF loader draws its own ``tqdm`` bar, which ignores transformers' progress
+    setting; while that setting is off (``--no-progress``), the loader's bar is off too."""
+    from transformers.utils import logging as hf_logging
+
+    try:
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:  # another layout: its bar, if any, stays
+        yield
+        return
+    bar = getattr(gguf_utils, "tqdm", None)
+    if bar is None or hf_logging.is_progress_bar_enabled():
+        yield
+        return
+    gguf_utils.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = bar
+
+
+def load_gguf_model(path: Path, dtype: str = "auto") -> torch.nn.Module:
+    """A causal LM from a GGUF file through transformers' own GGUF loader, which dequantizes every
+    tensor (``auto``: to float32). Says so in one warning, since a quantized source changes what
+    pruning sees (a Q4_1 block has at most 16 distinct values per 32 weights: magnitude ties).
+
+    The GGUF quantizer marker transformers attaches is dropped: the weights are plain tensors now, and
+    a model that still carried it would be saved as a quantized model (or refused by ``save_pretrained``)."""
+    from transformers import AutoModelForCausalLM
+
+    torch_dtype = torch.float32 if dtype == "auto" else _dtype(dtype)
+    try:
+        with _gguf_progress_as_transformers():
+            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch_dtype)
+    except (OSError, ValueError, KeyError, RuntimeError, NotImplementedError) as exc:
+        raise PracError(f"could not load the GGUF file {str(path)!r}: {_first_line(exc)}") from exc
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    types = gguf_types(path)
+    plain = all(t.split(" x")[0] in ("F32", "F16", "BF16", "F64") for t in types.split(", "))
+    log.warning("%s: weights %s from GGUF (%s) to %s by transformers", path.name,
+                "converted" if plain else "dequantized", types, str(torch_dtype).removeprefix("torch."))
     return model
 
 
@@ -201,8 +303,12 @@ def model_skeleton(path_or_id: str) -> torch.nn.Module | None:
     load. None when the config cannot be read or the model not built that way (the load says why)."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
+    gguf = gguf_file(path_or_id)
     try:
-        config = AutoConfig.from_pretrained(path_or_id, **_hub_kwargs(path_or_id))
+        if gguf is not None:  # the config is in the file's metadata (no tensor is read)
+            config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        else:
+            config = AutoConfig.from_pretrained(path_or_id, **_hub_kwargs(path_or_id))
         auto_cls = AutoModelForCausalLM if is_causal_lm_config(config) else AutoModel
         with torch.device("meta"):
             return auto_cls.from_config(config).eval()
@@ -229,6 +335,12 @@ def check_tokenizer_source(path_or_id: str) -> None:
 def load_tokenizer(path_or_id: str):
     from transformers import AutoTokenizer
 
+    gguf = gguf_file(path_or_id)
+    if gguf is not None:  # the tokenizer is in the file's metadata
+        try:
+            return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise PracError(f"could not load a tokenizer from the GGUF file {str(gguf)!r}: {_one_line(exc)}") from exc
     check_tokenizer_source(path_or_id)
     try:
         return AutoTokenizer.from_pretrained(path_or_id, **_hub_kwargs(path_or_id))

@@ -27,10 +27,11 @@ from prac.methods import Method, get_method
 from prac.patterns import NM, Pattern, Unstructured
 from prac.progress import Progress, no_progress
 from prac.records import LayerRecord
-from prac.stats import StatsSpec
+from prac.stats import StatsSpec, holdout_rows
 from prac.units import Unit
 from prac.quantize import ColumnQuantizer, QuantConfig, check_blocks, gptq_on_mask
 from prac.methods import shared_factor
+from prac.sparsegpt import SparseGPTConfig
 
 if TYPE_CHECKING:
     from prac.distributed import DataParallel
@@ -138,6 +139,14 @@ def stats_spec_for(cfg: PruneConfig) -> StatsSpec | None:
     if spec is not None:
         spec = StatsSpec(spec.hessian, spec.max_samples, cfg.correction.seed, spec.holdout, spec.drift)
     return spec
+
+
+def held_out_sequences(cfg: PruneConfig, n: int) -> torch.Tensor | None:
+    """Which of the ``n`` calibration sequences a run of ``cfg`` holds out to judge on (a correction's
+    or the reconstruction's share, :func:`prac.stats.holdout_rows`; bool ``[n]``), None when none:
+    they enter no statistic anything is fitted on (masks, corrections, tuning, the allocation scan)."""
+    spec = stats_spec_for(cfg)
+    return holdout_rows(n, spec.holdout, spec.seed) if spec is not None else None
 
 
 def dense_target_weight(weight: torch.Tensor, group: InputGroup, damping: float = 1e-2,
@@ -284,7 +293,7 @@ class PruneStep:
             quantized = {**cfg.quant.describe(), "sweep": "joint"}
         elif self.quantize_here:
             before = error
-            weight, quant, _ = gptq_on_mask(weight, result.mask, shared_factor(group).upper, cfg.quant,
+            weight, quant, _ = gptq_on_mask(weight, result.mask, self._gptq_upper(group), cfg.quant,
                                             unit.weight.dtype, sweep_blocksize(cfg))
             self.grids[name] = quant
             error = relative_error(weight, w_orig, stats.hessian)
@@ -297,6 +306,12 @@ class PruneStep:
         )
         return weight, record
 
+    def _gptq_upper(self, group: InputGroup) -> torch.Tensor:
+        """U of the GPTQ pass on a mask, at the run's ``--percdamp``: the very factor SparseGPT (or
+        admm's block sweep, at the default damping) already made for this input, else made once."""
+        settings = self.cfg.settings if isinstance(self.cfg.settings, SparseGPTConfig) else SparseGPTConfig()
+        return shared_factor(group, settings).upper
+
     def _quantizer(self, unit: Unit, weight: torch.Tensor) -> ColumnQuantizer:
         return ColumnQuantizer(self.cfg.quant, unit.in_features, unit.out_features, unit.weight.dtype, weight.device)
 
@@ -308,7 +323,7 @@ class PruneStep:
         for name in group.names:
             unit = units[name]
             w = unit.read().to(group.device)
-            weight, quant, _ = gptq_on_mask(w, w == 0, shared_factor(group).upper, self.cfg.quant, unit.weight.dtype,
+            weight, quant, _ = gptq_on_mask(w, w == 0, self._gptq_upper(group), self.cfg.quant, unit.weight.dtype,
                                             sweep_blocksize(self.cfg))
             self.grids[name] = quant
             staged[name] = weight

@@ -12,12 +12,15 @@ Two ways to reach the grid, both OBS/GPTQ column sweeps over the input's ``(H + 
   the pruning and rounding error of the column is carried to the later columns (SparseGPT's joint
   sparsification and quantization, its reference code's ``--wbits``);
 - **on a fixed mask** (every other mask source, after a correction): :func:`gptq_on_mask` rounds the
-  survivors column by column and carries each column's rounding error onto the *surviving* weights
-  of the later columns only; pruned weights stay exactly zero. With sparsity 0 this is plain GPTQ.
+  survivors column by column and carries each column's rounding error onto *every* later weight,
+  pruned ones included; a pruned weight is set back to zero when the sweep reaches its column, and
+  what it had received is carried on like any other error (SparseGPT/GPTQ's sweep on a fixed mask).
+  Pruned weights end exactly zero. With sparsity 0 this is plain GPTQ.
 
 Group parameters are computed when the sweep reaches the group's first column, from the weights
-as updated so far (GPTQ's rule), which needs the group to lie in one column block or to start on a
-block boundary: ``group_size`` must divide the block or be a multiple of it.
+as updated so far (GPTQ's rule; on a fixed mask from the group's survivors only), which needs the
+group to lie in one column block or to start on a block boundary: ``group_size`` must divide the
+block or be a multiple of it.
 """
 
 from __future__ import annotations
@@ -97,11 +100,15 @@ class ColumnQuantizer:
     def starts_group(self, column: int) -> bool:
         return column % self.group == 0
 
-    def set_group(self, column: int, rows: torch.Tensor) -> None:
-        """Grid of the group starting at input ``column`` from its weights ``rows`` ([group, out], Wᵀ)."""
+    def set_group(self, column: int, rows: torch.Tensor, keep: torch.Tensor | None = None) -> None:
+        """Grid of the group starting at input ``column`` from its weights ``rows`` ([group, out], Wᵀ);
+        with ``keep`` (same shape, True = survivor) from the survivors only. The others are read as
+        0, which never moves the range: ``calculate_qparams`` always widens it to hold 0."""
         from compressed_tensors.quantization.utils.helpers import calculate_qparams
 
         g = column // self.group
+        if keep is not None:
+            rows = rows.masked_fill(~keep, 0.0)
         scale, zero = calculate_qparams(rows.amin(dim=0), rows.amax(dim=0), self.args)
         self.scales[:, g] = scale.reshape(-1).to(self.dtype).float()
         self.zero_points[:, g] = zero.reshape(-1).float()
@@ -127,8 +134,11 @@ QuantFn = Callable[[int, torch.Tensor], torch.Tensor]
 def gptq_on_mask(weight: torch.Tensor, mask: torch.Tensor, upper: torch.Tensor, cfg: QuantConfig,
                  dtype: torch.dtype, blocksize: int = 128) -> tuple[torch.Tensor, ColumnQuantizer, float]:
     """Round the survivors of ``weight`` [out, in] (zeros where ``mask``) to ``cfg``'s grid, column by
-    column, each column's rounding error carried onto the surviving weights of the later columns
-    through ``upper`` (U with (H + λI)⁻¹ = UᵀU). Returns the weights, the grid and Σ err²."""
+    column, through ``upper`` (U with (H + λI)⁻¹ = UᵀU): each column's error ``(w - q) / U_jj`` is
+    carried onto every later weight, pruned ones included, and a pruned weight's ``q`` is 0 when its
+    own column is reached (SparseGPT's OBS step with a fixed mask), so no compensation is dropped.
+    Each group's grid is set from its survivors only. Returns the weights (exactly zero where
+    ``mask``, the rest on the grid), the grid and Σ err² (the sweep's OBS loss, ×2)."""
     rows, cols = weight.shape
     check_blocks(cfg, blocksize, cols)
     quant = ColumnQuantizer(cfg, cols, rows, dtype, weight.device)
@@ -139,26 +149,24 @@ def gptq_on_mask(weight: torch.Tensor, mask: torch.Tensor, upper: torch.Tensor, 
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         if quant.starts_group(i1) and quant.group >= i2 - i1:  # the group spans the block: set it before
-            quant.set_group(i1, wt[i1:i1 + quant.group])
+            quant.set_group(i1, wt[i1:i1 + quant.group], keep[i1:i1 + quant.group])
         w1 = wt[i1:i2].clone()
         err1 = torch.zeros_like(w1)
         u1 = upper[i1:i2, i1:i2]
         for i in range(i2 - i1):
             column = i1 + i
             if quant.starts_group(column) and quant.group < i2 - i1:  # groups inside the block: as reached
-                quant.set_group(column, w1[i:i + quant.group])
+                quant.set_group(column, w1[i:i + quant.group], keep[column:column + quant.group])
             q = torch.where(keep[column], quant(column, w1[i]), 0.0)
             err = (w1[i] - q) / diag[column]
             err1[i] = err
             w1[i] = q
-            if i + 1 < i2 - i1:
+            if i + 1 < i2 - i1:  # onto every later weight: a pruned one passes it on when zeroed
                 w1[i + 1:].addmm_(u1[i, i + 1:].unsqueeze(1), err.unsqueeze(0), alpha=-1)
-                w1[i + 1:].mul_(keep[column + 1:i2])  # only survivors take the error
         wt[i1:i2] = w1
         total += err1.square().sum()
         if i2 < cols:
             wt[i2:].addmm_(upper[i1:i2, i2:].t(), err1, alpha=-1)
-            wt[i2:].mul_(keep[i2:])
     return wt.t().contiguous(), quant, float(total)
 
 

@@ -16,17 +16,21 @@ the dense block), so a block also takes up what the blocks before it lost.
 - **Masks fixed.** The weights are fp32 copies (the model may be bf16); after every step the pruned
   entries are multiplied by zero again, so they stay exactly zero (and N:M stays N:M).
 - **Minibatches.** An epoch makes ``minibatches`` steps (at most one per calibration batch); step
-  ``k`` sums the gradient of every
-  calibration batch whose global index is ``k`` modulo ``minibatches``. The minibatches are thus the
-  same whatever process holds which batch: in a data-parallel run each process sums the gradient of
-  its own batches of the step and the gradients are all-reduced, so 2 processes take the steps of 1
-  (equal up to the order of that sum).
+  ``k`` sums the gradient of every calibration batch whose global index ``g`` is ``k`` modulo
+  ``minibatches``. The minibatches are thus the same whatever process holds which batch.
+- **Summed in one fixed order** (:mod:`prac.treesum`), so any number of processes takes the very steps
+  of one, bit for bit. Each batch's gradient is computed on its own and is a leaf of the step's tree,
+  indexed ``g // minibatches`` (a process's batches of one step are then a contiguous run of leaves);
+  the errors and target energies that scale the loss and judge the epochs are leaves indexed ``g``.
+  A process pushes its leaves (:func:`prac.treesum.push`); ``combine`` hands every process's stack
+  to every process and adds them as one process adds its own (:meth:`prac.distributed.DataParallel.sum_tree`).
 - **Judged on data it did not fit.** The sequences of ``--holdout`` are never fitted. After every
   epoch their output error is measured; tuning stops when it rises, and the best epoch's weights are
   kept. A block whose held-out error did not drop keeps its pre-tuning weights (``kept: false``).
   Without a held-out share the fitted error decides.
-- **Memory.** One block: its fp32 weights, their gradients and the optimiser's state, and one
-  calibration batch's activations for the backward pass.
+- **Memory.** One block: its fp32 weights, the optimiser's state, their gradients (up to
+  ``log2(batches per step) + 1`` at once on the tree's stack; one with the defaults, one batch per
+  step), and one calibration batch's activations for the backward pass.
 """
 
 from __future__ import annotations
@@ -42,7 +46,9 @@ from torch import nn
 from torch.func import functional_call
 
 from prac.blocks import BlockInputs, _to, block_output
+from prac.digest import digest
 from prac.errors import PracError
+from prac.treesum import Node, combine, push
 
 MODES = ("none", "block", "sublayer")
 OPTIMIZERS = ("adam", "rmsprop", "sgd")
@@ -103,13 +109,29 @@ class ReconstructRecord:
     masks_kept: bool = True
     peak_memory_bytes: int | None = None
     sublayers: list[str] = field(default_factory=list)
+    #: the epoch whose weights were the candidate judged (0: none improved); ``digests``: of the tuned
+    #: weights before tuning and after each epoch (:func:`prac.digest.digest`), what the judge chose among
+    best_epoch: int = 0
+    digests: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
 
 GradReducer = Callable[[list[torch.Tensor]], None]
-"""Sums tensors (gradients, error sums) over the processes of a data-parallel run, in place."""
+"""Sums tensors over the processes of a data-parallel run, in place. Used for counts only (integers
+held in floats: exact in any order); everything else goes through a :data:`TreeCombiner`."""
+
+TreeCombiner = Callable[[list[Node], dict[str, torch.Tensor], str], dict[str, torch.Tensor]]
+"""``combine(stack, template, what)``: the total of one fixed summation tree (:mod:`prac.treesum`) whose
+leaves are spread over the processes, on every process; ``stack`` is this process's part (its
+leaves pushed, in order; maybe empty), ``template`` the fields' shapes and dtypes."""
+
+
+def local_tree(stack: list[Node], template: dict[str, torch.Tensor], what: str = "") -> dict[str, torch.Tensor]:
+    """:data:`TreeCombiner` of one process: the stack folded (zeros when empty)."""
+    total = combine([stack])
+    return total if total is not None else {k: torch.zeros_like(v) for k, v in template.items()}
 
 
 def sublayers_of(block: nn.Module, names: list[str]) -> list[str]:
@@ -219,12 +241,14 @@ def _optimizer(cfg: ReconstructConfig, params: list[torch.Tensor]) -> torch.opti
 def reconstruct_block(block: nn.Module, name: str, units: dict[str, Any], inputs: BlockInputs,
                       targets: list[torch.Tensor], held: list[torch.Tensor | None] | None, cfg: ReconstructConfig,
                       device: torch.device, sub_targets: dict[str, list[torch.Tensor]] | None = None,
-                      first_batch: int = 0, reduce: GradReducer | None = None) -> ReconstructRecord:
+                      first_batch: int = 0, reduce: GradReducer | None = None,
+                      combine_tree: TreeCombiner | None = None) -> ReconstructRecord:
     """Tune the surviving weights of ``units`` (the block's pruned :class:`prac.units.Unit`\\ s, full
     names under ``name``) so that ``block`` reproduces ``targets`` (the dense model's block outputs
     per calibration batch; ``sub_targets``: per sublayer, for ``sublayer``) from ``inputs``; write
     them into the units when they lower the held-out (else the fitted) error. ``first_batch``: the
-    global index of the first batch (data-parallel); ``reduce`` sums across processes."""
+    global index of the first batch (data-parallel); ``reduce`` sums counts across processes,
+    ``combine_tree`` adds every process's part of a fixed summation tree (gradients, errors)."""
     started = time.perf_counter()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -236,9 +260,20 @@ def reconstruct_block(block: nn.Module, name: str, units: dict[str, Any], inputs
     problem = _Problem(block, weights, transposed, inputs, targets, sub_targets or {}, held or [], device)
 
     def reduced(values: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Counts summed over the processes (exact: integers)."""
         if reduce is not None:
             reduce(values)
         return values
+
+    tree = combine_tree or local_tree
+
+    def tree_sum(leaves: Iterator[tuple[int, torch.Tensor]], width: int, what: str) -> torch.Tensor:
+        """The per-batch vectors ``(global batch index, values of length width)`` of every process,
+        added along the tree (a process may have none: the held-out errors)."""
+        stack: list[Node] = []
+        for leaf, values in leaves:
+            push(stack, Node(leaf, 1, {"v": values}))
+        return tree(stack, {"v": torch.zeros(width, device=device)}, what)["v"]
 
     held_here = sum(int(h.sum()) for h in (held or []) if h is not None)
     has_held = float(reduced([torch.tensor(float(held_here), device=device)])[0]) > 0  # on any process
@@ -246,38 +281,37 @@ def reconstruct_block(block: nn.Module, name: str, units: dict[str, Any], inputs
     def errors(held_only: bool = False) -> tuple[float, float | None]:
         """(fitted, held-out) relative block output errors in one pass (``held_only``: the batches
         holding held-out sequences alone; the fitted error is then not measured)."""
-        with torch.no_grad():
-            sums = [torch.zeros((), device=device) for _ in range(4)]
+        def leaves() -> Iterator[tuple[int, torch.Tensor]]:
             for j in range(len(inputs)):
                 if held_only and not (held and held[j] is not None and bool(held[j].any())):
                     continue
                 e, n, _ = problem.batch(j, [], False)
                 fit, out = problem.rows(j, True), problem.rows(j, False)
-                sums = [sums[0] + (e * fit).sum(), sums[1] + (n * fit).sum(), sums[2] + (e * out).sum(),
-                        sums[3] + (n * out).sum()]
-            fe, fn, he, hn = (float(v) for v in reduced(sums))
+                yield first_batch + j, torch.stack([(e * fit).sum(), (n * fit).sum(), (e * out).sum(), (n * out).sum()])
+
+        with torch.no_grad():
+            fe, fn, he, hn = tree_sum(leaves(), 4, "errors").tolist()
             return (fe / max(fn, 1e-30) if not held_only else math.nan), (he / max(hn, 1e-30) if has_held else None)
 
     def energies() -> dict[str, torch.Tensor]:
         """The fitted target energy of each sublayer's output (the loss's scales in ``sublayer`` mode)."""
-        with torch.no_grad():
-            out = {h: torch.zeros((), device=device) for h in heads}
+        def leaves() -> Iterator[tuple[int, torch.Tensor]]:
             for j in range(len(inputs)):
                 _, _, subs = problem.batch(j, heads, False)
                 fit = problem.rows(j, True)
-                for h in heads:
-                    out[h] = out[h] + (subs[h][1] * fit).sum()
-            values = reduced(list(out.values()))
-            return {k: v.clamp_min(1e-30) for k, v in zip(out, values)}
+                yield first_batch + j, torch.stack([(subs[h][1] * fit).sum() for h in heads])
+
+        with torch.no_grad():
+            values = tree_sum(leaves(), len(heads), "sublayer energies")
+            return {h: values[i].clamp_min(1e-30) for i, h in enumerate(heads)}
 
     fit_before, held_before = errors()
     scale = energies() if heads else {}
     with torch.no_grad():
-        fit_energy = torch.zeros((), device=device)
-        for j in range(len(inputs)):
-            fit_energy = fit_energy + problem.fit_energy(j)
-        scale[""] = reduced([fit_energy])[0].clamp_min(1e-30)
+        scale[""] = tree_sum(((first_batch + j, problem.fit_energy(j).reshape(1)) for j in range(len(inputs))),
+                             1, "target energy")[0].clamp_min(1e-30)
     best = (held_before if has_held else fit_before, {k: w.detach().clone() for k, w in weights.items()}, 0)
+    digests = [digest(w.detach() for w in weights.values())]
     opt = _optimizer(cfg, list(weights.values()))
     # no more minibatches than calibration batches over every process: an empty step would still move
     # the weights (the optimiser's momentum)
@@ -285,23 +319,24 @@ def reconstruct_block(block: nn.Module, name: str, units: dict[str, Any], inputs
     minibatches = max(1, min(cfg.minibatches, batches))
     total_steps = cfg.epochs * minibatches
     steps, stopped, epochs = 0, False, 0
+    params = list(weights.values())
     with torch.enable_grad():
         for epoch in range(cfg.epochs):
             for k in range(minibatches):
                 mine = [j for j in range(len(inputs)) if (first_batch + j) % minibatches == k]
-                opt.zero_grad(set_to_none=False)
-                for w in weights.values():
-                    if w.grad is None:
-                        w.grad = torch.zeros_like(w)
+                # each batch's gradient on its own, a leaf of step k's tree (leaf: its place in the step)
+                stack: list[Node] = []
                 for j in mine:
                     err, _, subs = problem.batch(j, heads, detach=True)
                     fit = problem.rows(j, True)
                     loss = (sum((subs[h][0] * fit).sum() / scale[h] for h in heads) if heads
                             else (err * fit).sum() / scale[""])
-                    loss.backward()
-                grads = reduced([w.grad for w in weights.values()])
-                for w, g in zip(weights.values(), grads):
-                    w.grad = g
+                    grads = torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True)
+                    push(stack, Node((first_batch + j) // minibatches, 1, dict(zip(weights, grads))))
+                    del err, subs, loss, grads
+                total = tree(stack, {key: w.detach() for key, w in weights.items()}, "gradients")
+                for key, w in weights.items():
+                    w.grad = total[key]
                 if cfg.schedule == "cosine":
                     for group in opt.param_groups:
                         group["lr"] = cfg.lr * _cosine(steps, minibatches, total_steps)
@@ -311,6 +346,7 @@ def reconstruct_block(block: nn.Module, name: str, units: dict[str, Any], inputs
                         w.mul_(keep[key])  # pruned entries exactly zero again
                 steps += 1
             epochs = epoch + 1
+            digests.append(digest(w.detach() for w in weights.values()))
             fit_now, held_now = errors(held_only=has_held)
             now = held_now if has_held else fit_now
             if now < best[0]:
@@ -333,7 +369,8 @@ def reconstruct_block(block: nn.Module, name: str, units: dict[str, Any], inputs
     return ReconstructRecord(block=name, mode=cfg.mode, fit_before=fit_before, fit_after=fit_after,
                              heldout_before=held_before, heldout_after=held_after,
                              steps=steps, epochs=epochs, seconds=round(time.perf_counter() - started, 3), kept=kept,
-                             stopped_early=stopped, masks_kept=masks_kept, peak_memory_bytes=peak, sublayers=heads)
+                             stopped_early=stopped, masks_kept=masks_kept, peak_memory_bytes=peak, sublayers=heads,
+                             best_epoch=best[2], digests=digests)
 
 
 def summarize(records: list[ReconstructRecord]) -> dict[str, Any]:

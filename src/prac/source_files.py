@@ -54,6 +54,8 @@ def source_folder(path_or_id: str | None) -> Path | None:
     path = Path(path_or_id).expanduser()
     if path.is_dir():
         return path
+    if path.is_file():  # a single-file model (GGUF): nothing else to carry, and not a hub id
+        return None
     from prac.loading import hub_offline_reason
 
     try:

@@ -177,7 +177,7 @@ def sparsegpt_prune(
     error = errors[0]
 
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        torch.cuda.current_stream(device).synchronize()  # this stream only: a prefetch copy may be in flight
     seconds = time.perf_counter() - start
     mask = maskt.t().contiguous()
     diagnostics = {
@@ -253,7 +253,7 @@ def sparsegpt_prune_many(
     wt[factor.dead] = 0.0
     maskt, errors = _prune_columns(wt, factor.upper, patterns[0], config.blocksize, segments=segments)
     if wt.device.type == "cuda":
-        torch.cuda.synchronize(wt.device)
+        torch.cuda.current_stream(wt.device).synchronize()
     seconds = time.perf_counter() - start
     results = []
     for k, (a, b, _) in enumerate(segments):

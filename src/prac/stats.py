@@ -26,7 +26,8 @@ class StatsSpec:
     hessian: bool = False
     max_samples: int = 0
     seed: int = 0
-    #: share of the calibration *sequences* whose rows are also kept apart (``InputStats.heldout``)
+    #: share of the calibration *sequences* whose rows are kept apart (``InputStats.heldout``): they
+    #: enter no statistic that anything is fitted on, only the held-out share's, which judges it
     holdout: float = 0.0
     #: also Σ (x_dense − x) xᵀ, how the inputs the layer gets in the dense model differ from those it
     #: gets in the model being pruned, against the latter (``InputStats.drift``, for ``--dense-target``)
@@ -62,16 +63,20 @@ def holdout_rows(n: int, share: float, seed: int) -> torch.Tensor | None:
 class InputStats:
     """Running statistics of the rows of X (tokens x features).
 
-    - ``count``: tokens seen; ``sum``: Σ x; ``sumsq``: Σ x² (Wanda's L2 salience, from all tokens).
+    - ``count``: tokens seen; ``sum``: Σ x; ``sumsq``: Σ x² (Wanda's L2 salience).
     - ``hessian`` (optional): Σ x xᵀ, unnormalised, fp32.
     - ``samples`` (optional): a seeded uniform sample without replacement of at most
       ``max_samples`` token rows, kept by their largest random keys (top-k) so it is independent of batching.
     - ``heldout`` (when ``spec.holdout`` > 0): the count, sums and H of the rows of held-out sequences
-      alone (``add_batch(x, held=...)``), which are *also* in the totals above: every mask source
-      sees all tokens, and :meth:`split` gives a correction the rest to fit on and the held-out share
-      to be judged on. ``sample_held`` flags the sample rows that come from held-out sequences.
+      (``add_batch(x, held=...)``), which are *not* in the statistics above: these are then the fit
+      share's alone, so every mask source, correction and dense target fits on rows the held-out share
+      (which judges them) never entered. :meth:`split` gives (these, the held-out share's). The
+      sums of each share are accumulated apart (never a total minus a part). The token sample is
+      drawn over the rows of both shares (``sample_pool``, its random keys and ``sample_held``, which
+      flags the rows of held-out sequences): ``samples`` is its fit share's rows, the held-out
+      share's are in :meth:`split`'s second part. ``held_count``: the tokens held out (0 without).
     - ``drift`` (when ``spec.drift``): Σ (x_d − x) xᵀ, with x_d the same token's input in the *dense*
-      model and x its input here, unnormalised, fp32 (:meth:`add_drift`; all tokens, not split). The
+      model and x its input here, unnormalised, fp32 (:meth:`add_drift`; the fit share's rows). The
       difference is taken per token before the product, so the small drift is not the cancellation of
       two nearly equal sums (Σ x_d xᵀ − Σ x xᵀ would amplify the last bits of the summation order).
       With ``project`` (the dense weights W₀ of the group's linears), :meth:`add_drift` keeps instead
@@ -102,8 +107,9 @@ class InputStats:
         )
         self.drift = torch.zeros(dim, dim, dtype=torch.float32, device=self.device) if spec.drift else None
         self.drift_out: dict[str, torch.Tensor] | None = None
-        self.samples: torch.Tensor | None = None
+        self.sample_pool: torch.Tensor | None = None  # the token sample over both shares (see samples)
         self._keys: torch.Tensor | None = None
+        self._fit_samples: torch.Tensor | None = None  # samples, cut from the pool once
         self._generator: torch.Generator | None = None
         self.heldout: InputStats | None = None
         self.sample_held: torch.Tensor | None = None
@@ -203,40 +209,61 @@ class InputStats:
         """Add the token rows of ``x`` (any leading shape, last dim = features).
 
         ``held`` (bool, one flag per sequence of the batch): which sequences are held out; their rows
-        go to the totals and to :attr:`heldout` as well. The rows are ``x``'s first dimension's
-        sequences, or, with ``route`` (an MoE expert's input, :class:`prac.experts.Route`), the
-        batch's tokens ``route.tokens``, each scaled by its routing weight.
+        go to :attr:`heldout` instead of these statistics (with a held-out share; without one they
+        are ignored). The rows are ``x``'s first dimension's sequences, or, with ``route`` (an MoE
+        expert's input, :class:`prac.experts.Route`), the batch's tokens ``route.tokens``, each
+        scaled by its routing weight.
         """
         if x.shape[-1] != self.dim:
             raise ValueError(f"input has {x.shape[-1]} features, statistics expect {self.dim}")
         rows = self._rows(x, route)
-        self.count += rows.shape[0]
-        self.sum += rows.sum(dim=0)
-        self.sumsq += rows.square().sum(dim=0)
-        if route is not None:
-            self.route_sq += route.weight.to(device=self.device, dtype=torch.float32).square().sum()
-        if self.hessian is not None:
-            self.hessian.addmm_(rows.T, rows)
+        weight = route.weight if route is not None else None
         flags = None
         if self.heldout is not None:
             flags = self._row_flags(x, held, rows.shape[0], route)
-            if bool(flags.any()):
-                self.heldout.add_batch(rows[flags])
+        if flags is not None and bool(flags.any()):
+            fit = ~flags
+            each = weight.reshape(-1) if weight is not None else None
+            self._accumulate(rows[fit], each[fit.to(each.device)] if each is not None else None)
+            self.heldout._accumulate(rows[flags], each[flags.to(each.device)] if each is not None else None)
+        else:
+            self._accumulate(rows, weight)
         if self._generator is not None:
             self._add_samples(rows, flags)
 
+    def _accumulate(self, rows: torch.Tensor, weight: torch.Tensor | None) -> None:
+        """Add ``rows`` (fp32, on the device) to the count and sums (``weight``: their routing weights)."""
+        self.count += rows.shape[0]
+        self.sum += rows.sum(dim=0)
+        self.sumsq += rows.square().sum(dim=0)
+        if weight is not None:
+            self.route_sq += weight.to(device=self.device, dtype=torch.float32).square().sum()
+        if self.hessian is not None:
+            self.hessian.addmm_(rows.T, rows)
+
+    @property
+    def held_count(self) -> int:
+        """Tokens of held-out sequences seen (in :attr:`heldout`, not in :attr:`count`)."""
+        return self.heldout.count if self.heldout is not None else 0
+
     def add_drift(self, dense: torch.Tensor, x: torch.Tensor, project: dict[str, torch.Tensor] | None = None,
-                  route: "Route | None" = None) -> None:
+                  route: "Route | None" = None, held: torch.Tensor | None = None) -> None:
         """Add Σ (x_d − x) xᵀ over the token rows of ``dense`` (the input in the dense model) and ``x``
         (the same tokens' input here; add it with :meth:`add_batch` as well); with ``project`` (fp32
         ``[out, in]`` weights by linear name) Σ W (x_d − x) xᵀ per linear instead, in :attr:`drift_out`
-        (the same ``project`` for every batch). With ``route`` both are scaled by the routing weight."""
+        (the same ``project`` for every batch). With ``route`` both are scaled by the routing weight.
+        ``held``: as in :meth:`add_batch`; the rows of held-out sequences are left out (the drift is
+        fitted on, never judged with)."""
         if self.drift is None and self.drift_out is None:
             raise RuntimeError("drift statistics were not requested for this input")
         if dense.shape != x.shape:
             raise ValueError(f"dense input of shape {tuple(dense.shape)} does not match {tuple(x.shape)}")
         rows = self._rows(x, route)
         delta = self._rows(dense, route) - rows
+        if self.heldout is not None:
+            flags = self._row_flags(x, held, rows.shape[0], route)
+            if bool(flags.any()):
+                rows, delta = rows[~flags], delta[~flags]
         if project is None:
             self.drift.addmm_(delta.T, rows)
             return
@@ -269,8 +296,8 @@ class InputStats:
 
     def _add_samples(self, rows: torch.Tensor, flags: torch.Tensor | None = None) -> None:
         keys = torch.rand(rows.shape[0], generator=self._generator, device=self.device)
-        if self.samples is not None:
-            rows = torch.cat([self.samples, rows])
+        if self.sample_pool is not None:
+            rows = torch.cat([self.sample_pool, rows])
             keys = torch.cat([self._keys, keys])
             if flags is not None:
                 flags = torch.cat([self.sample_held, flags])
@@ -279,29 +306,42 @@ class InputStats:
             rows, keys = rows[keep], keys[keep]
             if flags is not None:
                 flags = flags[keep]
-        self.samples, self._keys = rows.contiguous(), keys
-        self.sample_held = flags
+        self.set_sample_pool(rows.contiguous(), keys, flags)
+
+    def set_sample_pool(self, rows: torch.Tensor | None, keys: torch.Tensor | None,
+                        held: torch.Tensor | None) -> None:
+        """The token sample over both shares: its rows, their random keys and which come from held-out
+        sequences (None: none do)."""
+        self.sample_pool, self._keys, self.sample_held = rows, keys, held
+        self._fit_samples = None
+
+    @property
+    def samples(self) -> torch.Tensor | None:
+        """The token sample's rows of the fit share (all of them without a held-out share)."""
+        if self.sample_pool is None or self.sample_held is None:
+            return self.sample_pool
+        if self._fit_samples is None:
+            self._fit_samples = self.sample_pool[~self.sample_held]
+        return self._fit_samples
+
+    @samples.setter
+    def samples(self, rows: torch.Tensor | None) -> None:
+        self.set_sample_pool(rows, None, None)
 
     def split(self) -> "tuple[InputStats, InputStats] | None":
-        """(fit, held-out): the statistics of the rows outside the held-out sequences and of those in
-        them, as two bare accumulators (their samples the sample rows of each share). None when
-        nothing is held out or either share is empty (then a correction can only be judged in-sample).
-        """
+        """(fit, held-out): these statistics themselves (the fit share's, see the class docstring) and
+        those of the held-out sequences' rows as a bare accumulator (its samples the held-out rows of
+        the token sample). None when nothing is held out or either share is empty (then a
+        correction can only be judged in-sample)."""
         ho = self.heldout
-        if ho is None or ho.count == 0 or ho.count >= self.count:
+        if ho is None or ho.count == 0 or self.count == 0:
             return None
-        fit = InputStats(self.dim, self.device, StatsSpec())
-        fit.count = self.count - ho.count
-        fit.sum = self.sum - ho.sum
-        fit.sumsq = (self.sumsq - ho.sumsq).clamp(min=0.0)
-        if self.hessian is not None:
-            fit.hessian = self.hessian - ho.hessian
         held = InputStats(self.dim, self.device, StatsSpec())
         held.count, held.sum, held.sumsq, held.hessian = ho.count, ho.sum, ho.sumsq, ho.hessian
-        if self.samples is not None and self.sample_held is not None:
-            fit.samples = self.samples[~self.sample_held]
-            held.samples = self.samples[self.sample_held]
-        return fit, held
+        held.route_sq = ho.route_sq
+        if self.sample_pool is not None and self.sample_held is not None:
+            held.samples = self.sample_pool[self.sample_held]
+        return self, held
 
     def with_prior(self, prior: "InputStats", scale: float, tokens: int) -> "InputStats":
         """These (routed) statistics topped up to ``tokens`` rows with the mean row statistics of
@@ -310,7 +350,8 @@ class InputStats:
         ``H = H_routed + (tokens − count) · scale · H_prior / prior.count``, likewise Σx (with √scale)
         and Σx²; the drift stays that of the routed rows (the prior rows carry none). The held-out
         split is dropped (a topped-up input is judged in-sample); the token sample gets the prior's
-        sample rows in the prior's share. :attr:`prior_tokens` records the rows added."""
+        sample rows in the prior's share. :attr:`prior_tokens` records the rows added. Both are the fit
+        share's statistics when a share is held out (its rows are in neither)."""
         add = max(tokens - self.count, 0)
         out = InputStats(self.dim, self.device, StatsSpec())
         out.spec = self.spec
@@ -330,7 +371,7 @@ class InputStats:
 
     @property
     def l2(self) -> torch.Tensor:
-        """||X_j||_2 over all tokens, per input feature."""
+        """||X_j||_2 over the tokens of these statistics, per input feature."""
         return self.sumsq.sqrt()
 
     @property
@@ -363,8 +404,8 @@ class InputStats:
         if self.drift is not None:
             total += self.drift.nbytes
         total += sum(t.nbytes for t in (self.drift_out or {}).values())
-        if self.samples is not None:
-            total += self.samples.nbytes
+        if self.sample_pool is not None:
+            total += self.sample_pool.nbytes
         if self.heldout is not None:
             total += self.heldout.nbytes()
         return total

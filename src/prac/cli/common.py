@@ -112,3 +112,18 @@ def add_calibration(g, nsamples: int) -> None:
     g.add_argument("--nsamples", type=positive_int, default=nsamples, help=f"calibration sequences (default: {nsamples})")
     g.add_argument("--seqlen", type=positive_int, default=None, help="calibration length (default: 2048 capped at the model's context; 256 for the bundled model)")
     g.add_argument("--seed", type=int, default=0, help="seed for calibration sampling and stored-token samples (default: 0)")
+    add_bos_option(g, "calibration and evaluation windows")
+
+
+BOS_HELP = ("{what}: always = the first token of every window is replaced by the tokenizer's BOS (windows stay "
+            "--seqlen tokens, the same ones, predicting the same tokens); never = the windows as cut from the "
+            "tokenized text, so only one that starts where the text starts has BOS (the papers' protocol); "
+            "auto = always for the model families trained with BOS on every sequence (Gemma, Gemma 2, Gemma 3), "
+            "never otherwise, or what a folder prac saved records (default: auto){tokens}")
+
+
+def add_bos_option(g, what: str, tokens: bool = True) -> None:
+    """``--bos auto|always|never`` (see :mod:`prac.data`)."""
+    g.add_argument("--bos", choices=("auto", "always", "never"), default="auto",
+                   help=BOS_HELP.format(what=what, tokens="; --calib-tokens files are used exactly as given"
+                                        if tokens else ""))

@@ -7,7 +7,7 @@ import sys
 from typing import Any
 
 from prac import assets
-from prac.cli.common import add_common, non_negative_int, not_finite, number, positive_int, progress
+from prac.cli.common import add_bos_option, add_common, non_negative_int, not_finite, number, positive_int, progress
 
 DESCRIPTION = ("Perplexity on non-overlapping seqlen windows, ppl = exp(mean NLL over all predicted tokens); "
                "zero-shot accuracy through lm-evaluation-harness (--tasks). An encoder (no LM head) gets the mean "
@@ -67,6 +67,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="encoders: the dense model whose last hidden states the model's are compared with (default: "
                         "the source model a folder prac saved names in its report)")
     p.add_argument("--seqlen", type=positive_int, default=None, help="window length (default as for prune)")
+    add_bos_option(p, "evaluation windows", tokens=False)
     p.add_argument("--batch-size", "--eval-batch-size", type=positive_int, default=None,
                    help="windows (and harness requests) per forward (default: chosen for the device: "
                         "8192 tokens' worth on the CPU, from free memory on CUDA)")
@@ -115,5 +116,5 @@ def run(args: argparse.Namespace) -> int:
 
     job = EvalJob(model=args.model, data=args.data, reference=args.reference, seqlen=args.seqlen,
                   batch_size=args.batch_size, device=args.device, dtype=args.dtype, report=args.report,
-                  overwrite=args.overwrite, tasks=zeroshot_config(args, args.batch_size))
+                  overwrite=args.overwrite, tasks=zeroshot_config(args, args.batch_size), bos=args.bos)
     return print_summary(run_eval(job, progress(args))["summary"])

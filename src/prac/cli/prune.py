@@ -133,8 +133,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"optimal: relative residual at which a row's solve stops (default: {_defaults(entries, 'tol')}: "
                         "the same fraction of the optimum as 1e-4 to 3 digits, in 30-40%% less time)")
     g.add_argument("--holdout", type=float, default=None, metavar="SHARE",
-                   help="share of the calibration sequences (a seeded draw) the correction does not fit: it is fitted "
-                        "on the rest and kept only if the layer's error on the held-out share drops too; 0 = judge "
+                   help="share of the calibration sequences (a seeded draw) held out: masks, the correction and "
+                        "--reconstruct are fitted on the rest, and a correction (a tuned block) is kept only if the "
+                        "error on the held-out share drops too; 0 = fit on every sequence, judge "
                         f"on the fitted tokens (default: {DEFAULT_HOLDOUT})")
     g.add_argument("--holdout-dampings", default=None, metavar="D1,D2,...",
                    help="candidate dampings, each fitted on the rest; the lowest held-out error wins, per layer "
@@ -143,7 +144,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a correction that fails on the held-out share is tried at 10x, 100x, 1000x its damping "
                         "before it is refused (methods with --damping; default: on)")
     g.add_argument("--holdout-refit", action=argparse.BooleanOptionalAction, default=None,
-                   help="solve an accepted correction again on all tokens, at its chosen damping (default: on)")
+                   help="no effect, kept for old command lines: the held-out sequences are never fitted, so an "
+                        "accepted correction stays the one fitted on the rest")
     g.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=False,
                    help="calibrate each distinct layer input of a block on the block with its earlier linears "
                         "already pruned (q/k/v, then o, then gate/up, then down: one forward each; SparseGPT's "
@@ -209,7 +211,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--save-format", choices=("auto", "dense", "compressed"), default="auto",
                    help="--save writes dense weights (zeros stored, quantized values as floats) or, for --wbits, "
                         "compressed-tensors' pack-quantized integers that vLLM and transformers load "
-                        "(default: auto = compressed with --wbits, else dense)")
+                        "(default: auto = compressed with --wbits, else dense; dense, said in one line, where "
+                        "the format cannot hold the quantized layers: fused MoE experts, or --asym)")
     g = p.add_argument_group("evaluation and output")
     g.add_argument("--eval", default=None,
                    help="wikitext2 | c4 | FILE.txt | FILE.jsonl | none, comma-separated for several; the first is the "
@@ -355,7 +358,7 @@ def prune_job_from_args(args: argparse.Namespace):
                     seqlen=args.seqlen, seed=args.seed, prune=prune, eval=args.eval, eval_seqlen=args.eval_seqlen,
                     eval_batch_size=args.eval_batch_size, dense_eval=not args.no_dense_eval, cache=not args.no_cache,
                     tasks=zeroshot_config(args, args.eval_batch_size), save=args.save, overwrite=args.overwrite,
-                    save_format=_save_format(args),
+                    save_format=_save_format(args), bos=args.bos,
                     report=args.report, device=args.device, dtype=args.dtype)
 
 
@@ -373,10 +376,12 @@ def _quant_from_args(args: argparse.Namespace):
 
 
 def _save_format(args: argparse.Namespace) -> str:
-    """``--save-format``: ``auto`` is compressed for a quantized model, dense otherwise."""
+    """``--save-format``: ``auto`` is settled once the model's layers are known
+    (:func:`prac.jobs.resolve_save_format`: compressed for a quantized model the format can hold, dense
+    otherwise, e.g. fused MoE experts)."""
     fmt = args.save_format
     if fmt == "auto":
-        return "compressed" if args.wbits is not None and not args.asym else "dense"
+        return "auto"
     if fmt == "compressed" and args.save is None:
         raise PracError("--save-format compressed given without --save")
     if fmt == "compressed":
@@ -447,9 +452,11 @@ def format_summary(report: dict[str, Any], save: str | None = None, report_path:
         r = s["reconstruction"]
         held = (f", held-out {number(r['mean_heldout_error_before'], '.5f')} -> {number(r['mean_heldout_error_after'], '.5f')}"
                 if "mean_heldout_error_before" in r else "")
+        tokens = s.get("calibration_tokens")
+        judged = (f"; fitted on {tokens['fitted']} tokens, judged on {tokens['held_out']} held out" if tokens else "")
         lines.append(f"{r['mode']} reconstruction: kept in {r['kept']}/{r['blocks']} blocks; block output error "
                      f"{number(r['mean_fit_error_before'], '.5f')} -> {number(r['mean_fit_error_after'], '.5f')}{held} "
-                     f"({r['steps']} steps, {number(r['seconds'], '.1f')}s)")
+                     f"({r['steps']} steps, {number(r['seconds'], '.1f')}s{judged})")
     if "quantization" in s:
         q = s["quantization"]
         before = q.get("mean_relative_error_unquantized")

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from prac import assets
-from prac.cli.common import add_logging_options, add_progress_option, positive_int, quiet_libraries
+from prac.cli.common import add_bos_option, add_logging_options, add_progress_option, positive_int, quiet_libraries
 from prac.errors import PracError
 
 DESCRIPTION = ("Eigenvalue spectrum of the (empirical or Monte-Carlo) Fisher information, per block of "
@@ -49,6 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data", default=str(assets.DEFAULT_EVAL), help="FILE.txt or wikitext2: cut into non-overlapping --seqlen windows (default: the bundled text)")
     g.add_argument("--n-samples", type=positive_int, default=32, help="number of windows (sequences) to use (default: 32)")
     g.add_argument("--seqlen", type=positive_int, default=256, help="tokens per window (default: 256)")
+    add_bos_option(g, "the windows", tokens=False)
     g = p.add_argument_group("what is computed")
     g.add_argument("--block-structure", choices=["layer", "layer_type", "model"], default="layer_type",
                    help="layer: layer_i; layer_type: layer_i.{attention,mlp,other}; model: one block (default: layer_type)")
@@ -130,6 +131,11 @@ def run(args: argparse.Namespace) -> int:
     from prac.data import check_text_source
 
     check_text_source(args.data, "--data")  # before the load: a missing text is one line at once
+    if args.bos == "always":  # before the load: a tokenizer without BOS is one line
+        from prac.data import bos_token_id
+        from prac.loading import load_tokenizer
+
+        bos_token_id(load_tokenizer(str(args.model)))
 
     from prac.outputs import Outputs, StagedFile
     from prac.spectral import FisherSpectral, SpectralConfig
@@ -167,7 +173,7 @@ def run(args: argparse.Namespace) -> int:
 def _load(args: argparse.Namespace):
     import torch
 
-    from prac.data import eval_windows, load_eval_tokens
+    from prac.data import bos_mode, bos_protocol, bos_token_id, eval_windows, load_eval_tokens
     from prac.loading import load_model, load_tokenizer, resolve_device
 
     device = resolve_device(args.device)
@@ -180,7 +186,11 @@ def _load(args: argparse.Namespace):
         raise PracError(f"--seqlen {args.seqlen} exceeds the model's context of {limit} tokens")
     tokenizer = load_tokenizer(str(args.model))
     tokens, desc = load_eval_tokens(args.data, tokenizer)
-    windows = eval_windows(tokens, args.seqlen)
+    mode = bos_mode(args.bos, model.config)
+    bos = bos_token_id(tokenizer, "--bos always" if args.bos == "always" else "--bos auto (here: always)") \
+        if mode == "always" else None
+    windows = eval_windows(tokens, args.seqlen, bos)
+    desc = {**desc, "bos_requested": args.bos, **bos_protocol(bos)}
     if windows.shape[0] < args.n_samples:
         raise PracError(f"{args.data} has only {windows.shape[0]} windows of {args.seqlen} tokens; "
                         f"--n-samples {args.n_samples} needs more text or a shorter --seqlen")

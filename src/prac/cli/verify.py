@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     """Load the model and calibration tokens, run every check, print the table."""
     from prac.correction import CorrectionConfig
     from prac.engine import EngineConfig
-    from prac.jobs import PruneJob, calibration_tokens, check_sources, resolve
+    from prac.jobs import PruneJob, calibration_tokens, check_bos_token, check_sources, resolve
     from prac.loading import check_model_source, load_model, load_tokenizer, resolve_device
     from prac.patterns import Unstructured, parse_nm
     from prac.pipeline import PruneConfig
@@ -60,6 +60,8 @@ def run(args: argparse.Namespace) -> int:
         quiet_libraries()
     check_model_source(args.model)
     check_sources(args.calib, args.calib_tokens, None)  # before the load: a missing file is one line at once
+    if args.bos == "always" and not args.calib_tokens:  # before the load: a tokenizer without BOS
+        check_bos_token(args.model, "always", "always")
     session = distributed.active()  # a rank of `torchrun … prac verify`, or None
     device = session.device if session else resolve_device(args.device)
     model = load_model(args.model)
@@ -71,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = PruneConfig(method=args.method, pattern=pattern, engine=EngineConfig(batch_size=args.batch_size),
                       correction=CorrectionConfig(seed=args.seed))
     job = resolve(PruneJob(model=args.model, calib=args.calib, calib_tokens=args.calib_tokens,
-                           nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, prune=cfg, eval="none"), model)
+                           nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, prune=cfg, eval="none",
+                           bos=args.bos), model)
     calib = calibration_tokens(job, tokenizer).input_ids
 
     def announce(name: str) -> None:

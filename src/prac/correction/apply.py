@@ -5,6 +5,11 @@ if the layer's error drops ("never worse"; a layer with nothing to repair is "un
 with exact errors on — measure how much of the achievable reduction it reached: the yardstick is the
 ``optimal`` solve over all survivors, nearly undamped (``YARDSTICK_DAMPING``), on the group's H and
 its shared factorisation.
+
+With a held-out share (``Holdout``) the group's statistics are the fit share's alone
+(:class:`prac.stats.InputStats`): the mask, every candidate δ and the yardstick are fitted on rows the
+held-out share never entered, and the held-out share only judges. The report's ``digest`` of each
+layer is that of its candidate weights before the judge (:func:`prac.digest.digest`).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from prac.correction.objective import LayerError, error_matrix
 from prac.correction.optimal import PCGOutcome, optimal_delta
 from prac.correction.registry import get_correction
 from prac.correction.selection import select
+from prac.digest import digest
 from prac.errors import PracError
 from prac.group import InputGroup
 from prac.stats import InputStats, StatsSpec
@@ -84,6 +90,8 @@ def correct(
         delta = proposal.delta.masked_fill(~selected, 0.0)
         gain = meter.reduction(delta, proposal.quad)
         judged: dict[str, Any] = {"holdout": "unavailable"} if cfg.holdout.active else {}
+        if cfg.holdout.active:
+            judged["digest"] = digest([(w_pruned + delta).masked_fill(mask, 0.0)])
         passed = True
     else:
         settings, proposal, delta, gain, judged = _judge(entry, problem, split, cfg)
@@ -120,9 +128,9 @@ def correct(
         diagnostics["clamp_bound"] = float(settings.max_correction_magnitude)
     diagnostics["clamped_pct"] = 100.0 * diagnostics["clamped"] / max(n_selected, 1)
     if cfg.exact_errors and source == "hessian":
-        # The method's own optimum doubles as the yardstick only when it was solved on all tokens.
-        own = proposal.optimum if split is None or (passed and cfg.holdout.refit) else None
-        diagnostics.update(_measure_optimal(mask, meter, group, settings, own, before, after))
+        # The method's own optimum doubles as the yardstick: both are solved on the group's statistics
+        # (the fit share's, with a held-out share).
+        diagnostics.update(_measure_optimal(mask, meter, group, settings, proposal.optimum, before, after))
     # A layer with nothing to repair (no error before) is "unchanged", not a failed correction;
     # one whose held-out error would rise is "refused" (its in-sample error fell).
     if accepted:
@@ -139,7 +147,8 @@ def correct(
 
 
 def _held_out_groups(group: InputGroup) -> tuple[InputGroup, InputGroup] | None:
-    """The group's (fit, held-out) split when both shares can measure an error of their own."""
+    """The group's (fit, held-out) shares when both can measure an error of their own; the fit share's
+    group is ``group`` itself (its statistics hold no held-out row)."""
     split = group.holdout()
     if split is None:
         return None
@@ -184,19 +193,25 @@ def _choose(trials: list, held_meter: LayerError, own: Any) -> tuple:
 
 
 def _judge(entry, problem: LayerProblem, split: tuple[InputGroup, InputGroup], cfg: CorrectionConfig):
-    """Fit on the rest, judge on the held-out share, then (``refit``) solve again on all tokens.
+    """Fit on the fit share, judge on the held-out share.
 
     Every candidate setting is fitted on the fit share; the one with the lowest held-out error is
     judged: it passes when it lowers the error on the fit share *and* on the held-out share.
-    Returns (settings, proposal, δ, reduction on all tokens, diagnostics); δ is zero when it fails.
+    Returns (settings, proposal, δ, reduction on the group's statistics, diagnostics); δ is zero when
+    it fails. The accepted δ is the one fitted (``Holdout.refit`` no longer solves again: the
+    held-out rows are in no statistic anything is fitted on).
     """
     fit_group, held_group = split
-    h_fit, fit_source = error_matrix(fit_group)
     h_held, _ = error_matrix(held_group)
     p, meter = problem, problem.meter
-    fit_meter = LayerError.of(p.w_orig, p.w_pruned, h_fit)
+    if fit_group is p.group:  # the group's statistics are the fit share's
+        fit_meter, fit_problem = meter, p
+    else:
+        h_fit, fit_source = error_matrix(fit_group)
+        fit_meter = LayerError.of(p.w_orig, p.w_pruned, h_fit)
+        fit_problem = LayerProblem(p.w_orig, p.w_pruned, p.mask, p.selected, p.scores, fit_group, fit_meter,
+                                   fit_source)
     held_meter = LayerError.of(p.w_orig, p.w_pruned, h_held)
-    fit_problem = LayerProblem(p.w_orig, p.w_pruned, p.mask, p.selected, p.scores, fit_group, fit_meter, fit_source)
 
     def trial(settings: Any) -> tuple:
         proposal = entry.propose(fit_problem, settings)
@@ -207,6 +222,8 @@ def _judge(entry, problem: LayerProblem, split: tuple[InputGroup, InputGroup], c
         return math.isfinite(t[3]) and t[3] > 0 and math.isfinite(t[4]) and t[4] > 0
 
     trials = [trial(s) for s in _candidates(cfg)]
+    own = next((t for t in trials if t[0] == cfg.settings), trials[0])
+    candidate = digest([(p.w_pruned + own[2]).masked_fill(p.mask, 0.0)])  # before the judge: its own setting's
     chosen = _choose(trials, held_meter, cfg.settings)
     escalated = False
     if not passes(chosen) and cfg.holdout.escalate and hasattr(chosen[0], "damping") and chosen[0].damping > 0:
@@ -230,8 +247,8 @@ def _judge(entry, problem: LayerProblem, split: tuple[InputGroup, InputGroup], c
         "heldout_error_proposed": held_meter.relative(held_meter.before - held_gain),
         "passed": passed,
         "refused": fitted and not passed,
-        "refit": cfg.holdout.refit,
         "damping_escalated": escalated,
+        "digest": candidate,
     }
     info["heldout_error_after"] = info["heldout_error_proposed"] if passed else info["heldout_error_before"]
     if len(trials) > 1:
@@ -240,10 +257,8 @@ def _judge(entry, problem: LayerProblem, split: tuple[InputGroup, InputGroup], c
     if not passed:
         info["error_proposed"] = meter.relative(meter.before - meter.reduction(delta))
         return settings, proposal, torch.zeros_like(delta), 0.0, info
-    if cfg.holdout.refit:
-        proposal = entry.propose(problem, settings)
-        delta = proposal.delta.masked_fill(~p.selected, 0.0)
-        return settings, proposal, delta, meter.reduction(delta, proposal.quad), info
+    if fit_meter is meter:
+        return settings, proposal, delta, fit_gain, info
     return settings, proposal, delta, meter.reduction(delta), info
 
 

@@ -76,12 +76,15 @@ class Holdout:
     """Corrections judged on data they did not fit (docs/correction.md, "Held-out acceptance").
 
     ``share`` of the calibration sequences (a seeded draw, :func:`prac.stats.holdout_rows`) is kept
-    apart: the correction is fitted on the rest, and kept only if it lowers the layer's error on the
+    apart: the mask and the correction are fitted on the rest (the held-out rows enter no statistic
+    anything is fitted on), and the correction is kept only if it lowers the layer's error on the
     held-out share too. ``dampings``: for methods with a ``damping``, the candidates tried (each fitted
     on the rest, the one with the lowest held-out error wins); empty: the method's own damping only.
     ``escalate``: where the damping matters — a correction that fails on the held-out share — the
     damping is raised 10×, 100×, 1000× (each fitted on the rest) before the correction is refused.
-    ``refit``: once accepted (and its damping chosen), the correction is solved again on all tokens.
+    ``refit``: no effect (kept so that old configurations load): it once solved an accepted correction
+    again on all tokens, held-out ones included, which the share's later judges (the next layers',
+    ``--reconstruct``'s) would then have seen fitted.
     ``share`` 0 turns all of this off (never-worse on the tokens fitted, as before).
     """
 
