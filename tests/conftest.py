@@ -117,3 +117,17 @@ def tree_state(root: Path) -> dict[str, tuple[int, str]]:
         digest = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else ""
         out[str(p.relative_to(root))] = (p.stat().st_mode, digest)
     return out
+
+
+@pytest.fixture
+def no_load(monkeypatch):
+    """Any load of model weights fails the test: the refusal must come before it."""
+
+    import prac.jobs
+    import prac.loading
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model weights were loaded before the input was refused")
+
+    monkeypatch.setattr(prac.jobs, "load_model", refuse)
+    monkeypatch.setattr(prac.loading, "load_model", refuse)

@@ -74,17 +74,6 @@ def windows_seen(monkeypatch) -> dict[str, list[torch.Tensor]]:
     return seen
 
 
-@pytest.fixture
-def no_load(monkeypatch):
-    """Any load of model weights fails the test: the refusal must come before it."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("the model weights were loaded before the input was refused")
-
-    monkeypatch.setattr(prac.jobs, "load_model", refuse)
-    monkeypatch.setattr(prac.loading, "load_model", refuse)
-
-
 # --- the windows -------------------------------------------------------------------------------------
 
 def test_always_replaces_the_first_token_of_every_window_and_never_keeps_the_text(tokenizer, small_text):

@@ -15,17 +15,6 @@ from prac.cli import main
 from prac.errors import PracError
 
 
-@pytest.fixture
-def no_load(monkeypatch):
-    """Any load of model weights fails the test: the refusal must come before it."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("the model weights were loaded before the input was refused")
-
-    monkeypatch.setattr(prac.jobs, "load_model", refuse)
-    monkeypatch.setattr(prac.loading, "load_model", refuse)
-
-
 def _error(argv: list[str], capsys, *needles: str) -> str:
     code = main(argv)
     err = capsys.readouterr().err.strip().splitlines()

@@ -130,6 +130,14 @@ def sparsegpt_factor(hessian: torch.Tensor, config: SparseGPTConfig = SparseGPTC
     return SparseGPTFactor(factor.value, dead, factor.lam, factor.relative, factor.failures)
 
 
+def _diagnostics(factor, error, mask: torch.Tensor, seconds: float) -> dict:
+    """What every SparseGPT result reports: the factorisation's damping and failures, the error
+    estimate, the mask's sparsity and the seconds spent."""
+    return {"damping": factor.damping, "percdamp": factor.percdamp, "dead_inputs": int(factor.dead.sum()),
+            "cholesky_retries": factor.failures, "cholesky_failures": factor.failures,
+            "error_estimate": float(error), "sparsity": float(mask.float().mean()), "seconds": seconds}
+
+
 def sparsegpt_prune(
     weight: torch.Tensor,
     hessian: torch.Tensor | None,
@@ -180,17 +188,7 @@ def sparsegpt_prune(
         torch.cuda.current_stream(device).synchronize()  # this stream only: a prefetch copy may be in flight
     seconds = time.perf_counter() - start
     mask = maskt.t().contiguous()
-    diagnostics = {
-        "damping": factor.damping,
-        "percdamp": factor.percdamp,
-        "dead_inputs": int(factor.dead.sum()),
-        "cholesky_retries": factor.failures,
-        "cholesky_failures": factor.failures,
-        "error_estimate": float(error),
-        "sparsity": float(mask.float().mean()),
-        "seconds": seconds,
-    }
-    return SparseGPTResult(wt.t().contiguous(), mask, diagnostics)
+    return SparseGPTResult(wt.t().contiguous(), mask, _diagnostics(factor, error, mask, seconds))
 
 
 #: On a CPU, linears are swept together only up to this many rows in all; above it the block being
@@ -259,14 +257,7 @@ def sparsegpt_prune_many(
     for k, (a, b, _) in enumerate(segments):
         mask = maskt[:, a:b].t().contiguous()
         diagnostics = {
-            "damping": factor.damping,
-            "percdamp": factor.percdamp,
-            "dead_inputs": int(factor.dead.sum()),
-            "cholesky_retries": factor.failures,
-            "cholesky_failures": factor.failures,
-            "error_estimate": float(errors[k]),
-            "sparsity": float(mask.float().mean()),
-            "seconds": seconds * (b - a) / bounds[-1],
+            **_diagnostics(factor, errors[k], mask, seconds * (b - a) / bounds[-1]),
             "swept_with": len(weights),
         }
         results.append(SparseGPTResult(wt[:, a:b].t().contiguous(), mask, diagnostics))
