@@ -90,6 +90,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"admm: ρ multiplied by this after every step (default: {_defaults(METHODS, 'penalty_growth')})")
     g.add_argument("--admm-damping", type=float, default=None,
                    help=f"admm: ridge λ on the change, relative (default: {_defaults(METHODS, 'damping')})")
+    g.add_argument("--admm-final-damping", type=float, default=None,
+                   help=f"admm: ridge of the exact solve on the final mask, fraction of mean diag(H); larger keeps "
+                        f"the weights nearer the dense ones (default: {_defaults(METHODS, 'final_damping')})")
     g.add_argument("--admm-gradual", type=int, default=None,
                    help=f"admm: steps over which the projection's sparsity ramps up cubically, 0 = none (default: {_defaults(METHODS, 'gradual')})")
     g.add_argument("--admm-score", choices=["scaled", "magnitude"], default=None,
@@ -236,7 +239,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 MASK_FLAGS = {"scope": "scope", "blocksize": "blocksize", "percdamp": "percdamp",
               "admm_iterations": "iterations", "admm_penalty": "penalty", "admm_penalty_growth": "penalty_growth",
               "admm_damping": "damping", "admm_gradual": "gradual", "admm_score": "score",
-              "admm_sweep": "sweep", "admm_final": "final"}
+              "admm_sweep": "sweep", "admm_final": "final",
+              "admm_final_damping": "final_damping"}
 CORRECTION_FLAGS = {"selection_strategy": "selection_strategy", "percent_change": "percent_change",
                     "damping": "damping", "max_correction_magnitude": "max_correction_magnitude",
                     "correction_magnitude": "correction_magnitude", "max_activation_samples": "max_activation_samples",
