@@ -24,14 +24,13 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 def main(argv=None) -> int:
     from layer_speed import synthetic_layer
-
-    from prac.admm import ADMMSettings, admm_mask, project, spectrum
     from prac.correction.objective import LayerError
     from prac.correction.optimal import optimal_delta
-    from prac.group import InputGroup
-    from prac.patterns import Unstructured
-    from prac.sparsegpt import SparseGPTConfig, sparsegpt_prune
-    from prac.stats import InputStats, StatsSpec
+    from prac.methods.admm import ADMMSettings, admm_mask, project, spectrum
+    from prac.methods.patterns import Unstructured
+    from prac.methods.sparsegpt import SparseGPTConfig, sparsegpt_prune
+    from prac.model.group import InputGroup
+    from prac.model.stats import InputStats, StatsSpec
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda")

@@ -17,12 +17,12 @@ from pathlib import Path
 
 import torch
 
-from prac import assets
-from prac.admm import ADMMSettings
-from prac.data import load_token_file
-from prac.loading import load_model
-from prac.patterns import Unstructured, parse_nm
-from prac.pipeline import PruneConfig, prune_model
+from prac.engine.pipeline import PruneConfig, prune_model
+from prac.io import assets
+from prac.io.data import load_token_file
+from prac.methods.admm import ADMMSettings
+from prac.methods.patterns import Unstructured, parse_nm
+from prac.model.loading import load_model
 
 GOLDEN = Path(__file__).resolve().parents[1] / "tests" / "golden"
 

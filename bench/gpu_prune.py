@@ -26,10 +26,10 @@ from pathlib import Path
 import torch
 
 from prac.correction.config import CorrectionConfig
-from prac.loading import resolve_device
-from prac.patterns import Unstructured
-from prac.engine import EngineConfig
-from prac.pipeline import PruneConfig, prune_model
+from prac.engine.loop import EngineConfig
+from prac.engine.pipeline import PruneConfig, prune_model
+from prac.methods.patterns import Unstructured
+from prac.model.loading import resolve_device
 
 MISTRAL_7B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                   num_key_value_heads=8, vocab_size=32768, max_position_embeddings=32768, rope_theta=1e6,
@@ -73,7 +73,7 @@ def build(config: dict, layers: int, dtype: torch.dtype, seed: int = 0, device: 
 
 
 def run(model, calib, name: str, device: torch.device, batch_size: int) -> dict:
-    from prac.reconstruct import ReconstructConfig
+    from prac.engine.reconstruct import ReconstructConfig
 
     method, correction, engine = RUNS[name]
     engine = dict(engine)

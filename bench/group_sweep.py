@@ -22,8 +22,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from prac.patterns import Unstructured, parse_nm  # noqa: E402
-from prac.sparsegpt import SparseGPTConfig, sparsegpt_factor, sparsegpt_prune, sparsegpt_prune_many  # noqa: E402
+from prac.methods.patterns import Unstructured, parse_nm  # noqa: E402
+from prac.methods.sparsegpt import SparseGPTConfig, sparsegpt_factor, sparsegpt_prune, sparsegpt_prune_many  # noqa: E402
 
 GROUPS = {"qkv": [4096, 1024, 1024], "gate_up": [14336, 14336]}
 

@@ -35,15 +35,16 @@ import math
 import platform
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from prac.masks import apply_mask, mask_from_scores, wanda_scores
-from prac.patterns import Pattern, Unstructured, parse_nm, pattern_to_dict
-from prac.sparsegpt import SparseGPTConfig, sparsegpt_prune
-from prac.stats import InputStats, StatsSpec
+from prac.methods.masks import apply_mask, mask_from_scores, wanda_scores
+from prac.methods.patterns import Pattern, Unstructured, parse_nm, pattern_to_dict
+from prac.methods.sparsegpt import SparseGPTConfig, sparsegpt_prune
+from prac.model.stats import InputStats, StatsSpec
 
 try:
     import prac.correction as correction
@@ -228,10 +229,10 @@ def bench_layer(
     return rows
 
 
-def admm_settings(name: str) -> "Any":
+def admm_settings(name: str) -> Any:
     """``admm`` -> the defaults; ``admm@blocks`` -> ``sweep="blocks"``; ``admm@blocks+none`` -> that
     with ``final="none"``; ``admm@blocks/64`` -> blocksize 64 (``+`` and ``/`` combine)."""
-    from prac.admm import ADMMSettings
+    from prac.methods.admm import ADMMSettings
 
     _, _, spec = name.partition("@")
     kw: dict[str, Any] = {}
@@ -250,8 +251,8 @@ def admm_row(name, w, stats, pattern, sgpt_mask, sgpt_seconds, sgpt_error, base,
     """``--method admm`` (``name``: see :func:`admm_settings`) on the same layer: time and error next to
     SparseGPT's, and the exact optimum (the yardstick) on each of the two masks — how much of the
     gain is the mask, how much the weights."""
-    from prac.admm import admm_prune
-    from prac.group import InputGroup
+    from prac.methods.admm import admm_prune
+    from prac.model.group import InputGroup
 
     h = stats.hessian
     settings = admm_settings(name)
@@ -268,7 +269,7 @@ def admm_row(name, w, stats, pattern, sgpt_mask, sgpt_seconds, sgpt_error, base,
             "fraction_of_optimal": None, "fraction_comparable": False, "diagnostics": jsonable(result.info)}
 
 
-def method_config(name: str) -> "correction.CorrectionConfig":
+def method_config(name: str) -> correction.CorrectionConfig:
     """``full`` -> that method's defaults; ``optimal@1e-2`` -> optimal with ``tol=1e-2``."""
     method, _, tol = name.partition("@")
     extra = {"tol": float(tol)} if tol else {}

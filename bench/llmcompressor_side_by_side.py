@@ -27,12 +27,11 @@ import torch
 torch.set_num_threads(1)
 
 from datasets import Dataset  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
-
 from llmcompressor import oneshot  # noqa: E402
 from llmcompressor.modifiers.pruning import SparseGPTModifier  # noqa: E402
 from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 HERE = Path.cwd()
 ROOT = Path(__file__).resolve().parents[1]

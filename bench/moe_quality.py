@@ -112,7 +112,7 @@ def main(argv=None) -> int:
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if args.smoke:
-        from prac import assets
+        from prac.io import assets
 
         (out / "smoke_eval.txt").write_text(assets.DEFAULT_EVAL.read_text(encoding="utf-8")[:20000], encoding="utf-8")
     todo = [(m, v, p) for p in args.patterns for m in args.methods for v in args.variants]
@@ -124,7 +124,7 @@ def main(argv=None) -> int:
     times = [] if args.skip_timing else timing(args.methods, args.rounds, out, args.smoke)
     dense_ppl = None
     if not args.smoke:
-        from prac.jobs import EvalJob, run_eval
+        from prac.jobs.run import EvalJob, run_eval
 
         dense_ppl = run_eval(EvalJob(model=str(MOE)))["summary"]["ppl"]
     stamp = {"date": dt.date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, no GPU",

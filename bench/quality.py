@@ -162,7 +162,7 @@ def main(argv=None) -> int:
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if args.smoke:
-        from prac import assets
+        from prac.io import assets
 
         (out / "smoke_eval.txt").write_text(assets.DEFAULT_EVAL.read_text(encoding="utf-8")[:20000], encoding="utf-8")
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)

@@ -75,7 +75,7 @@ def prune(name: str, options: list[str], folder: Path, smoke: bool, threads: int
 def smoke_text(root: Path) -> Path:
     path = root / "smoke_eval.txt"
     if not path.exists():
-        from prac import assets
+        from prac.io import assets
 
         path.write_text(assets.DEFAULT_EVAL.read_text(encoding="utf-8")[:20000], encoding="utf-8")
     return path
@@ -92,7 +92,7 @@ def round_to_nearest(name: str, source: Path, smoke: bool, threads: int, bits: i
     from compressed_tensors.quantization.utils.helpers import calculate_qparams
     from transformers import AutoModelForCausalLM
 
-    from prac.blocks import find_blocks, find_linears
+    from prac.model.blocks import find_blocks, find_linears
 
     args = QuantizationArgs(num_bits=bits, type="int", symmetric=True, strategy="group", group_size=group)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()

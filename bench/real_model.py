@@ -53,9 +53,10 @@ import sys
 import tempfile
 import time
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CACHE = Path("~/.cache/prac-bench/smollm2")
@@ -269,6 +270,9 @@ CONFIGS: dict[str, tuple[list[str], tuple[str, ...]]] = {
     # more, smaller steps: 2 sequences per calibration batch, 16 steps per epoch (128 in all), lr 2e-3
     "admm+rb16": (["--method", "admm", "--reconstruct", "block", "--batch-size", "2", "--reconstruct-lr", "2e-3"],
                   ("50", "70", "2:4")),
+    # one sequence per calibration batch, one step per batch: 28 steps per epoch (224 in all), lr 2e-3
+    "admm+rb28": (["--method", "admm", "--reconstruct", "block", "--batch-size", "1", "--reconstruct-minibatches", "28",
+                   "--reconstruct-lr", "2e-3"], ("50", "70", "2:4")),
     # the final exact solve's ridge: 32 x 512 tokens fit the masked least squares closely (held-out block
     # error about twice the fitted one), a larger ridge keeps the weights nearer the dense ones
     "admm+fd0.1": (["--method", "admm", "--admm-final-damping", "0.1"], ("50", "70", "2:4")),
@@ -623,8 +627,8 @@ def reference_main(args: argparse.Namespace) -> int:
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from prac.data import eval_windows, load_eval_tokens
-    from prac.evaluate import default_eval_batch_size, perplexity
+    from prac.io.data import eval_windows, load_eval_tokens
+    from prac.parallel.evaluate import default_eval_batch_size, perplexity
 
     cache = args.cache.expanduser()
     code = args.refs.expanduser() / args.impl

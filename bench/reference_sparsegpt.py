@@ -26,9 +26,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 def main(argv=None) -> int:
     from layer_speed import relative_error, synthetic_layer
-
-    from prac.patterns import NM, Unstructured
-    from prac.sparsegpt import SparseGPTConfig, sparsegpt_prune
+    from prac.methods.patterns import NM, Unstructured
+    from prac.methods.sparsegpt import SparseGPTConfig, sparsegpt_prune
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reference", required=True, help="a checkout of IST-DASLab/sparsegpt")

@@ -2,7 +2,7 @@
 
 q (out 4096), k and v (out 1024) read one 4096-wide input. Corrected one by one with bare
 statistics, each linear factorises H twice (its own damped inverse and the yardstick's): 6 per
-group. Through one :class:`prac.group.InputGroup` they share 2. Prints both times (two rounds)
+group. Through one :class:`prac.model.group.InputGroup` they share 2. Prints both times (two rounds)
 and checks the weights are bit-identical.
 
     OMP_NUM_THREADS=1 python bench/shared_factorisation.py          # about 4 minutes on one CPU thread
@@ -20,12 +20,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from layer_speed import collect_stats, synthetic_layer  # noqa: E402
-
 from prac.correction import CorrectionConfig, correct  # noqa: E402
-from prac.group import InputGroup  # noqa: E402
-from prac.masks import apply_mask, mask_from_scores, wanda_scores  # noqa: E402
-from prac.patterns import Unstructured  # noqa: E402
-from prac.stats import StatsSpec  # noqa: E402
+from prac.methods.masks import apply_mask, mask_from_scores, wanda_scores  # noqa: E402
+from prac.methods.patterns import Unstructured  # noqa: E402
+from prac.model.group import InputGroup  # noqa: E402
+from prac.model.stats import StatsSpec  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -104,8 +104,8 @@ def _model(which: str, device: str):
     import torch
 
     if which == "bundled":
-        from prac.assets import DEFAULT_MODEL
-        from prac.loading import load_model
+        from prac.io.assets import DEFAULT_MODEL
+        from prac.model.loading import load_model
 
         model = load_model(str(DEFAULT_MODEL))
     else:

@@ -11,16 +11,25 @@ import torch
 # The suite runs on 2 cores; one intra-op thread avoids oversubscription with pytest workers.
 torch.set_num_threads(max(1, int(os.environ.get("PRAC_TEST_THREADS", "2"))))
 
-from prac import assets  # noqa: E402
-from prac.verify import weights_hash as state_hash  # noqa: E402,F401  (bit-identity of a model's weights)
+from prac.io import assets  # noqa: E402
+from prac.jobs.verify import weights_hash as state_hash  # noqa: E402,F401  (bit-identity of a model's weights)
 
 GOLDEN = Path(__file__).parent / "golden"
 VOCAB = 4096  # the bundled tokenizer's vocabulary, shared by every tiny model
 
 
 def _configs():
-    from transformers import (BertConfig, GPT2Config, GPTNeoXConfig, MistralConfig, MixtralConfig, OPTConfig,
-                              Qwen2Config, Qwen2MoeConfig, Qwen3MoeConfig)
+    from transformers import (
+        BertConfig,
+        GPT2Config,
+        GPTNeoXConfig,
+        MistralConfig,
+        MixtralConfig,
+        OPTConfig,
+        Qwen2Config,
+        Qwen2MoeConfig,
+        Qwen3MoeConfig,
+    )
 
     common = dict(vocab_size=VOCAB)
     moe = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -123,11 +132,11 @@ def tree_state(root: Path) -> dict[str, tuple[int, str]]:
 def no_load(monkeypatch):
     """Any load of model weights fails the test: the refusal must come before it."""
 
-    import prac.jobs
-    import prac.loading
+    import prac.jobs.run
+    import prac.model.loading
 
     def refuse(*args, **kwargs):
         raise AssertionError("the model weights were loaded before the input was refused")
 
-    monkeypatch.setattr(prac.jobs, "load_model", refuse)
-    monkeypatch.setattr(prac.loading, "load_model", refuse)
+    monkeypatch.setattr(prac.jobs.run, "load_model", refuse)
+    monkeypatch.setattr(prac.model.loading, "load_model", refuse)

@@ -3,13 +3,13 @@
 import pytest
 import torch
 
-from prac.admm import ADMMSettings, admm_mask, gradual_sparsity, spectrum
 from prac.correction.objective import relative_error
-from prac.group import InputGroup
-from prac.methods import METHODS, ScoreSettings
-from prac.patterns import NM, Unstructured
-from prac.sparsegpt import SparseGPTConfig
-from prac.stats import InputStats, StatsSpec
+from prac.methods.admm import ADMMSettings, admm_mask, gradual_sparsity, spectrum
+from prac.methods.patterns import NM, Unstructured
+from prac.methods.registry import METHODS, ScoreSettings
+from prac.methods.sparsegpt import SparseGPTConfig
+from prac.model.group import InputGroup
+from prac.model.stats import InputStats, StatsSpec
 
 from .test_correction_methods import correlated_inputs, lstsq_reference
 
@@ -100,7 +100,7 @@ def test_one_eigendecomposition_per_group(layer):
 
 
 def test_bad_settings_are_one_line_errors():
-    from prac.errors import PracError
+    from prac.core.errors import PracError
 
     with pytest.raises(PracError, match="iterations"):
         ADMMSettings(iterations=0)

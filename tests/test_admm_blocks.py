@@ -4,15 +4,14 @@ between the global ADMM and SparseGPT, and its settings and command-line errors.
 import pytest
 import torch
 
-from prac.admm import ADMMSettings
-from prac.admm_blocks import block_admm
 from prac.cli import main
+from prac.core.errors import PracError
 from prac.correction.objective import relative_error
-from prac.errors import PracError
-from prac.methods import METHODS
-from prac.patterns import NM, Unstructured
-from prac.pipeline import PruneConfig
-from prac.sparsegpt import SparseGPTConfig
+from prac.engine.pipeline import PruneConfig
+from prac.methods.admm import ADMMSettings
+from prac.methods.admm_blocks import block_admm
+from prac.methods.patterns import NM, Unstructured
+from prac.methods.sparsegpt import SparseGPTConfig
 
 from .test_admm import D_IN, D_OUT, group_of, layer, prune  # noqa: F401 - layer is a fixture
 
@@ -104,7 +103,7 @@ def test_cli_refuses_before_any_work(extra, needle, tmp_path, capsys):
 def test_one_block_values_are_the_exact_optimum_on_its_mask(layer, monkeypatch):
     """With a single block, the block's quadratic is H + λI itself: the polished values must be the
     masked optimum of that quadratic (a wrong Schur quadratic would give other values)."""
-    import prac.admm_blocks as blocks
+    import prac.methods.admm_blocks as blocks
 
     monkeypatch.setattr(blocks, "POLISH_ITERATIONS", 400)
     monkeypatch.setattr(blocks, "POLISH_TOL", 1e-13)

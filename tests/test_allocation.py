@@ -5,10 +5,10 @@ import copy
 import pytest
 import torch
 
-from prac.allocation import AllocationConfig, allocate, quantise
-from prac.errors import PracError
-from prac.patterns import Unstructured
-from prac.pipeline import PruneConfig, prune_model
+from prac.core.errors import PracError
+from prac.engine.pipeline import PruneConfig, prune_model
+from prac.jobs.allocation import AllocationConfig, allocate
+from prac.methods.patterns import Unstructured
 
 from .conftest import make_tiny_model
 
@@ -33,7 +33,7 @@ def test_every_plan_meets_the_total_exactly(calib, method, target):
 def test_identical_statistics_give_the_uniform_plan():
     """Linears with identical statistics (OWL: the same outlier ratio; error: the same curve) get the
     target sparsity, up to the one weight per layer that makes the total exact."""
-    from prac import allocation
+    from prac.jobs import allocation
 
     names = [f"model.layers.{b}.{p}" for b in range(3) for p in ("q", "k", "mlp")]
     numel = {k: 4096 for k in names}
@@ -91,7 +91,7 @@ def test_allocation_samples_needs_a_scanning_allocator(capsys):
 
 def test_the_scan_is_dense_whatever_the_pruning_engine(calib):
     """The pruning run's ``dense_target``/``sequential`` do not change the dense scan (nor its plan)."""
-    from prac.engine import EngineConfig
+    from prac.engine.loop import EngineConfig
 
     model = make_tiny_model("mistral")
     plain = allocate(model, calib, 0.6, AllocationConfig(method="error"))

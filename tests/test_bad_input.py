@@ -12,10 +12,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from prac import assets
 from prac.cli import main
-from prac.data import MIN_CALIB_SEQLEN, MIN_CALIB_TOKENS
-from prac.errors import PracError
+from prac.core.errors import PracError
+from prac.io import assets
+from prac.io.data import MIN_CALIB_SEQLEN, MIN_CALIB_TOKENS
 
 from .conftest import VOCAB, tree_state
 
@@ -243,7 +243,7 @@ def connections(monkeypatch) -> list:
     answer. (A lookup is counted too: without DNS an attempt stops there, before any connect.)"""
     import socket
 
-    import prac.loading
+    import prac.model.loading
 
     tried: list = []
     connect, connect_ex, getaddrinfo = socket.socket.connect, socket.socket.connect_ex, socket.getaddrinfo
@@ -263,9 +263,9 @@ def connections(monkeypatch) -> list:
     monkeypatch.setattr(socket.socket, "connect", counted)
     monkeypatch.setattr(socket.socket, "connect_ex", counted_ex)
     monkeypatch.setattr(socket, "getaddrinfo", looked_up)
-    prac.loading._probe.cache_clear()  # an earlier test's probe must not answer for this one
+    prac.model.loading._probe.cache_clear()  # an earlier test's probe must not answer for this one
     yield tried
-    prac.loading._probe.cache_clear()
+    prac.model.loading._probe.cache_clear()
 
 
 def test_hub_id_offline_fails_at_once(tmp_path, monkeypatch, capsys, connections):
@@ -288,7 +288,7 @@ def test_hub_id_without_network_fails_at_once(tmp_path, monkeypatch, capsys, con
 # --- library-level checks the CLI relies on -------------------------------------------------------------
 
 def test_check_calibration_directly():
-    from prac.data import TokenSet, check_calibration
+    from prac.io.data import TokenSet, check_calibration
 
     good = TokenSet(torch.zeros(16, 8, dtype=torch.int64), {"source": "tokens"})
     assert check_calibration(good, vocab_size=10, context=8) is good
@@ -303,7 +303,7 @@ def test_check_calibration_directly():
 @pytest.fixture(scope="module")
 def pruned(tmp_path_factory, tiny_model_dir, small_text):
     """One prune of the tiny Mistral with evaluation, saved, with the progress labels it used."""
-    from prac.jobs import PruneJob, run_prune
+    from prac.jobs.run import PruneJob, run_prune
 
     root = tmp_path_factory.mktemp("pruned")
     job = PruneJob(model=str(tiny_model_dir("mistral")), calib=str(small_text), nsamples=4, seqlen=32,
@@ -343,7 +343,7 @@ def test_report_records_the_thread_count(pruned):
 
 
 def test_eval_of_a_saved_model_reuses_its_protocol(pruned, small_text):
-    from prac.jobs import EvalJob, run_eval
+    from prac.jobs.run import EvalJob, run_eval
 
     root, prune_report, _ = pruned
     saved = json.loads((root / "out" / "prac_report.json").read_text())["config"]
@@ -357,7 +357,7 @@ def test_eval_of_a_saved_model_reuses_its_protocol(pruned, small_text):
 
 
 def test_a_copy_of_the_bundled_model_gets_the_bundled_defaults(tmp_path):
-    from prac.jobs import folder_defaults
+    from prac.jobs.run import folder_defaults
 
     copy = tmp_path / "copy"
     shutil.copytree(assets.DEFAULT_MODEL, copy)
@@ -383,7 +383,7 @@ def _overflowing_model(tiny_model_dir, root: Path) -> Path:
 
 
 def test_non_finite_perplexity_is_null_with_a_status(tmp_path, tiny_model_dir, small_text):
-    from prac.jobs import EvalJob, PruneJob, run_eval, run_prune
+    from prac.jobs.run import EvalJob, PruneJob, run_eval, run_prune
 
     model = _overflowing_model(tiny_model_dir, tmp_path)
     report = run_prune(PruneJob(model=str(model), calib=str(small_text), nsamples=4, seqlen=32, eval=str(small_text),
@@ -398,7 +398,7 @@ def test_non_finite_perplexity_is_null_with_a_status(tmp_path, tiny_model_dir, s
 
 
 def test_finite_eval_has_status_ok(tiny_model_dir, small_text):
-    from prac.jobs import EvalJob, run_eval
+    from prac.jobs.run import EvalJob, run_eval
 
     s = run_eval(EvalJob(model=str(tiny_model_dir("mistral")), data=str(small_text), seqlen=64))["summary"]
     assert s["status"] == "ok" and s["finite"] is True and "eval" in s["phase_seconds"]

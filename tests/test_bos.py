@@ -12,12 +12,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import prac.jobs
-import prac.loading
+import prac.jobs.run
+import prac.model.loading
 from prac.cli import main
-from prac.data import (BOS_MODEL_TYPES, bos_mode, eval_windows, load_calibration, load_eval_tokens,
-                       model_type_of)
-from prac.errors import PracError
+from prac.core.errors import PracError
+from prac.io.data import BOS_MODEL_TYPES, bos_mode, eval_windows, load_calibration, load_eval_tokens, model_type_of
 
 from .conftest import VOCAB
 
@@ -59,7 +58,7 @@ def short_text(tmp_path_factory, small_text) -> Path:
 def windows_seen(monkeypatch) -> dict[str, list[torch.Tensor]]:
     """The calibration tokens the prune gets and the windows every perplexity is computed on."""
     seen: dict[str, list[torch.Tensor]] = {"calibration": [], "evaluation": []}
-    prune_model, perplexity = prac.jobs.prune_model, prac.jobs.perplexity
+    prune_model, perplexity = prac.jobs.run.prune_model, prac.jobs.run.perplexity
 
     def calibrate(model, ids, *args, **kwargs):
         seen["calibration"].append(ids.clone())
@@ -69,8 +68,8 @@ def windows_seen(monkeypatch) -> dict[str, list[torch.Tensor]]:
         seen["evaluation"].append(windows.clone())
         return perplexity(model, windows, *args, **kwargs)
 
-    monkeypatch.setattr(prac.jobs, "prune_model", calibrate)
-    monkeypatch.setattr(prac.jobs, "perplexity", score)
+    monkeypatch.setattr(prac.jobs.run, "prune_model", calibrate)
+    monkeypatch.setattr(prac.jobs.run, "perplexity", score)
     return seen
 
 

@@ -10,10 +10,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from prac import assets
-from prac.blocks import find_blocks
 from prac.cli import main
-from prac.errors import PracError
+from prac.core.errors import PracError
+from prac.model.blocks import find_blocks
 
 
 def _run(argv, capsys):
@@ -131,7 +130,7 @@ def test_prune_writes_report_and_model(tiny_model_dir, small_text, tmp_path, cap
     assert abs(s["sparsity"] - 0.6) < 0.01 and s["ppl"] > 1 and s["dense_ppl"] > 1  # random model: no order
     assert {"prune_seconds", "peak_memory_bytes"} <= set(s)
     assert json.loads((out / "prac_report.json").read_text())["summary"] == s
-    from prac.loading import load_model
+    from prac.model.loading import load_model
 
     reloaded = load_model(str(out))
     w = reloaded.transformer.h[0].mlp.c_fc.weight
@@ -210,7 +209,8 @@ def test_prune_help_shows_percent_signs_and_memory_costs(capsys):
 
 
 def test_non_finite_result_prints_nan_and_exits_1(capsys):
-    from prac.cli import eval as eval_cmd, prune as prune_cmd
+    from prac.cli import eval as eval_cmd
+    from prac.cli import prune as prune_cmd
 
     summary = {"pruned_layers": 28, "sparsity": 0.5, "prune_seconds": 1.25, "peak_memory_bytes": 2**21,
                "dense_ppl": 61.4437, "ppl": None, "status": "not_finite",
@@ -246,10 +246,10 @@ def test_verbose_and_debug_set_the_prac_logger(restore_prac_logging, capsys):
 
     configure_logging(Namespace(verbose=True, debug=False))
     assert restore_prac_logging.getEffectiveLevel() == logging.INFO
-    logging.getLogger("prac.jobs").info("calibration: 4 x 32 tokens")
-    logging.getLogger("prac.jobs").debug("hidden at -v")
+    logging.getLogger("prac.jobs.run").info("calibration: 4 x 32 tokens")
+    logging.getLogger("prac.jobs.run").debug("hidden at -v")
     err = capsys.readouterr().err
-    assert "INFO prac.jobs: calibration: 4 x 32 tokens" in err and "hidden" not in err
+    assert "INFO prac.jobs.run: calibration: 4 x 32 tokens" in err and "hidden" not in err
     configure_logging(Namespace(verbose=False, debug=True))
     assert restore_prac_logging.getEffectiveLevel() == logging.DEBUG
     configure_logging(Namespace(verbose=False, debug=False))
@@ -260,7 +260,7 @@ def test_verbose_and_debug_set_the_prac_logger(restore_prac_logging, capsys):
 def test_prune_verbose_logs_each_phase(tiny_model_dir, small, restore_prac_logging, capsys):
     assert main(["prune", "--no-progress", "-v", "--model", str(tiny_model_dir("mistral")), *small]) == 0
     err = capsys.readouterr().err
-    assert "INFO prac.jobs: calibration: 4 x 32 tokens" in err and "INFO prac.jobs: pruned" in err
+    assert "INFO prac.jobs.run: calibration: 4 x 32 tokens" in err and "INFO prac.jobs.run: pruned" in err
 
 
 @pytest.mark.parametrize("flags, expected", [(["--method", "admm"], True), (["--method", "sparsegpt"], False),

@@ -5,8 +5,8 @@ import math
 import pytest
 
 from prac.cli import build_parser, prune_job_from_args
+from prac.core.errors import PracError
 from prac.correction import CorrectionConfig
-from prac.errors import PracError
 
 
 @pytest.mark.parametrize("method,strategy,pc,clamp", [

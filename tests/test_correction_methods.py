@@ -1,12 +1,12 @@
 """Correction methods against float64 references and their contract (mask, clamp, revert, determinism)."""
 
-import math
 import json
-from dataclasses import replace
+import math
 
 import pytest
 import torch
 
+from prac.core.errors import PracError
 from prac.correction import (
     YARDSTICK_DAMPING,
     YARDSTICK_TOL,
@@ -28,10 +28,9 @@ from prac.correction.objective import (
 )
 from prac.correction.optimal import masked_pcg
 from prac.correction.selection import select
-from prac.errors import PracError
-from prac.masks import apply_mask, mask_from_scores, wanda_scores
-from prac.patterns import Unstructured
-from prac.stats import InputStats
+from prac.methods.masks import apply_mask, mask_from_scores, wanda_scores
+from prac.methods.patterns import Unstructured
+from prac.model.stats import InputStats
 
 D_IN, D_OUT, TOKENS = 48, 24, 2048
 

@@ -8,8 +8,8 @@ import torch
 
 import prac.correction.optimal as optimal
 from prac.correction.optimal import masked_pcg, optimal_delta
-from prac.masks import apply_mask, mask_from_scores, wanda_scores
-from prac.patterns import NM, Unstructured
+from prac.methods.masks import apply_mask, mask_from_scores, wanda_scores
+from prac.methods.patterns import NM, Unstructured
 
 D_IN, D_OUT, TOKENS = 128, 32, 512
 

@@ -1,8 +1,8 @@
-"""Streamed weights on a GPU (prac.residency): the next block pinned on a background thread and copied on
+"""Streamed weights on a GPU (prac.engine.residency): the next block pinned on a background thread and copied on
 a side stream while the current one is worked on, phases timed with CUDA events (no device-wide
 synchronize). Streamed and resident runs give bit-identical masks and weights on the bundled model.
 
-Needs CUDA: skipped without it. Streaming is forced with ``prac.residency.RESIDENT_SHARE = 0``
+Needs CUDA: skipped without it. Streaming is forced with ``prac.engine.residency.RESIDENT_SHARE = 0``
 (the bundled model is otherwise resident on any GPU).
 """
 
@@ -15,12 +15,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from prac import assets, residency
-from prac.engine import EngineConfig
-from prac.loading import load_model
-from prac.patterns import NM, Unstructured
-from prac.pipeline import PruneConfig, prune_model
-from prac.reconstruct import ReconstructConfig
+from prac.engine import residency
+from prac.engine.loop import EngineConfig
+from prac.engine.pipeline import PruneConfig, prune_model
+from prac.engine.reconstruct import ReconstructConfig
+from prac.io import assets
+from prac.methods.patterns import NM, Unstructured
+from prac.model.loading import load_model
 from tests.conftest import GOLDEN
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

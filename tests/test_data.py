@@ -6,9 +6,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from prac import assets
-from prac.data import eval_windows, load_calibration, load_token_file
-from prac.errors import PracError
+from prac.core.errors import PracError
+from prac.io import assets
+from prac.io.data import eval_windows, load_calibration, load_token_file
 from tests.conftest import GOLDEN
 
 
@@ -68,7 +68,7 @@ def test_token_file(tmp_path):
 
 
 def test_text_files_must_be_utf8(tmp_path, tokenizer):
-    from prac.data import load_eval_tokens, read_text_file
+    from prac.io.data import load_eval_tokens, read_text_file
 
     bom = tmp_path / "bom.txt"
     bom.write_bytes(b"\xef\xbb\xbfhello")
@@ -86,7 +86,7 @@ def test_text_files_must_be_utf8(tmp_path, tokenizer):
 
 
 def test_token_ids_are_checked_against_the_vocabulary():
-    from prac.data import check_token_ids
+    from prac.io.data import check_token_ids
 
     check_token_ids(torch.tensor([[0, 9]]), 10, "x")
     with pytest.raises(PracError, match="token id 10 .* vocabulary of 10"):

@@ -5,11 +5,11 @@ import copy
 import pytest
 import torch
 
-from prac.engine import BlockEngine, EngineConfig
-from prac.group import InputGroup
-from prac.patterns import Unstructured
-from prac.pipeline import PruneConfig, dense_target_weight, prune_model, stats_spec_for
-from prac.stats import InputStats, StatsSpec
+from prac.engine.loop import BlockEngine, EngineConfig
+from prac.engine.pipeline import PruneConfig, dense_target_weight, prune_model, stats_spec_for
+from prac.methods.patterns import Unstructured
+from prac.model.group import InputGroup
+from prac.model.stats import InputStats, StatsSpec
 
 from .conftest import make_tiny_model, state_hash
 

@@ -1,4 +1,4 @@
-"""Data-parallel runs (``prac.distributed``) on the CPU with gloo: real processes, spawned by the tests.
+"""Data-parallel runs (``prac.parallel.session``) on the CPU with gloo: real processes, spawned by the tests.
 
 The end-to-end tests launch ``python -m torch.distributed.run --nproc-per-node 2 -m prac …`` and the
 same command in one process, on the bundled model with the first 32 golden calibration sequences and
@@ -20,11 +20,11 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
-from prac import assets
-from prac.distributed import (DataParallel, FailureBoard, Launch, Session, assign_owners, split_range)
-from prac.group import InputGroup
-from prac.units import Unit
-from prac.stats import InputStats, StatsSpec, holdout_rows
+from prac.io import assets
+from prac.model.group import InputGroup
+from prac.model.stats import InputStats, StatsSpec, holdout_rows
+from prac.model.units import Unit
+from prac.parallel.session import DataParallel, FailureBoard, Launch, Session, assign_owners, split_range
 from tests.conftest import GOLDEN
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,7 +108,7 @@ def _saved_hash(path: Path) -> str:
 @pytest.mark.parametrize("case", list(CASES))
 def test_one_two_and_three_processes_prune_bit_identically(case, inputs, tmp_path):
     """Masks and weights sha256-equal at world sizes 1, 2 and 3: the statistics are summed along one
-    fixed tree over the calibration batches (prac.treesum), whatever process computed which batch; the
+    fixed tree over the calibration batches (prac.core.treesum), whatever process computed which batch; the
     same report apart from timings and the launch."""
     hashes, reports = {}, {}
     worlds = (1, 2, 3) if case == "wanda-50-w4" else (1, 3)  # 3: an uneven split of the 32 sequences
@@ -179,7 +179,7 @@ def test_two_processes_verify_like_one(inputs, tmp_path):
 
 FAILING = """
 import os, sys
-from prac import stats
+from prac.model import stats
 from prac.cli import main
 
 if os.environ["RANK"] == "1":  # rank 1 raises in its third calibration forward; rank 0 is then waiting on it
@@ -276,7 +276,7 @@ def _merge_worker(rank: int, world: int, port: int, x: torch.Tensor, batch: int,
 @pytest.mark.parametrize("world,holdout", [(2, 0.0), (3, 0.0), (2, 0.3), (3, 0.3)])
 def test_reduced_statistics_equal_one_process(world, holdout, tmp_path):
     """Counts, the token sample (with its held-out flags), sums and H bit-identical to one process's
-    (the batches summed along one fixed tree, prac.treesum); the same for the held-out share's."""
+    (the batches summed along one fixed tree, prac.core.treesum); the same for the held-out share's."""
     torch.manual_seed(0)
     x = torch.randn(10, 16, 6)  # 10 samples of 16 tokens, 6 features; batches of 2 -> 5 batches
     spec = StatsSpec(hessian=True, max_samples=40, seed=3, holdout=holdout)

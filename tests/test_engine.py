@@ -5,13 +5,13 @@ import copy
 import pytest
 import torch
 
+from prac.core.linalg import damped_cholesky, symmetric_inverse
 from prac.correction import YARDSTICK_DAMPING, CorrectionConfig
 from prac.correction.base import Holdout
-from prac.engine import EngineConfig, calibrate
-from prac.linalg import damped_cholesky, symmetric_inverse
-from prac.patterns import NM, Unstructured
-from prac.pipeline import PruneConfig, prune_model
-from prac.stats import StatsSpec
+from prac.engine.loop import EngineConfig, calibrate
+from prac.engine.pipeline import PruneConfig, prune_model
+from prac.methods.patterns import NM, Unstructured
+from prac.model.stats import StatsSpec
 
 from .conftest import make_tiny_model, state_hash
 
@@ -104,8 +104,6 @@ def test_calibrate_only_pass_changes_nothing_and_sees_every_input(calib):
 
 def test_reduce_seam_sees_every_group_before_pruning(calib):
     """A reducer that doubles every statistic (two identical ranks summed) leaves Wanda's masks unchanged."""
-    from prac.engine import BlockEngine, PhaseTimer
-    from prac.pipeline import PruneStep, stats_spec_for
 
     calls = []
 
@@ -149,7 +147,7 @@ def test_a_plan_sets_each_linears_sparsity(calib):
     assert got["model.layers.0.mlp.down_proj"] == pytest.approx(0.25, abs=1e-3)
     assert got["model.layers.1.self_attn.q_proj"] == pytest.approx(0.75, abs=1e-3)
     assert got["model.layers.0.self_attn.q_proj"] == pytest.approx(0.5, abs=1e-3)
-    from prac.errors import PracError
+    from prac.core.errors import PracError
 
     with pytest.raises(PracError, match="N:M"):
         PruneConfig(pattern=NM(2, 4), plan=plan)
@@ -160,7 +158,7 @@ def test_sequential_calibrates_each_group_on_the_pruned_groups_before_it(calib, 
     """A step that zeroes every linear it is given: with ``sequential`` the groups after q/k/v (o_proj
     reads softmax·V = 0) and after gate/up (down_proj reads act(gate)·up = 0) see zero inputs; without
     it every group is calibrated on the dense block. The first group of each block sees its dense input."""
-    from prac.engine import BlockEngine
+    from prac.engine.loop import BlockEngine
 
     seen = {}
 

@@ -9,10 +9,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from prac.core.errors import PracError
+from prac.io.data import C4_EVAL_DOCS, C4_EVAL_WINDOWS, c4_eval_tokens, eval_windows, load_eval_tokens, split_eval_sets
+from prac.parallel.evaluate import default_eval_batch_size, perplexity, window_bytes
+
 from .conftest import VOCAB, make_tiny_model
-from prac.data import C4_EVAL_DOCS, C4_EVAL_WINDOWS, c4_eval_tokens, eval_windows, load_eval_tokens, split_eval_sets
-from prac.errors import PracError
-from prac.evaluate import default_eval_batch_size, perplexity, window_bytes
 
 
 @pytest.mark.parametrize("arch", ["mistral", "gpt2", "opt"])
@@ -80,7 +81,7 @@ def test_default_batch_of_a_7b_model_fits_a_24gb_card():
     batch = default_eval_batch_size(model, 2048, torch.device("cuda"), free_bytes=free)
     per_window = window_bytes(MISTRAL_7B, 2048, 2)
     assert 1.5e9 < per_window < 2.5e9
-    from prac.evaluate import resident_bytes
+    from prac.parallel.evaluate import resident_bytes
 
     resident = resident_bytes(model, free)
     assert resident < 2e9  # block by block: it is more than half the free memory
@@ -127,7 +128,7 @@ def test_jsonl_evaluation_file_follows_the_c4_protocol(tmp_path, tokenizer):
 
 
 def test_several_eval_sets_in_one_prune(tmp_path, tiny_model_dir, small_text, tokenizer, one_thread):
-    from prac.jobs import PruneJob, run_prune
+    from prac.jobs.run import PruneJob, run_prune
 
     other = tmp_path / "other.jsonl"
     text = small_text.read_text(encoding="utf-8")
@@ -151,7 +152,7 @@ def test_several_eval_sets_in_one_prune(tmp_path, tiny_model_dir, small_text, to
 
 
 def test_prac_eval_several_sets_and_default_batch(tiny_model_dir, small_text, tmp_path, one_thread):
-    from prac.jobs import EvalJob, run_eval
+    from prac.jobs.run import EvalJob, run_eval
 
     other = tmp_path / "part.txt"
     other.write_text(small_text.read_text(encoding="utf-8")[:20000], encoding="utf-8")

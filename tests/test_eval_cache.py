@@ -9,7 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from prac.cache import PplCache, ppl_key, tokens_hash, weights_hash
+from prac.io.cache import PplCache, ppl_key, tokens_hash, weights_hash
+
 from .conftest import make_tiny_model
 
 
@@ -22,7 +23,7 @@ def cache_on(tmp_path, monkeypatch):
 
 
 def _job(model_dir, text, **kw):
-    from prac.jobs import PruneJob
+    from prac.jobs.run import PruneJob
 
     return PruneJob(model=str(model_dir), calib=str(text), nsamples=4, seqlen=32, eval=str(text), eval_seqlen=64,
                     eval_batch_size=16, **kw)
@@ -39,7 +40,7 @@ def _labels():
 
 
 def test_cache_hit_gives_the_same_number_and_says_so(cache_on, tiny_model_dir, small_text, one_thread):
-    from prac.jobs import run_prune
+    from prac.jobs.run import run_prune
 
     model = tiny_model_dir("mistral")
     first_labels, progress = _labels()
@@ -63,7 +64,7 @@ def test_cache_hit_gives_the_same_number_and_says_so(cache_on, tiny_model_dir, s
 def test_a_changed_weight_invalidates(cache_on, tmp_path, tiny_model_dir, small_text, one_thread):
     import shutil
 
-    from prac.jobs import run_prune
+    from prac.jobs.run import run_prune
 
     base = tiny_model_dir("mistral")
     changed = tmp_path / "changed"

@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from prac.evaluate import mean_cosine, perplexity
+from prac.parallel.evaluate import mean_cosine, perplexity
 from tests.conftest import make_tiny_model
 
 

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-import prac.jobs
-import prac.loading
+import prac.jobs.run
+import prac.model.loading
 from prac.cli import main
-from prac.errors import PracError
+from prac.core.errors import PracError
 
 
 def _error(argv: list[str], capsys, *needles: str) -> str:
@@ -83,7 +83,7 @@ def test_the_dataset_loader_does_not_retry_an_unreachable_hub(tmp_path, monkeypa
 
     import datasets.config
 
-    from prac.data import load_eval_tokens
+    from prac.io.data import load_eval_tokens
 
     tried: list = []
     getaddrinfo, connect = socket.getaddrinfo, socket.socket.connect
@@ -98,7 +98,7 @@ def test_the_dataset_loader_does_not_retry_an_unreachable_hub(tmp_path, monkeypa
 
     monkeypatch.setattr(socket, "getaddrinfo", looked_up)
     monkeypatch.setattr(socket.socket, "connect", connected)
-    monkeypatch.setattr(prac.loading, "hub_offline_reason", lambda: "https://huggingface.co is unreachable (test)")
+    monkeypatch.setattr(prac.model.loading, "hub_offline_reason", lambda: "https://huggingface.co is unreachable (test)")
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "empty-cache")
     before = datasets.config.HF_HUB_OFFLINE
     with pytest.raises(PracError, match="cannot be reached .*unreachable \\(test\\)"):
@@ -165,7 +165,7 @@ def test_saved_minilm_like_folder_keeps_modules_and_pooling(minilm_like, small_t
 
 
 def test_prac_files_win_and_a_source_without_a_card_gets_one(tiny_model_dir, tmp_path):
-    from prac.source_files import copy_source_files
+    from prac.io.source_files import copy_source_files
 
     source, dest = tmp_path / "src", tmp_path / "dest"
     shutil.copytree(tiny_model_dir("mistral"), source)
@@ -191,9 +191,9 @@ def test_prac_files_win_and_a_source_without_a_card_gets_one(tiny_model_dir, tmp
 def test_a_hub_source_that_cannot_be_fetched_gets_prac_card_and_a_warning(tmp_path, monkeypatch, caplog):
     import huggingface_hub.constants
 
-    from prac.source_files import copy_source_files
+    from prac.io.source_files import copy_source_files
 
-    monkeypatch.setattr(prac.loading, "hub_offline_reason", lambda: "HF_HUB_OFFLINE=1")
+    monkeypatch.setattr(prac.model.loading, "hub_offline_reason", lambda: "HF_HUB_OFFLINE=1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
     report = {"config": {"model": "org/encoder", "prune": {"method": "wanda", "pattern": {"type": "nm", "n": 2, "m": 4}}}}
     with caplog.at_level("WARNING", logger="prac"):
@@ -236,9 +236,9 @@ def test_reference_is_refused_for_a_causal_lm(tiny_model_dir, small_text, no_loa
 
 def test_top_level_help_lists_every_method_of_the_registry(capsys):
     from prac.cli import registry_names
-    from prac.methods import METHODS
+    from prac.methods.registry import METHODS
 
-    assert registry_names("prac.methods", "METHODS") == tuple(METHODS)
+    assert registry_names("prac.methods.registry", "METHODS") == tuple(METHODS)
     with pytest.raises(SystemExit):
         main(["--help"])
     text = " ".join(capsys.readouterr().out.split())
@@ -271,7 +271,7 @@ def test_lm_eval_bars_are_hidden_for_the_call_only():
     import lm_eval.api.task
     import tqdm
 
-    from prac.harness import _bars
+    from prac.parallel.harness import _bars
 
     original = lm_eval.api.task.tqdm
     with _bars(False):

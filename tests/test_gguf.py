@@ -15,10 +15,10 @@ import torch
 
 gguf = pytest.importorskip("gguf")
 
-from prac import assets  # noqa: E402
 from prac.cli import main  # noqa: E402
-from prac.errors import PracError  # noqa: E402
-from prac.loading import check_model_source, load_model, load_tokenizer  # noqa: E402
+from prac.core.errors import PracError  # noqa: E402
+from prac.io import assets  # noqa: E402
+from prac.model.loading import check_model_source, load_model, load_tokenizer  # noqa: E402
 
 TEXT = "def main(argv):\n    return sorted(x for x in argv if x)  # a comment\n"
 #: transformers' name → llama.cpp's, inside ``model.layers.{i}.``

@@ -7,13 +7,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from prac import assets
-from prac.blocks import get_weight
-from prac.data import eval_windows, load_eval_tokens, load_token_file
-from prac.evaluate import perplexity
-from prac.loading import load_model
-from prac.patterns import NM, Unstructured
-from prac.pipeline import PruneConfig, prune_model
+from prac.engine.pipeline import PruneConfig, prune_model
+from prac.io import assets
+from prac.io.data import eval_windows, load_eval_tokens, load_token_file
+from prac.methods.patterns import NM, Unstructured
+from prac.model.blocks import get_weight
+from prac.model.loading import load_model
+from prac.parallel.evaluate import perplexity
 from tests.conftest import GOLDEN
 
 CPU = torch.device("cpu")

@@ -21,8 +21,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from prac.quantize import QuantConfig, gptq_on_mask, on_grid
-from prac.sparsegpt import SparseGPTConfig, sparsegpt_factor
+from prac.methods.sparsegpt import SparseGPTConfig, sparsegpt_factor
+from prac.quant.gptq import QuantConfig, gptq_on_mask, on_grid
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -159,13 +159,13 @@ BUNDLED = [(0.5, 4, 128), (0.7, 3, 32)]
 
 @pytest.fixture(scope="module")
 def bundled_layers():
-    from prac import assets
-    from prac.data import load_token_file
-    from prac.engine import EngineConfig
-    from prac.loading import load_model
-    from prac.patterns import Unstructured
-    from prac.pipeline import PruneConfig, prune_model
-    from prac.stats import StatsSpec
+    from prac.engine.loop import EngineConfig
+    from prac.engine.pipeline import PruneConfig, prune_model
+    from prac.io import assets
+    from prac.io.data import load_token_file
+    from prac.methods.patterns import Unstructured
+    from prac.model.loading import load_model
+    from prac.model.stats import StatsSpec
 
     from .conftest import GOLDEN
 
@@ -202,10 +202,10 @@ def test_bundled_model_layers_no_worse_than_the_reference(bundled_layers, sparsi
 
 @pytest.mark.parametrize("percdamp", [0.01, 0.1])
 def test_gptq_pass_reuses_sparsegpts_factor_at_the_runs_percdamp(percdamp, monkeypatch):
-    import prac.pipeline as pipeline
+    import prac.engine.pipeline as pipeline
     from prac.correction.config import CorrectionConfig
-    from prac.engine import EngineConfig
-    from prac.patterns import Unstructured
+    from prac.engine.loop import EngineConfig
+    from prac.methods.patterns import Unstructured
 
     from .conftest import VOCAB, make_tiny_model
 

@@ -8,15 +8,15 @@ import sys
 import pytest
 import torch
 
+from prac.core.errors import PracError
 from prac.correction import CorrectionConfig, correct
 from prac.correction.apply import DAMPING_MARGIN, _choose
 from prac.correction.base import Holdout
 from prac.correction.objective import LayerError
-from prac.engine import EngineConfig
-from prac.errors import PracError
-from prac.group import InputGroup
-from prac.pipeline import PruneConfig, prune_model
-from prac.stats import InputStats, StatsSpec, holdout_rows
+from prac.engine.loop import EngineConfig
+from prac.engine.pipeline import PruneConfig, prune_model
+from prac.model.group import InputGroup
+from prac.model.stats import InputStats, StatsSpec, holdout_rows
 
 from .conftest import make_tiny_model
 
@@ -291,8 +291,8 @@ def _compare_until_a_verdict_differs(a, b) -> list[str]:
 
 @pytest.fixture(scope="module")
 def bundled():
-    from prac import assets
-    from prac.loading import load_model
+    from prac.io import assets
+    from prac.model.loading import load_model
 
     return load_model(str(assets.DEFAULT_MODEL))
 
@@ -308,8 +308,8 @@ def test_changing_only_the_held_out_rows_changes_no_mask_and_no_candidate(bundle
 
     from safetensors.torch import load_file
 
-    from prac.blocks import get_weight
-    from prac.reconstruct import ReconstructConfig
+    from prac.engine.reconstruct import ReconstructConfig
+    from prac.model.blocks import get_weight
     from tests.conftest import GOLDEN
 
     tokens = load_file(str(GOLDEN / "calib_tokens.safetensors"))["input_ids"]

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from prac.errors import PracError
-from prac.masks import apply_mask, magnitude_scores, mask_from_scores, prune_count, wanda_scores
-from prac.patterns import NM, Unstructured, parse_nm
+from prac.core.errors import PracError
+from prac.methods.masks import apply_mask, magnitude_scores, mask_from_scores, prune_count, wanda_scores
+from prac.methods.patterns import NM, Unstructured, parse_nm
 
 
 def test_two_of_four_on_one_to_eight_with_unit_inputs():
@@ -79,7 +79,7 @@ def test_sparsity_out_of_range(s):
 
 
 def test_lowest_k_equals_a_stable_sort_with_ties():
-    from prac.masks import lowest_k
+    from prac.methods.masks import lowest_k
 
     g = torch.Generator().manual_seed(0)
     scores = torch.randint(0, 5, (6, 40), generator=g).float()  # many ties

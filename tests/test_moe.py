@@ -11,13 +11,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from prac.core.errors import PracError
 from prac.correction import CorrectionConfig
-from prac.engine import BlockEngine, EngineConfig, calibrate
-from prac.errors import PracError
-from prac.experts import expert_views, find_experts
-from prac.patterns import NM, Unstructured
-from prac.pipeline import PruneConfig, prune_model
-from prac.stats import InputStats, StatsSpec
+from prac.engine.loop import BlockEngine, EngineConfig, calibrate
+from prac.engine.pipeline import PruneConfig, prune_model
+from prac.methods.patterns import NM, Unstructured
+from prac.model.experts import expert_views, find_experts
+from prac.model.stats import InputStats, StatsSpec
 from tests.conftest import VOCAB, make_tiny_model, state_hash
 
 CPU = torch.device("cpu")
@@ -170,7 +170,7 @@ def test_experts_that_get_no_token_are_pruned_from_the_blocks_tokens(method):
     assert all(r.expert["prior_tokens"] == 32 for r in empty)  # the block's 32 calibration tokens
     assert all(r.sparsity == pytest.approx(0.5, abs=1e-3) for r in experts)
     assert all(torch.isfinite(p).all() for p in model.parameters())
-    from prac.report import summarize_layers
+    from prac.io.report import summarize_layers
 
     summary = summarize_layers(outcome.layers)["experts"]
     assert summary["tokens_min"] == 0 and len(summary["no_tokens"]) * 3 == len(empty)
@@ -277,7 +277,7 @@ def test_experts_whose_forward_prac_cannot_reproduce_are_refused():
 
 @pytest.mark.parametrize("allocation", ["owl", "error"])
 def test_allocation_plans_every_expert_projection(allocation, calib):
-    from prac.allocation import AllocationConfig, allocate
+    from prac.jobs.allocation import AllocationConfig, allocate
 
     model = make_tiny_model("mixtral")
     plan = allocate(model, calib, 0.6, AllocationConfig(method=allocation))

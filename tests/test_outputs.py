@@ -7,12 +7,11 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from prac.cli import main
-from prac.outputs import REPORT_NAME, Outputs, StagedDir, remove_stale_temporaries, stage_json
+from prac.io.outputs import REPORT_NAME, Outputs, StagedDir, remove_stale_temporaries, stage_json
 
 from .conftest import tree_state
 
@@ -212,7 +211,7 @@ def test_a_single_file_prac_did_not_write_is_refused_unless_overwrite(work, caps
 
 
 def test_files_prac_wrote_are_replaced_without_overwrite(work, capsys):
-    from prac.outputs import written_by_prac
+    from prac.io.outputs import written_by_prac
 
     root, _, _, args = work
     report, plot = root / "run.json", root / "plan.svg"

@@ -3,13 +3,13 @@
 import pytest
 import torch
 
-from prac.blocks import find_blocks, find_linears, get_weight, group_by_input, capture_block_inputs
-from prac.data import load_calibration
-from prac.loading import load_model
-from prac.patterns import NM, Unstructured
-from prac.engine import EngineConfig
-from prac.pipeline import PruneConfig, prune_model
-from prac.stats import StatsSpec
+from prac.engine.loop import EngineConfig
+from prac.engine.pipeline import PruneConfig, prune_model
+from prac.io.data import load_calibration
+from prac.methods.patterns import NM, Unstructured
+from prac.model.blocks import capture_block_inputs, find_blocks, find_linears, get_weight, group_by_input
+from prac.model.loading import load_model
+from prac.model.stats import StatsSpec
 from tests.conftest import make_tiny_model, state_hash
 
 CPU = torch.device("cpu")
@@ -127,7 +127,7 @@ def test_magnitude_needs_no_calibration_and_layer_scope(calib):
     model = make_tiny_model("opt")
     prune_model(model, calib, PruneConfig(method="magnitude", pattern=Unstructured(0.5)), CPU)
     layer = make_tiny_model("opt")
-    from prac.methods import ScoreSettings
+    from prac.methods.registry import ScoreSettings
 
     prune_model(layer, calib, PruneConfig(method="magnitude", settings=ScoreSettings(scope="layer")), CPU)
     w = get_weight(layer.model.decoder.layers[0].fc1)

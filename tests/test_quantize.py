@@ -11,15 +11,15 @@ import pytest
 import torch
 
 from prac.cli import main
+from prac.core.errors import PracError
 from prac.correction.objective import relative_error
-from prac.engine import EngineConfig
-from prac.errors import PracError
-from prac.patterns import NM, Unstructured
-from prac.pipeline import PruneConfig, prune_model
-from prac.quantize import ColumnQuantizer, QuantConfig, on_grid
-from prac.reconstruct import ReconstructConfig
-from prac.sparsegpt import sparsegpt_prune
-from prac.units import model_units
+from prac.engine.loop import EngineConfig
+from prac.engine.pipeline import PruneConfig, prune_model
+from prac.engine.reconstruct import ReconstructConfig
+from prac.methods.patterns import NM, Unstructured
+from prac.methods.sparsegpt import sparsegpt_prune
+from prac.model.units import model_units
+from prac.quant.gptq import ColumnQuantizer, QuantConfig, on_grid
 
 from .conftest import VOCAB, make_tiny_model, tree_state
 
@@ -143,8 +143,8 @@ def test_group_size_that_does_not_divide_is_refused_before_work(calib):
 def test_compressed_folder_reloads_to_the_in_memory_logits(calib, tmp_path, tokenizer):
     from transformers import AutoModelForCausalLM
 
-    from prac.outputs import REPORT_NAME
-    from prac.saving import stage_model
+    from prac.io.outputs import REPORT_NAME
+    from prac.io.saving import stage_model
 
     model, outcome = run(calib, "sparsegpt", NM(2, 4), Q4)
     ids = calib[:2, :16]
@@ -241,7 +241,7 @@ def test_compressed_save_refuses_fused_experts_before_work(tmp_path, tiny_model_
 def test_auto_save_format_on_an_moe_model_saves_dense_and_says_so(tmp_path, small_text, capsys):
     """--wbits 4 --save on the bundled tiny Mixtral: auto would pick compressed-tensors, which cannot hold
     fused experts; it saves dense instead (every layer still quantized), with one line saying so."""
-    from prac import assets
+    from prac.io import assets
 
     out = tmp_path / "out"
     assert main(["prune", "--model", str(assets.MOE_MODEL), "--calib", str(small_text), *SMALL,

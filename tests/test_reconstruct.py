@@ -3,18 +3,16 @@ fixed, judged on held-out sequences, the same in one process and two."""
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 
-from prac.engine import EngineConfig
-from prac.errors import PracError
-from prac.patterns import NM, Unstructured
-from prac.pipeline import PruneConfig, prune_model
-from prac.reconstruct import ReconstructConfig
-from prac.stats import StatsSpec
-from prac.units import model_units
+from prac.core.errors import PracError
+from prac.engine.loop import EngineConfig
+from prac.engine.pipeline import PruneConfig, prune_model
+from prac.engine.reconstruct import ReconstructConfig
+from prac.methods.patterns import NM, Unstructured
+from prac.model.stats import StatsSpec
+from prac.model.units import model_units
 from tests.conftest import VOCAB, make_tiny_model, state_hash
 
 CPU = torch.device("cpu")

@@ -1,4 +1,4 @@
-"""Replay (``prac.replay``): a sequential calibration reuses the outputs of final submodules, exactly."""
+"""Replay (``prac.engine.replay``): a sequential calibration reuses the outputs of final submodules, exactly."""
 
 import copy
 import logging
@@ -7,11 +7,11 @@ import pytest
 import torch
 from torch import nn
 
-from prac.engine import BlockEngine, EngineConfig
-from prac.patterns import Unstructured
-from prac.pipeline import PruneConfig, prune_model
-from prac.replay import Replay
-from prac.stats import StatsSpec
+from prac.engine.loop import BlockEngine, EngineConfig
+from prac.engine.pipeline import PruneConfig, prune_model
+from prac.engine.replay import Replay
+from prac.methods.patterns import Unstructured
+from prac.model.stats import StatsSpec
 
 from .conftest import make_tiny_model, state_hash
 
@@ -141,7 +141,7 @@ def test_replay_gives_bit_identical_models(calib, arch, dense_target, caplog):
     for replay in (False, True):
         model = copy.deepcopy(base)
         engine = EngineConfig(batch_size=3, sequential=True, dense_target=dense_target, replay=replay)
-        with caplog.at_level(logging.INFO, logger="prac.engine"):
+        with caplog.at_level(logging.INFO, logger="prac.engine.loop"):
             caplog.clear()
             out = prune_model(model, calib, PruneConfig(method="sparsegpt", pattern=Unstructured(0.6), engine=engine),
                               CPU, return_hidden=True)

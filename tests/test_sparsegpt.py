@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from prac.errors import PracError
-from prac.masks import apply_mask, magnitude_scores, mask_from_scores, wanda_scores
-from prac.patterns import NM, Pattern, Unstructured
-from prac.sparsegpt import SparseGPTConfig, sparsegpt_prune
+from prac.core.errors import PracError
+from prac.methods.masks import apply_mask, magnitude_scores, mask_from_scores, wanda_scores
+from prac.methods.patterns import NM, Pattern, Unstructured
+from prac.methods.sparsegpt import SparseGPTConfig, sparsegpt_prune
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -237,7 +237,7 @@ def test_failed_cholesky_is_retried_with_more_damping_and_reported(caplog: pytes
     h = torch.eye(16)
     h[0, 0] = -0.5
     w = torch.randn(4, 16, generator=torch.Generator().manual_seed(0))
-    with caplog.at_level(logging.WARNING, logger="prac.sparsegpt"):
+    with caplog.at_level(logging.WARNING, logger="prac.methods.sparsegpt"):
         result = sparsegpt_prune(w, h, Unstructured(0.5))
     assert result.diagnostics["cholesky_retries"] == 2
     assert result.diagnostics["percdamp"] == pytest.approx(1.0)

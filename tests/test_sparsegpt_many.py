@@ -8,14 +8,21 @@ import dataclasses
 import pytest
 import torch
 
-from prac import methods
-from prac.engine import EngineConfig
-from prac.errors import PracError
-from prac.patterns import NM, Unstructured
-from prac.pipeline import PruneConfig, prune_model
-from prac import sparsegpt
-from prac.sparsegpt import (CPU_JOIN_MAX_ROWS, SparseGPTConfig, joinable, sparsegpt_factor, sparsegpt_prune,
-                           sparsegpt_prune_many, worth_joining)
+from prac.core.errors import PracError
+from prac.engine.loop import EngineConfig
+from prac.engine.pipeline import PruneConfig, prune_model
+from prac.methods import registry as methods
+from prac.methods import sparsegpt
+from prac.methods.patterns import NM, Unstructured
+from prac.methods.sparsegpt import (
+    CPU_JOIN_MAX_ROWS,
+    SparseGPTConfig,
+    joinable,
+    sparsegpt_factor,
+    sparsegpt_prune,
+    sparsegpt_prune_many,
+    worth_joining,
+)
 from tests.conftest import VOCAB, make_tiny_model, state_hash
 
 CPU = torch.device("cpu")

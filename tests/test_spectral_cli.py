@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from prac.errors import PracError
-from prac.spectral import FisherSpectral, SpectralConfig, SpectralResult
 from prac.cli import build_parser
 from prac.cli.spectrum import run
+from prac.core.errors import PracError
+from prac.spectral import FisherSpectral, SpectralConfig, SpectralResult
 from prac.spectral.plot import draw, heatmap_table, parse_key, save_plot
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -38,7 +38,7 @@ def env(**extra) -> dict:
 @pytest.fixture(scope="module")
 def small_text(tmp_path_factory) -> str:
     """The start of the bundled text: tokenizing all 1.5 MB would dominate these tests."""
-    from prac import assets
+    from prac.io import assets
 
     path = tmp_path_factory.mktemp("data") / "small.txt"
     path.write_text(assets.DEFAULT_EVAL.read_text(encoding="utf-8")[:4000], encoding="utf-8")

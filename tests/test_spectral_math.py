@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from prac.errors import PracError
+from prac.core.errors import PracError
 from prac.spectral import FisherSpectral, SpectralConfig, SpectralResult
 from prac.spectral import blocks as blk
 from prac.spectral import solvers as sol

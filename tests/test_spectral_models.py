@@ -9,10 +9,19 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-from transformers import (BertConfig, BertForMaskedLM, BertModel, GPT2Config, GPT2LMHeadModel,  # noqa: E402
-                          LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM)
+from transformers import (  # noqa: E402
+    BertConfig,
+    BertForMaskedLM,
+    BertModel,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+)
 
-from prac.errors import PracError  # noqa: E402
+from prac.core.errors import PracError  # noqa: E402
 from prac.spectral import FisherSpectral, SpectralConfig  # noqa: E402
 from prac.spectral import blocks as blk  # noqa: E402
 

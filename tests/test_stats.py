@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from prac.errors import PracError
-from prac.stats import InputStats, StatsSpec
+from prac.core.errors import PracError
+from prac.model.stats import InputStats, StatsSpec
 
 
 def _x(n=600, d=24, seed=0):

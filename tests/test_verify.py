@@ -4,12 +4,12 @@ import pytest
 import torch
 
 from prac.cli import main
-from prac.data import load_calibration
-from prac.patterns import Unstructured
-from prac.engine import EngineConfig
-from prac.pipeline import PruneConfig
-from prac.stats import InputStats
-from prac.verify import check_none_identical, format_table, run_checks
+from prac.engine.loop import EngineConfig
+from prac.engine.pipeline import PruneConfig
+from prac.io.data import load_calibration
+from prac.jobs.verify import check_none_identical, format_table, run_checks
+from prac.methods.patterns import Unstructured
+from prac.model.stats import InputStats
 from tests.conftest import make_tiny_model
 
 CPU = torch.device("cpu")

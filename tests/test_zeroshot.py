@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from prac import assets
-from prac.errors import PracError
-from prac.harness import PAPER_TASKS, PRESETS, ZeroShotConfig, format_table, parse_tasks, summarize
+from prac.core.errors import PracError
+from prac.io import assets
+from prac.parallel.harness import PAPER_TASKS, PRESETS, ZeroShotConfig, format_table, parse_tasks, summarize
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ROOT / "tests" / "data" / "zeroshot"
@@ -114,7 +114,7 @@ def test_hub_task_offline_is_one_line():
 
 def test_prune_with_tasks_runs_them_on_the_pruned_model(tmp_path, tiny_model_dir, small_text, monkeypatch, one_thread):
     """``prac prune --tasks``: the pruned model in memory, a few documents, the table in the report."""
-    from prac.jobs import PruneJob, run_prune
+    from prac.jobs.run import PruneJob, run_prune
 
     monkeypatch.chdir(ROOT)
     tasks = parse_tasks(TASK, limit=6, batch_size=4, include_path=str(TASKS))

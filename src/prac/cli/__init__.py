@@ -8,12 +8,12 @@ arguments are added only when that command is parsed, so ``prac --help`` imports
 nor transformers.
 
 Under ``torchrun`` (``WORLD_SIZE`` > 1) :func:`main` runs the command on every rank data-parallel
-(``prune``, ``eval``, ``verify``; see :mod:`prac.distributed`), or on rank 0 alone while the others
+(``prune``, ``eval``, ``verify``; see :mod:`prac.parallel.session`), or on rank 0 alone while the others
 wait (``spectrum``). Only rank 0 prints; an error is printed once, by the first rank that
 failed, and every rank exits with its code.
 
 Exit codes: 0 success, 1 a result that is not usable (a failed check, a non-finite
-perplexity), 2 bad input (argument errors and :class:`prac.errors.PracError`, one line each),
+perplexity), 2 bad input (argument errors and :class:`prac.core.errors.PracError`, one line each),
 130/143 interrupted/terminated.
 """
 
@@ -25,9 +25,10 @@ import logging
 import os
 import sys
 import traceback
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn, Sequence
+from typing import Any, NoReturn
 
 from prac.cli.common import positive_int, sparsity
 from prac.cli.prune import prune_job_from_args
@@ -67,7 +68,7 @@ def registry_names(module: str, name: str) -> tuple[str, ...]:
 
 
 def _prune_help() -> str:
-    methods = registry_names("prac.methods", "METHODS")
+    methods = registry_names("prac.methods.registry", "METHODS")
     listed = f" ({', '.join(methods)})" if methods else ""
     return f"prune a model block by block{listed} with optional correction and quantization"
 
@@ -97,7 +98,7 @@ class CommandParser(Parser):
         self._module = module
         self._built = False
 
-    def build(self) -> "CommandParser":
+    def build(self) -> CommandParser:
         if not self._built:
             self._built = True
             command = importlib.import_module(self._module)
@@ -170,8 +171,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parsed(argv)
     if args is None:
         return EXIT_USAGE
-    from prac.errors import PracError
-    from prac.outputs import Terminated, install_signal_handlers
+    from prac.core.errors import PracError
+    from prac.io.outputs import Terminated, install_signal_handlers
 
     install_signal_handlers()
     try:
@@ -212,12 +213,12 @@ def _main_rank(argv: Sequence[str] | None) -> int:
     """:func:`main` for one rank of a ``torchrun`` launch; exits the process itself on failure.
 
     Ranks other than 0 print nothing; a failure is posted on the launcher's store
-    (:class:`prac.distributed.FailureBoard`) so every rank stops within a collective's poll, and only
+    (:class:`prac.parallel.session.FailureBoard`) so every rank stops within a collective's poll, and only
     the first rank that failed prints its one line. A failed rank leaves with ``os._exit``: a process
     group with a collective still pending must not be torn down politely (it can wait forever)."""
-    from prac import distributed
-    from prac.errors import PracError
-    from prac.outputs import Terminated, install_signal_handlers
+    from prac.core.errors import PracError
+    from prac.io.outputs import Terminated, install_signal_handlers
+    from prac.parallel import session as distributed
 
     launch = distributed.launch_info()
     stderr = sys.stderr

@@ -9,7 +9,7 @@ import argparse
 import math
 from typing import Any
 
-from prac.progress import Progress
+from prac.core.progress import Progress
 
 
 def int_at_least(minimum: int, what: str):
@@ -65,7 +65,7 @@ def add_progress_option(group: Any) -> None:
 
 def progress(args: argparse.Namespace) -> Progress:
     """The progress callable for the library: tqdm bars, or none with ``--no-progress``."""
-    from prac.progress import no_progress, tqdm_progress
+    from prac.core.progress import no_progress, tqdm_progress
 
     if args.no_progress:
         quiet_libraries()
@@ -75,7 +75,7 @@ def progress(args: argparse.Namespace) -> Progress:
 
 def quiet_libraries() -> None:
     """--no-progress also hides transformers', the hub's and ``datasets``' own loading/writing bars
-    (lm-eval's are hidden where it runs: :func:`prac.harness.run_tasks`)."""
+    (lm-eval's are hidden where it runs: :func:`prac.parallel.harness.run_tasks`)."""
     import os
     import sys
 
@@ -104,7 +104,7 @@ def not_finite(summary: dict[str, Any]) -> str | None:
 
 def add_calibration(g, nsamples: int) -> None:
     """``--model`` and the calibration options shared by ``prune`` and ``verify``."""
-    from prac import assets
+    from prac.io import assets
 
     g.add_argument("--model", default=str(assets.DEFAULT_MODEL), help="model folder or hub id (default: the bundled tiny Mistral)")
     g.add_argument("--calib", default=None, help="c4 | wikitext2 | FILE.txt | FILE.jsonl (default: bundled text for the bundled model, else c4)")
@@ -123,7 +123,7 @@ BOS_HELP = ("{what}: always = the first token of every window is replaced by the
 
 
 def add_bos_option(g, what: str, tokens: bool = True) -> None:
-    """``--bos auto|always|never`` (see :mod:`prac.data`)."""
+    """``--bos auto|always|never`` (see :mod:`prac.io.data`)."""
     g.add_argument("--bos", choices=("auto", "always", "never"), default="auto",
                    help=BOS_HELP.format(what=what, tokens="; --calib-tokens files are used exactly as given"
                                         if tokens else ""))

@@ -6,8 +6,8 @@ import argparse
 import sys
 from typing import Any
 
-from prac import assets
 from prac.cli.common import add_bos_option, add_common, non_negative_int, not_finite, number, positive_int, progress
+from prac.io import assets
 
 DESCRIPTION = ("Perplexity on non-overlapping seqlen windows, ppl = exp(mean NLL over all predicted tokens); "
                "zero-shot accuracy through lm-evaluation-harness (--tasks). An encoder (no LM head) gets the mean "
@@ -44,15 +44,15 @@ def add_zeroshot_arguments(g: Any) -> None:
 
 
 def zeroshot_config(args: argparse.Namespace, batch_size: int | None):
-    """The :class:`prac.harness.ZeroShotConfig` of the arguments, or None without ``--tasks``."""
-    from prac.errors import PracError
+    """The :class:`prac.parallel.harness.ZeroShotConfig` of the arguments, or None without ``--tasks``."""
+    from prac.core.errors import PracError
 
     if args.tasks is None:
         given = [f for f in ("num_fewshot", "limit", "include_path") if getattr(args, f) is not None]
         if given:
             raise PracError(f"{', '.join('--' + f.replace('_', '-') for f in given)} given without --tasks")
         return None
-    from prac.harness import parse_tasks
+    from prac.parallel.harness import parse_tasks
 
     return parse_tasks(args.tasks, args.num_fewshot, args.limit, batch_size, args.include_path)
 
@@ -100,7 +100,7 @@ def print_summary(summary: dict[str, Any]) -> int:
     for line in format_perplexity(summary):
         print(line)
     if "zeroshot" in summary:
-        from prac.harness import format_table
+        from prac.parallel.harness import format_table
 
         print(format_table(summary["zeroshot"]))
     status = not_finite(summary)
@@ -112,7 +112,7 @@ def print_summary(summary: dict[str, Any]) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Evaluate and print the perplexity and/or the zero-shot table."""
-    from prac.jobs import EvalJob, run_eval
+    from prac.jobs.run import EvalJob, run_eval
 
     job = EvalJob(model=args.model, data=args.data, reference=args.reference, seqlen=args.seqlen,
                   batch_size=args.batch_size, device=args.device, dtype=args.dtype, report=args.report,

@@ -9,7 +9,7 @@ from typing import Any
 
 from prac.cli.common import add_calibration, add_common, not_finite, number, positive_int, progress, sparsity
 from prac.cli.eval import add_zeroshot_arguments, zeroshot_config
-from prac.errors import PracError
+from prac.core.errors import PracError
 
 DESCRIPTION = ("Prune every Linear/Conv1D inside the model's repeated blocks, sequentially: "
                "block k is calibrated on the outputs of the already pruned blocks before it.")
@@ -62,8 +62,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """Every option of ``prac prune``."""
     from prac.correction import STRATEGIES, corrections, names
     from prac.correction.base import DEFAULT_HOLDOUT
-    from prac.methods import METHODS
-    from prac.reconstruct import ReconstructConfig
+    from prac.engine.reconstruct import ReconstructConfig
+    from prac.methods.registry import METHODS
 
     entries = {name: entry.settings for name, entry in corrections().items()}
 
@@ -268,7 +268,7 @@ def _settings_for(method: str, cls: type, given: dict[str, Any], flags: dict[str
     """The method's settings dataclass from the options the user gave; one that it lacks is an error."""
     import dataclasses
 
-    from prac.errors import PracError
+    from prac.core.errors import PracError
 
     fields = {f.name for f in dataclasses.fields(cls)}
     extra = {k: v for k, v in given.items() if k not in fields}
@@ -282,8 +282,8 @@ def _holdout_from_args(args: argparse.Namespace, settings_type: type):
     """The correction's :class:`Holdout` from ``--holdout``, ``--holdout-dampings``, ``--holdout-refit``."""
     import dataclasses
 
+    from prac.core.errors import PracError
     from prac.correction.base import DEFAULT_HOLDOUT, Holdout
-    from prac.errors import PracError
 
     share = DEFAULT_HOLDOUT if args.holdout is None else args.holdout
     dampings: tuple[float, ...] = ()
@@ -307,14 +307,14 @@ def _holdout_from_args(args: argparse.Namespace, settings_type: type):
 
 def prune_job_from_args(args: argparse.Namespace):
     """Fill the job dataclasses from parsed arguments (each method gets only its own settings)."""
+    from prac.core.errors import PracError
     from prac.correction import CorrectionConfig, get_correction
-    from prac.engine import EngineConfig
-    from prac.errors import PracError
-    from prac.jobs import PruneJob
-    from prac.methods import get_method
-    from prac.patterns import Unstructured, parse_nm
-    from prac.pipeline import PruneConfig
-    from prac.stats import StatsSpec
+    from prac.engine.loop import EngineConfig
+    from prac.engine.pipeline import PruneConfig
+    from prac.jobs.run import PruneJob
+    from prac.methods.patterns import Unstructured, parse_nm
+    from prac.methods.registry import get_method
+    from prac.model.stats import StatsSpec
 
     pattern = parse_nm(args.nm) if args.nm else Unstructured(0.5 if args.sparsity is None else args.sparsity)
     method = "none" if args.no_correction else args.correction
@@ -346,7 +346,7 @@ def prune_job_from_args(args: argparse.Namespace):
                                             reconstruct=_reconstruct_from_args(args), cache_budget=args.cache_budget),
                         collect=StatsSpec(hessian=True) if args.measure else None,
                         dense_target_damping=args.dense_target_damping, quant=_quant_from_args(args))
-    from prac.allocation import AllocationConfig
+    from prac.jobs.allocation import AllocationConfig
 
     owl = {k: v for k, v in (("owl_lambda", args.owl_lambda), ("owl_m", args.owl_m)) if v is not None}
     if owl and args.allocation != "owl":
@@ -368,7 +368,7 @@ def prune_job_from_args(args: argparse.Namespace):
 
 def _quant_from_args(args: argparse.Namespace):
     """``--wbits``, ``--groupsize``, ``--asym``: the grid, or no quantization without ``--wbits``."""
-    from prac.quantize import QuantConfig
+    from prac.quant.gptq import QuantConfig
 
     if args.wbits is None:
         given = [flag for flag, v in (("--groupsize", args.groupsize), ("--asym", args.asym or None)) if v is not None]
@@ -381,7 +381,7 @@ def _quant_from_args(args: argparse.Namespace):
 
 def _save_format(args: argparse.Namespace) -> str:
     """``--save-format``: ``auto`` is settled once the model's layers are known
-    (:func:`prac.jobs.resolve_save_format`: compressed for a quantized model the format can hold, dense
+    (:func:`prac.jobs.run.resolve_save_format`: compressed for a quantized model the format can hold, dense
     otherwise, e.g. fused MoE experts)."""
     fmt = args.save_format
     if fmt == "auto":
@@ -389,7 +389,7 @@ def _save_format(args: argparse.Namespace) -> str:
     if fmt == "compressed" and args.save is None:
         raise PracError("--save-format compressed given without --save")
     if fmt == "compressed":
-        from prac.compressed import check_compressed
+        from prac.quant.formats.compressed import check_compressed
 
         check_compressed(_quant_from_args(args), {})
     return fmt
@@ -397,7 +397,7 @@ def _save_format(args: argparse.Namespace) -> str:
 
 def _reconstruct_from_args(args: argparse.Namespace):
     """``--reconstruct*``: the mode and the settings given (the others at their defaults)."""
-    from prac.reconstruct import ReconstructConfig
+    from prac.engine.reconstruct import ReconstructConfig
 
     given = {k: v for k, v in (("epochs", args.reconstruct_epochs), ("minibatches", args.reconstruct_minibatches),
                                ("lr", args.reconstruct_lr), ("optimizer", args.reconstruct_optimizer)) if v is not None}
@@ -445,7 +445,7 @@ def format_summary(report: dict[str, Any], save: str | None = None, report_path:
         elif "ppl" in r:
             lines.append(f"perplexity{on}: pruned {number(r['ppl'])}")
     if "zeroshot" in s:
-        from prac.harness import format_table
+        from prac.parallel.harness import format_table
 
         lines.append(format_table(s["zeroshot"]))
     if "cosine_similarity" in s:
@@ -517,7 +517,7 @@ def print_summary(report: dict[str, Any], save: str | None = None, report_path: 
 
 def run(args: argparse.Namespace) -> int:
     """Run the prune job the arguments describe and print its summary."""
-    from prac.jobs import run_prune
+    from prac.jobs.run import run_prune
 
     report = run_prune(prune_job_from_args(args), progress(args))
     return print_summary(report, args.save, args.report)

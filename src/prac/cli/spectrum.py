@@ -1,7 +1,7 @@
 """``prac spectrum``: per-block Fisher spectra of a model on windows of a text.
 
 Every destination (JSON, CSV, figure) is checked before the model is loaded and all of them are
-written together at the end (:mod:`prac.outputs`); a missing output folder is created then, as
+written together at the end (:mod:`prac.io.outputs`); a missing output folder is created then, as
 ``prune`` does.
 """
 
@@ -11,9 +11,9 @@ import argparse
 import os
 from pathlib import Path
 
-from prac import assets
 from prac.cli.common import add_bos_option, add_logging_options, add_progress_option, positive_int, quiet_libraries
-from prac.errors import PracError
+from prac.core.errors import PracError
+from prac.io import assets
 
 DESCRIPTION = ("Eigenvalue spectrum of the (empirical or Monte-Carlo) Fisher information, per block of "
                "parameters (layer, attention/MLP, or whole model), from exact per-sample gradients.")
@@ -91,9 +91,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def output_paths(args: argparse.Namespace) -> dict[str, Path]:
     """The run's destinations by role, each checked like a ``--report`` file (before any loading)."""
-    from prac.outputs import Sources, check_report_path
-
-    from prac.outputs import check_path_given
+    from prac.io.outputs import Sources, check_path_given, check_report_path
 
     for option in ("out", "csv", "plot"):
         check_path_given(getattr(args, option), f"--{option}")
@@ -128,16 +126,16 @@ def run(args: argparse.Namespace) -> int:
     paths = output_paths(args)
     if args.no_progress:
         quiet_libraries()
-    from prac.data import check_text_source
+    from prac.io.data import check_text_source
 
     check_text_source(args.data, "--data")  # before the load: a missing text is one line at once
     if args.bos == "always":  # before the load: a tokenizer without BOS is one line
-        from prac.data import bos_token_id
-        from prac.loading import load_tokenizer
+        from prac.io.data import bos_token_id
+        from prac.model.loading import load_tokenizer
 
         bos_token_id(load_tokenizer(str(args.model)))
 
-    from prac.outputs import Outputs, StagedFile
+    from prac.io.outputs import Outputs, StagedFile
     from prac.spectral import FisherSpectral, SpectralConfig
 
     config = SpectralConfig(
@@ -173,8 +171,8 @@ def run(args: argparse.Namespace) -> int:
 def _load(args: argparse.Namespace):
     import torch
 
-    from prac.data import bos_mode, bos_protocol, bos_token_id, eval_windows, load_eval_tokens
-    from prac.loading import load_model, load_tokenizer, resolve_device
+    from prac.io.data import bos_mode, bos_protocol, bos_token_id, eval_windows, load_eval_tokens
+    from prac.model.loading import load_model, load_tokenizer, resolve_device
 
     device = resolve_device(args.device)
     model = load_model(str(args.model), "auto" if args.dtype in ("auto", "float64") else args.dtype)

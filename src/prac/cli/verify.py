@@ -1,12 +1,18 @@
-"""``prac verify``: run the invariant checks of :mod:`prac.verify` on a model and print the table."""
+"""``prac verify``: run the invariant checks of :mod:`prac.jobs.verify` on a model and print the table."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from prac.cli.common import (add_calibration, add_logging_options, add_progress_option, positive_int, quiet_libraries,
-                             sparsity)
+from prac.cli.common import (
+    add_calibration,
+    add_logging_options,
+    add_progress_option,
+    positive_int,
+    quiet_libraries,
+    sparsity,
+)
 
 DESCRIPTION = """\
 Check, on a given model and calibration set, the invariants every run relies on:
@@ -29,7 +35,7 @@ Prints one row per check; exit code 0 when all pass, 1 when one fails."""
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Every option of ``prac verify``."""
-    from prac.methods import METHODS
+    from prac.methods.registry import METHODS
 
     add_calibration(p, 16)
     pat = p.add_mutually_exclusive_group()
@@ -47,14 +53,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Load the model and calibration tokens, run every check, print the table."""
     from prac.correction import CorrectionConfig
-    from prac.engine import EngineConfig
-    from prac.jobs import PruneJob, calibration_tokens, check_bos_token, check_sources, resolve
-    from prac.loading import check_model_source, load_model, load_tokenizer, resolve_device
-    from prac.patterns import Unstructured, parse_nm
-    from prac.pipeline import PruneConfig
-    from prac.verify import format_table, run_checks
-
-    from prac import distributed
+    from prac.engine.loop import EngineConfig
+    from prac.engine.pipeline import PruneConfig
+    from prac.jobs.run import PruneJob, calibration_tokens, check_bos_token, check_sources, resolve
+    from prac.jobs.verify import format_table, run_checks
+    from prac.methods.patterns import Unstructured, parse_nm
+    from prac.model.loading import check_model_source, load_model, load_tokenizer, resolve_device
+    from prac.parallel import session as distributed
 
     if args.no_progress:
         quiet_libraries()
@@ -67,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(args.model)
     tokenizer = load_tokenizer(args.model)
     pattern = parse_nm(args.nm) if args.nm else Unstructured(0.5 if args.sparsity is None else args.sparsity)
-    from prac.reconstruct import ReconstructConfig
+    from prac.engine.reconstruct import ReconstructConfig
 
     tuning = ReconstructConfig(mode=args.reconstruct, epochs=1, minibatches=1) if args.reconstruct else None
     cfg = PruneConfig(method=args.method, pattern=pattern, engine=EngineConfig(batch_size=args.batch_size),

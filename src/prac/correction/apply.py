@@ -7,9 +7,9 @@ with exact errors on — measure how much of the achievable reduction it reached
 its shared factorisation.
 
 With a held-out share (``Holdout``) the group's statistics are the fit share's alone
-(:class:`prac.stats.InputStats`): the mask, every candidate δ and the yardstick are fitted on rows the
+(:class:`prac.model.stats.InputStats`): the mask, every candidate δ and the yardstick are fitted on rows the
 held-out share never entered, and the held-out share only judges. The report's ``digest`` of each
-layer is that of its candidate weights before the judge (:func:`prac.digest.digest`).
+layer is that of its candidate weights before the judge (:func:`prac.core.digest.digest`).
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from prac.core.digest import digest
+from prac.core.errors import PracError
 from prac.correction.base import (
     YARDSTICK_DAMPING,
     YARDSTICK_MAX_ITER,
@@ -33,10 +35,8 @@ from prac.correction.objective import LayerError, error_matrix
 from prac.correction.optimal import PCGOutcome, optimal_delta
 from prac.correction.registry import get_correction
 from prac.correction.selection import select
-from prac.digest import digest
-from prac.errors import PracError
-from prac.group import InputGroup
-from prac.stats import InputStats, StatsSpec
+from prac.model.group import InputGroup
+from prac.model.stats import InputStats, StatsSpec
 
 
 def stats_spec(cfg: CorrectionConfig) -> StatsSpec:

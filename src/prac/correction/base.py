@@ -13,7 +13,7 @@ alone (the problem, the proposal, the entry type, the shared settings); the regi
 - ``w_orig``   fp32 [out, in]: the dense weight.
 - ``w_pruned`` fp32 [out, in]: the weight the mask source produced (zeros where ``mask``).
 - ``mask``     bool [out, in]: True = pruned. Pruned entries stay exactly zero; the mask never changes.
-- ``group``    :class:`prac.group.InputGroup` of the layer's input: its statistics, and the H and
+- ``group``    :class:`prac.model.group.InputGroup` of the layer's input: its statistics, and the H and
                factorisations every linear reading that input shares.
 - ``scores``   fp32 [out, in]: Wanda scores |W|·||X||₂ used to rank survivors for selection.
 """
@@ -21,13 +21,14 @@ alone (the problem, the proposal, the entry type, the shared settings); the regi
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from prac.errors import PracError
-from prac.stats import StatsSpec
+from prac.core.errors import PracError
+from prac.model.stats import StatsSpec
 
 STRATEGIES = ("top", "moderate", "weakest", "kneedle", "all")
 
@@ -75,7 +76,7 @@ DEFAULT_HOLDOUT = 0.125
 class Holdout:
     """Corrections judged on data they did not fit (docs/correction.md, "Held-out acceptance").
 
-    ``share`` of the calibration sequences (a seeded draw, :func:`prac.stats.holdout_rows`) is kept
+    ``share`` of the calibration sequences (a seeded draw, :func:`prac.model.stats.holdout_rows`) is kept
     apart: the mask and the correction are fitted on the rest (the held-out rows enter no statistic
     anything is fitted on), and the correction is kept only if it lowers the layer's error on the
     held-out share too. ``dampings``: for methods with a ``damping``, the candidates tried (each fitted
@@ -114,7 +115,7 @@ class LayerProblem:
     mask: torch.Tensor
     selected: torch.Tensor
     scores: torch.Tensor
-    group: Any  # prac.group.InputGroup
+    group: Any  # prac.model.group.InputGroup
     meter: Any  # prac.correction.objective.LayerError on the error matrix
     error_source: str  # "hessian" (the full H) or "samples" (the stored token sample)
 

@@ -40,7 +40,7 @@ class CorrectionConfig:
 
     @classmethod
     def of(cls, method: str, exact_errors: bool = True, seed: int = 0, holdout: Holdout = Holdout(),
-           **settings: Any) -> "CorrectionConfig":
+           **settings: Any) -> CorrectionConfig:
         """A config from flat keyword settings, each checked against the method's dataclass."""
         entry = get_correction(method)
         if entry is None:
@@ -53,7 +53,7 @@ class CorrectionConfig:
             raise invalid(f"{method!r} has no setting {', '.join(unknown)} (it has {', '.join(sorted(names))})")
         return cls(method, entry.settings(**settings), exact_errors, seed, holdout)
 
-    def replace(self, **changes: Any) -> "CorrectionConfig":
+    def replace(self, **changes: Any) -> CorrectionConfig:
         """A copy with ``changes`` applied: ``method``/``exact_errors``/``seed``/``holdout`` here, the rest
         to the method's settings (the settings are kept when the method stays the same)."""
         top = {k: changes.pop(k) for k in ("method", "exact_errors", "seed", "holdout") if k in changes}

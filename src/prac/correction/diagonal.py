@@ -19,7 +19,7 @@ import torch
 
 from prac.correction.base import Correction, LayerProblem, Proposal, SelectionSettings, check_clamp, check_damping, invalid
 from prac.correction.objective import clamp_delta, damping_lambda, james_stein_mean, sparse_quadratic_rows
-from prac.stats import StatsSpec
+from prac.model.stats import StatsSpec
 
 
 def diagonal_delta(

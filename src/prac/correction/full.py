@@ -29,7 +29,7 @@ import torch
 
 from prac.correction.base import Correction, LayerProblem, Proposal, SelectionSettings, check_clamp, check_damping, invalid
 from prac.correction.objective import damping_lambda, require_hessian, sorted_support
-from prac.stats import StatsSpec
+from prac.model.stats import StatsSpec
 
 FALLBACK = "min-norm lstsq (pseudo-inverse by eigh)"
 # Bytes per padded K x K entry: the gathered block (4), its gather indices (8 + 8 before broadcast

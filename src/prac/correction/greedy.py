@@ -19,11 +19,11 @@ from dataclasses import dataclass
 
 import torch
 
+from prac.core.errors import PracError
 from prac.correction.base import Correction, LayerProblem, Proposal, SelectionSettings, invalid
 from prac.correction.objective import sample_hessian, sparse_quadratic_rows
 from prac.correction.selection import candidate_order
-from prac.errors import PracError
-from prac.stats import StatsSpec
+from prac.model.stats import StatsSpec
 
 _CHECK_EVERY = 16
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from prac.errors import PracError
-from prac.stats import InputStats
+from prac.core.errors import PracError
+from prac.model.stats import InputStats
 
 
 def quadratic_rows(d: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
@@ -93,7 +93,7 @@ class LayerError:
     before: float  # Σᵢ dᵢᵀ H dᵢ
 
     @classmethod
-    def of(cls, w_orig: torch.Tensor, w_pruned: torch.Tensor, h: torch.Tensor) -> "LayerError":
+    def of(cls, w_orig: torch.Tensor, w_pruned: torch.Tensor, h: torch.Tensor) -> LayerError:
         d = w_orig.float() - w_pruned.float()
         dh = d @ h
         energy = float(quadratic_rows(w_orig.float(), h).double().sum())

@@ -73,10 +73,10 @@ from dataclasses import dataclass
 
 import torch
 
+from prac.core.linalg import DampedFactor, damped_cholesky, symmetric_inverse
 from prac.correction.base import Correction, LayerProblem, Proposal, SelectionSettings, check_damping, invalid
 from prac.correction.objective import require_hessian
-from prac.linalg import DampedFactor, damped_cholesky, symmetric_inverse
-from prac.stats import StatsSpec
+from prac.model.stats import StatsSpec
 
 log = logging.getLogger(__name__)
 

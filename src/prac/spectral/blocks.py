@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping
 
 import numpy as np
 import torch
 
-from prac.errors import PracError
+from prac.core.errors import PracError
 
 _LAYER = re.compile(r"(?:^|\.)(?P<container>layers|layer|h|blocks|block)\.(?P<index>\d+)(?=\.|$)")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from prac.errors import PracError
+from prac.core.errors import PracError
 
 SAMPLE_UNITS = ("sequence", "token")
 REDUCTIONS = ("sum", "mean")

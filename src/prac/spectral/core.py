@@ -24,13 +24,13 @@ import logging
 import os
 import platform
 import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 
-from prac.errors import PracError
+from prac.core.errors import PracError
 from prac.spectral import blocks as blk
 from prac.spectral import gradients as grd
 from prac.spectral import solvers as sol
@@ -175,7 +175,7 @@ class FisherSpectral:
         result.metadata["gradient_engine"] = engine.describe()
         return result
 
-    def _gradients(self, model, names, samples: grd.Samples, engine: "_EngineState") -> dict[str, torch.Tensor]:
+    def _gradients(self, model, names, samples: grd.Samples, engine: _EngineState) -> dict[str, torch.Tensor]:
         cfg = self.config
         args = (cfg.sample_unit, cfg.per_sample_reduction, cfg.shift_labels)
         if engine.current != "loop":

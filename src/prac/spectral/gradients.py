@@ -24,14 +24,14 @@ import contextlib
 import inspect
 import logging
 import warnings
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad, jacrev, vmap
 
-from prac.errors import PracError
+from prac.core.errors import PracError
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +56,11 @@ class Samples:
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
 
-    def select(self, start: int, stop: int) -> "Samples":
+    def select(self, start: int, stop: int) -> Samples:
         return Samples(self.input_ids[start:stop], self.attention_mask[start:stop], self.labels[start:stop],
                        {k: v[start:stop] for k, v in self.extra.items()}, self.pass_mask)
 
-    def to(self, device: torch.device) -> "Samples":
+    def to(self, device: torch.device) -> Samples:
         return Samples(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device),
                        {k: v.to(device) for k, v in self.extra.items()}, self.pass_mask)
 

@@ -164,7 +164,7 @@ def save_plot(result: SpectralResult, path: str | Path, format: str | None = Non
     path = Path(path)
     fig = draw(result)
     FigureCanvasAgg(fig)
-    from prac.outputs import figure_metadata
+    from prac.io.outputs import figure_metadata
 
     fig.savefig(path, bbox_inches="tight", format=format,
                 metadata=figure_metadata(format or path.suffix[1:] or "png"))

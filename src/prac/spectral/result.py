@@ -5,15 +5,18 @@ from __future__ import annotations
 import csv
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
-CSV_FIELDS = ("block", "n_params", "n_params_used", "subsample_fraction", "n_eigenvalues", "top_eigenvalue",
+from prac.io.outputs import csv_header
+
+CSV_FIELDS = csv_header(("block", "n_params", "n_params_used", "subsample_fraction", "n_eigenvalues", "top_eigenvalue",
               "trace", "condition_number", "effective_rank", "stable_rank", "numerical_rank", "tol",
-              "eigenvalues_of", "solver", "jitter")
+              "eigenvalues_of", "solver", "jitter"))
 
 
 @dataclass
@@ -52,7 +55,7 @@ class BlockSpectrum:
         }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "BlockSpectrum":
+    def from_dict(cls, d: dict) -> BlockSpectrum:
         def num(x):
             return float("nan") if x is None else x
         return cls(d["key"], torch.tensor(d["eigenvalues"], dtype=torch.float64), num(d["top_eigenvalue"]),
@@ -88,7 +91,7 @@ class SpectralResult:
         })
 
     @classmethod
-    def from_dict(cls, d: dict) -> "SpectralResult":
+    def from_dict(cls, d: dict) -> SpectralResult:
         whole = d.get("whole_model")
         return cls({k: BlockSpectrum.from_dict(b) for k, b in d["blocks"].items()},
                    BlockSpectrum.from_dict(whole) if whole else None, d.get("metadata", {}))

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from prac.errors import PracError
+from prac.core.errors import PracError
 
 log = logging.getLogger(__name__)
 
