@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from prac.correction.config import CorrectionConfig
-from prac.engine.loop import EngineConfig
+from prac.engine.config import EngineConfig
 from prac.engine.pipeline import PruneConfig, prune_model
 from prac.methods.patterns import Unstructured
 from prac.model.loading import resolve_device

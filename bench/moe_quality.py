@@ -124,7 +124,8 @@ def main(argv=None) -> int:
     times = [] if args.skip_timing else timing(args.methods, args.rounds, out, args.smoke)
     dense_ppl = None
     if not args.smoke:
-        from prac.jobs.run import EvalJob, run_eval
+        from prac.jobs.config import EvalJob
+        from prac.jobs.eval import run_eval
 
         dense_ppl = run_eval(EvalJob(model=str(MOE)))["summary"]["ppl"]
     stamp = {"date": dt.date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, no GPU",

@@ -132,11 +132,13 @@ def tree_state(root: Path) -> dict[str, tuple[int, str]]:
 def no_load(monkeypatch):
     """Any load of model weights fails the test: the refusal must come before it."""
 
-    import prac.jobs.run
+    import prac.jobs.eval
+    import prac.jobs.prune
     import prac.model.loading
 
     def refuse(*args, **kwargs):
         raise AssertionError("the model weights were loaded before the input was refused")
 
-    monkeypatch.setattr(prac.jobs.run, "load_model", refuse)
+    monkeypatch.setattr(prac.jobs.prune, "load_model", refuse)
+    monkeypatch.setattr(prac.jobs.eval, "load_model", refuse)
     monkeypatch.setattr(prac.model.loading, "load_model", refuse)

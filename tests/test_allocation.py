@@ -91,7 +91,7 @@ def test_allocation_samples_needs_a_scanning_allocator(capsys):
 
 def test_the_scan_is_dense_whatever_the_pruning_engine(calib):
     """The pruning run's ``dense_target``/``sequential`` do not change the dense scan (nor its plan)."""
-    from prac.engine.loop import EngineConfig
+    from prac.engine.config import EngineConfig
 
     model = make_tiny_model("mistral")
     plain = allocate(model, calib, 0.6, AllocationConfig(method="error"))

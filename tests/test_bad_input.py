@@ -303,7 +303,8 @@ def test_check_calibration_directly():
 @pytest.fixture(scope="module")
 def pruned(tmp_path_factory, tiny_model_dir, small_text):
     """One prune of the tiny Mistral with evaluation, saved, with the progress labels it used."""
-    from prac.jobs.run import PruneJob, run_prune
+    from prac.jobs.config import PruneJob
+    from prac.jobs.prune import run_prune
 
     root = tmp_path_factory.mktemp("pruned")
     job = PruneJob(model=str(tiny_model_dir("mistral")), calib=str(small_text), nsamples=4, seqlen=32,
@@ -343,7 +344,8 @@ def test_report_records_the_thread_count(pruned):
 
 
 def test_eval_of_a_saved_model_reuses_its_protocol(pruned, small_text):
-    from prac.jobs.run import EvalJob, run_eval
+    from prac.jobs.config import EvalJob
+    from prac.jobs.eval import run_eval
 
     root, prune_report, _ = pruned
     saved = json.loads((root / "out" / "prac_report.json").read_text())["config"]
@@ -357,7 +359,7 @@ def test_eval_of_a_saved_model_reuses_its_protocol(pruned, small_text):
 
 
 def test_a_copy_of_the_bundled_model_gets_the_bundled_defaults(tmp_path):
-    from prac.jobs.run import folder_defaults
+    from prac.jobs.defaults import folder_defaults
 
     copy = tmp_path / "copy"
     shutil.copytree(assets.DEFAULT_MODEL, copy)
@@ -383,7 +385,9 @@ def _overflowing_model(tiny_model_dir, root: Path) -> Path:
 
 
 def test_non_finite_perplexity_is_null_with_a_status(tmp_path, tiny_model_dir, small_text):
-    from prac.jobs.run import EvalJob, PruneJob, run_eval, run_prune
+    from prac.jobs.config import EvalJob, PruneJob
+    from prac.jobs.eval import run_eval
+    from prac.jobs.prune import run_prune
 
     model = _overflowing_model(tiny_model_dir, tmp_path)
     report = run_prune(PruneJob(model=str(model), calib=str(small_text), nsamples=4, seqlen=32, eval=str(small_text),
@@ -398,7 +402,8 @@ def test_non_finite_perplexity_is_null_with_a_status(tmp_path, tiny_model_dir, s
 
 
 def test_finite_eval_has_status_ok(tiny_model_dir, small_text):
-    from prac.jobs.run import EvalJob, run_eval
+    from prac.jobs.config import EvalJob
+    from prac.jobs.eval import run_eval
 
     s = run_eval(EvalJob(model=str(tiny_model_dir("mistral")), data=str(small_text), seqlen=64))["summary"]
     assert s["status"] == "ok" and s["finite"] is True and "eval" in s["phase_seconds"]

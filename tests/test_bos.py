@@ -12,7 +12,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import prac.jobs.run
+import prac.jobs.evaluator
+import prac.jobs.prune
 import prac.model.loading
 from prac.cli import main
 from prac.core.errors import PracError
@@ -58,7 +59,7 @@ def short_text(tmp_path_factory, small_text) -> Path:
 def windows_seen(monkeypatch) -> dict[str, list[torch.Tensor]]:
     """The calibration tokens the prune gets and the windows every perplexity is computed on."""
     seen: dict[str, list[torch.Tensor]] = {"calibration": [], "evaluation": []}
-    prune_model, perplexity = prac.jobs.run.prune_model, prac.jobs.run.perplexity
+    prune_model, perplexity = prac.jobs.prune.prune_model, prac.jobs.evaluator.perplexity
 
     def calibrate(model, ids, *args, **kwargs):
         seen["calibration"].append(ids.clone())
@@ -68,8 +69,8 @@ def windows_seen(monkeypatch) -> dict[str, list[torch.Tensor]]:
         seen["evaluation"].append(windows.clone())
         return perplexity(model, windows, *args, **kwargs)
 
-    monkeypatch.setattr(prac.jobs.run, "prune_model", calibrate)
-    monkeypatch.setattr(prac.jobs.run, "perplexity", score)
+    monkeypatch.setattr(prac.jobs.prune, "prune_model", calibrate)
+    monkeypatch.setattr(prac.jobs.evaluator, "perplexity", score)
     return seen
 
 

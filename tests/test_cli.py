@@ -246,10 +246,10 @@ def test_verbose_and_debug_set_the_prac_logger(restore_prac_logging, capsys):
 
     configure_logging(Namespace(verbose=True, debug=False))
     assert restore_prac_logging.getEffectiveLevel() == logging.INFO
-    logging.getLogger("prac.jobs.run").info("calibration: 4 x 32 tokens")
-    logging.getLogger("prac.jobs.run").debug("hidden at -v")
+    logging.getLogger("prac.jobs.prune").info("calibration: 4 x 32 tokens")
+    logging.getLogger("prac.jobs.prune").debug("hidden at -v")
     err = capsys.readouterr().err
-    assert "INFO prac.jobs.run: calibration: 4 x 32 tokens" in err and "hidden" not in err
+    assert "INFO prac.jobs.prune: calibration: 4 x 32 tokens" in err and "hidden" not in err
     configure_logging(Namespace(verbose=False, debug=True))
     assert restore_prac_logging.getEffectiveLevel() == logging.DEBUG
     configure_logging(Namespace(verbose=False, debug=False))
@@ -260,7 +260,7 @@ def test_verbose_and_debug_set_the_prac_logger(restore_prac_logging, capsys):
 def test_prune_verbose_logs_each_phase(tiny_model_dir, small, restore_prac_logging, capsys):
     assert main(["prune", "--no-progress", "-v", "--model", str(tiny_model_dir("mistral")), *small]) == 0
     err = capsys.readouterr().err
-    assert "INFO prac.jobs.run: calibration: 4 x 32 tokens" in err and "INFO prac.jobs.run: pruned" in err
+    assert "INFO prac.jobs.prune: calibration: 4 x 32 tokens" in err and "INFO prac.jobs.prune: pruned" in err
 
 
 @pytest.mark.parametrize("flags, expected", [(["--method", "admm"], True), (["--method", "sparsegpt"], False),

@@ -6,7 +6,7 @@ import torch
 from prac.core.errors import PracError
 from prac.correction import CorrectionConfig, stats_spec
 from prac.correction.selection import candidate_order, kneedle_index, select, selection_counts
-from prac.engine.loop import EngineConfig
+from prac.engine.config import EngineConfig
 
 # One row, 10 inputs. Scores by column; columns 1 and 6 are pruned.
 SCORES = torch.tensor([[5.0, 10.0, 9.0, 3.0, 8.0, 1.0, 2.0, 7.0, 6.0, 4.0]])

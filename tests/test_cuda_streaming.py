@@ -2,7 +2,7 @@
 a side stream while the current one is worked on, phases timed with CUDA events (no device-wide
 synchronize). Streamed and resident runs give bit-identical masks and weights on the bundled model.
 
-Needs CUDA: skipped without it. Streaming is forced with ``prac.engine.residency.RESIDENT_SHARE = 0``
+Needs CUDA: skipped without it. Streaming is forced with ``prac.engine.memory.RESIDENT_SHARE = 0``
 (the bundled model is otherwise resident on any GPU).
 """
 
@@ -15,8 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from prac.engine import residency
-from prac.engine.loop import EngineConfig
+from prac.engine import memory
+from prac.engine.config import EngineConfig
 from prac.engine.pipeline import PruneConfig, prune_model
 from prac.engine.reconstruct import ReconstructConfig
 from prac.io import assets
@@ -60,7 +60,7 @@ def _weights(model) -> dict[str, torch.Tensor]:
 def test_streamed_weights_give_the_resident_run_bit_for_bit(case, calib, monkeypatch):
     resident_model, resident = _prune(calib, case)
     assert resident.resident
-    monkeypatch.setattr(residency, "RESIDENT_SHARE", 0.0)
+    monkeypatch.setattr(memory, "RESIDENT_SHARE", 0.0)
     streamed_model, streamed = _prune(calib, case)
     assert not streamed.resident
     assert all(p.device.type == "cpu" for p in streamed_model.parameters())  # every block back on the host
@@ -78,7 +78,7 @@ def test_streamed_weights_give_the_resident_run_bit_for_bit(case, calib, monkeyp
 
 def test_an_moe_model_streams_bit_identically(calib, monkeypatch):
     resident_model, resident = _prune(calib, "wanda-50", assets.MOE_MODEL)
-    monkeypatch.setattr(residency, "RESIDENT_SHARE", 0.0)
+    monkeypatch.setattr(memory, "RESIDENT_SHARE", 0.0)
     streamed_model, streamed = _prune(calib, "wanda-50", assets.MOE_MODEL)
     assert resident.resident and not streamed.resident
     a, b = _weights(resident_model), _weights(streamed_model)
@@ -88,7 +88,7 @@ def test_an_moe_model_streams_bit_identically(calib, monkeypatch):
 def test_streaming_pins_off_the_main_thread_and_never_synchronizes_the_device(calib, monkeypatch):
     """The pinned copy is made on the prefetch thread (block i's work does not wait for it), and no phase
     waits for every stream (which would wait for the prefetch's copy too)."""
-    monkeypatch.setattr(residency, "RESIDENT_SHARE", 0.0)
+    monkeypatch.setattr(memory, "RESIDENT_SHARE", 0.0)
     pinned_on, syncs = [], []
     pin_memory, synchronize = torch.Tensor.pin_memory, torch.cuda.synchronize
 

@@ -5,7 +5,8 @@ import copy
 import pytest
 import torch
 
-from prac.engine.loop import BlockEngine, EngineConfig
+from prac.engine.config import EngineConfig
+from prac.engine.loop import BlockEngine
 from prac.engine.pipeline import PruneConfig, dense_target_weight, prune_model, stats_spec_for
 from prac.methods.patterns import Unstructured
 from prac.model.group import InputGroup

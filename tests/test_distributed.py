@@ -24,7 +24,10 @@ from prac.io import assets
 from prac.model.group import InputGroup
 from prac.model.stats import InputStats, StatsSpec, holdout_rows
 from prac.model.units import Unit
-from prac.parallel.session import DataParallel, FailureBoard, Launch, Session, assign_owners, split_range
+from prac.parallel.data_parallel import DataParallel, assign_owners
+from prac.parallel.failures import FailureBoard
+from prac.parallel.launch import Launch, split_range
+from prac.parallel.session import Session
 from tests.conftest import GOLDEN
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,7 +8,8 @@ import torch
 from prac.core.linalg import damped_cholesky, symmetric_inverse
 from prac.correction import YARDSTICK_DAMPING, CorrectionConfig
 from prac.correction.base import Holdout
-from prac.engine.loop import EngineConfig, calibrate
+from prac.engine.config import EngineConfig
+from prac.engine.loop import calibrate
 from prac.engine.pipeline import PruneConfig, prune_model
 from prac.methods.patterns import NM, Unstructured
 from prac.model.stats import StatsSpec

@@ -128,7 +128,8 @@ def test_jsonl_evaluation_file_follows_the_c4_protocol(tmp_path, tokenizer):
 
 
 def test_several_eval_sets_in_one_prune(tmp_path, tiny_model_dir, small_text, tokenizer, one_thread):
-    from prac.jobs.run import PruneJob, run_prune
+    from prac.jobs.config import PruneJob
+    from prac.jobs.prune import run_prune
 
     other = tmp_path / "other.jsonl"
     text = small_text.read_text(encoding="utf-8")
@@ -152,7 +153,8 @@ def test_several_eval_sets_in_one_prune(tmp_path, tiny_model_dir, small_text, to
 
 
 def test_prac_eval_several_sets_and_default_batch(tiny_model_dir, small_text, tmp_path, one_thread):
-    from prac.jobs.run import EvalJob, run_eval
+    from prac.jobs.config import EvalJob
+    from prac.jobs.eval import run_eval
 
     other = tmp_path / "part.txt"
     other.write_text(small_text.read_text(encoding="utf-8")[:20000], encoding="utf-8")

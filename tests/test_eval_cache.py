@@ -23,7 +23,7 @@ def cache_on(tmp_path, monkeypatch):
 
 
 def _job(model_dir, text, **kw):
-    from prac.jobs.run import PruneJob
+    from prac.jobs.config import PruneJob
 
     return PruneJob(model=str(model_dir), calib=str(text), nsamples=4, seqlen=32, eval=str(text), eval_seqlen=64,
                     eval_batch_size=16, **kw)
@@ -40,7 +40,7 @@ def _labels():
 
 
 def test_cache_hit_gives_the_same_number_and_says_so(cache_on, tiny_model_dir, small_text, one_thread):
-    from prac.jobs.run import run_prune
+    from prac.jobs.prune import run_prune
 
     model = tiny_model_dir("mistral")
     first_labels, progress = _labels()
@@ -64,7 +64,7 @@ def test_cache_hit_gives_the_same_number_and_says_so(cache_on, tiny_model_dir, s
 def test_a_changed_weight_invalidates(cache_on, tmp_path, tiny_model_dir, small_text, one_thread):
     import shutil
 
-    from prac.jobs.run import run_prune
+    from prac.jobs.prune import run_prune
 
     base = tiny_model_dir("mistral")
     changed = tmp_path / "changed"

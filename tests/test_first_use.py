@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-import prac.jobs.run
+import prac.jobs.prune
 import prac.model.loading
 from prac.cli import main
 from prac.core.errors import PracError

@@ -159,7 +159,7 @@ BUNDLED = [(0.5, 4, 128), (0.7, 3, 32)]
 
 @pytest.fixture(scope="module")
 def bundled_layers():
-    from prac.engine.loop import EngineConfig
+    from prac.engine.config import EngineConfig
     from prac.engine.pipeline import PruneConfig, prune_model
     from prac.io import assets
     from prac.io.data import load_token_file
@@ -204,7 +204,7 @@ def test_bundled_model_layers_no_worse_than_the_reference(bundled_layers, sparsi
 def test_gptq_pass_reuses_sparsegpts_factor_at_the_runs_percdamp(percdamp, monkeypatch):
     import prac.engine.pipeline as pipeline
     from prac.correction.config import CorrectionConfig
-    from prac.engine.loop import EngineConfig
+    from prac.engine.config import EngineConfig
     from prac.methods.patterns import Unstructured
 
     from .conftest import VOCAB, make_tiny_model

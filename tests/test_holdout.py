@@ -13,7 +13,7 @@ from prac.correction import CorrectionConfig, correct
 from prac.correction.apply import DAMPING_MARGIN, _choose
 from prac.correction.base import Holdout
 from prac.correction.objective import LayerError
-from prac.engine.loop import EngineConfig
+from prac.engine.config import EngineConfig
 from prac.engine.pipeline import PruneConfig, prune_model
 from prac.model.group import InputGroup
 from prac.model.stats import InputStats, StatsSpec, holdout_rows

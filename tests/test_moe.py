@@ -13,7 +13,8 @@ from safetensors.torch import save_file
 
 from prac.core.errors import PracError
 from prac.correction import CorrectionConfig
-from prac.engine.loop import BlockEngine, EngineConfig, calibrate
+from prac.engine.config import EngineConfig
+from prac.engine.loop import BlockEngine, calibrate
 from prac.engine.pipeline import PruneConfig, prune_model
 from prac.methods.patterns import NM, Unstructured
 from prac.model.experts import expert_views, find_experts

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from prac.engine.loop import EngineConfig
+from prac.engine.config import EngineConfig
 from prac.engine.pipeline import PruneConfig, prune_model
 from prac.io.data import load_calibration
 from prac.methods.patterns import NM, Unstructured

@@ -13,7 +13,7 @@ import torch
 from prac.cli import main
 from prac.core.errors import PracError
 from prac.correction.objective import relative_error
-from prac.engine.loop import EngineConfig
+from prac.engine.config import EngineConfig
 from prac.engine.pipeline import PruneConfig, prune_model
 from prac.engine.reconstruct import ReconstructConfig
 from prac.methods.patterns import NM, Unstructured

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from prac.core.errors import PracError
-from prac.engine.loop import EngineConfig
+from prac.engine.config import EngineConfig
 from prac.engine.pipeline import PruneConfig, prune_model
 from prac.engine.reconstruct import ReconstructConfig
 from prac.methods.patterns import NM, Unstructured
@@ -53,6 +53,7 @@ def test_tuning_lowers_the_fitted_block_error_and_keeps_every_mask(mode, calib):
     for r in outcome.reconstruction:
         assert r.fit_after < r.fit_before and r.kept and r.steps == 4 * 4 and r.masks_kept
         assert r.heldout_before is None and r.sublayers == ([] if mode == "block" else ["self_attn", "mlp"])
+        assert r.estimated_memory_bytes > 0  # prac.engine.memory.reconstruct_bytes, computed on the CPU too
     before, after = masks(reference), masks(model)
     # block 0 is pruned on the same inputs: the same masks after tuning, and nothing else zero (the later
     # blocks are calibrated on the tuned block 0's outputs, so their masks differ)

@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from prac.engine.loop import BlockEngine, EngineConfig
+from prac.engine.config import EngineConfig
+from prac.engine.loop import BlockEngine
 from prac.engine.pipeline import PruneConfig, prune_model
 from prac.engine.replay import Replay
 from prac.methods.patterns import Unstructured

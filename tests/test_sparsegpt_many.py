@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from prac.core.errors import PracError
-from prac.engine.loop import EngineConfig
+from prac.engine.config import EngineConfig
 from prac.engine.pipeline import PruneConfig, prune_model
 from prac.methods import registry as methods
 from prac.methods import sparsegpt

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from prac.cli import main
-from prac.engine.loop import EngineConfig
+from prac.engine.config import EngineConfig
 from prac.engine.pipeline import PruneConfig
 from prac.io.data import load_calibration
 from prac.jobs.verify import check_none_identical, format_table, run_checks

@@ -114,7 +114,8 @@ def test_hub_task_offline_is_one_line():
 
 def test_prune_with_tasks_runs_them_on_the_pruned_model(tmp_path, tiny_model_dir, small_text, monkeypatch, one_thread):
     """``prac prune --tasks``: the pruned model in memory, a few documents, the table in the report."""
-    from prac.jobs.run import PruneJob, run_prune
+    from prac.jobs.config import PruneJob
+    from prac.jobs.prune import run_prune
 
     monkeypatch.chdir(ROOT)
     tasks = parse_tasks(TASK, limit=6, batch_size=4, include_path=str(TASKS))

@@ -213,7 +213,7 @@ def _main_rank(argv: Sequence[str] | None) -> int:
     """:func:`main` for one rank of a ``torchrun`` launch; exits the process itself on failure.
 
     Ranks other than 0 print nothing; a failure is posted on the launcher's store
-    (:class:`prac.parallel.session.FailureBoard`) so every rank stops within a collective's poll, and only
+    (:class:`prac.parallel.failures.FailureBoard`) so every rank stops within a collective's poll, and only
     the first rank that failed prints its one line. A failed rank leaves with ``os._exit``: a process
     group with a collective still pending must not be torn down politely (it can wait forever)."""
     from prac.core.errors import PracError

@@ -112,7 +112,8 @@ def print_summary(summary: dict[str, Any]) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Evaluate and print the perplexity and/or the zero-shot table."""
-    from prac.jobs.run import EvalJob, run_eval
+    from prac.jobs.config import EvalJob
+    from prac.jobs.eval import run_eval
 
     job = EvalJob(model=args.model, data=args.data, reference=args.reference, seqlen=args.seqlen,
                   batch_size=args.batch_size, device=args.device, dtype=args.dtype, report=args.report,

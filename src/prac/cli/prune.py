@@ -7,6 +7,7 @@ import math
 import sys
 from typing import Any
 
+from prac.cli import settings_flags
 from prac.cli.common import add_calibration, add_common, not_finite, number, positive_int, progress, sparsity
 from prac.cli.eval import add_zeroshot_arguments, zeroshot_config
 from prac.core.errors import PracError
@@ -38,13 +39,11 @@ are held at once. --dense-target (the default for admm) adds a second in x in ma
 _H_COST = "one fp32 in x in H per distinct layer input of the current block (64 MiB at in=4096, 784 MiB at in=14336)"
 
 
-DENSE_TARGET_BY_DEFAULT = ("admm",)
-"""Methods that reconstruct the dense model's output unless told otherwise (``--dense-target``): prac's
-own; the others keep the reference implementations' objective (and masks) by default."""
-
-
 def _dense_target(args: argparse.Namespace) -> bool:
-    return args.method in DENSE_TARGET_BY_DEFAULT if args.dense_target is None else bool(args.dense_target)
+    """``--dense-target``, else the method's own default (:attr:`prac.methods.registry.Method.dense_target_by_default`)."""
+    from prac.methods.registry import get_method
+
+    return get_method(args.method).dense_target_by_default if args.dense_target is None else bool(args.dense_target)
 
 
 class _DeprecatedNoMeasure(argparse.Action):
@@ -60,50 +59,25 @@ class _DeprecatedNoMeasure(argparse.Action):
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Every option of ``prac prune``."""
-    from prac.correction import STRATEGIES, corrections, names
+    from prac.correction import corrections, names
     from prac.correction.base import DEFAULT_HOLDOUT
     from prac.engine.reconstruct import ReconstructConfig
     from prac.methods.registry import METHODS
 
-    entries = {name: entry.settings for name, entry in corrections().items()}
-
+    own = [name for name, method in METHODS.items() if method.dense_target_by_default]
     g = p.add_argument_group("model and data")
     add_calibration(g, 128)
     g.add_argument("--batch-size", type=positive_int, default=8, help="sequences per calibration forward (default: 8)")
-    g.add_argument("--offload", choices=["auto", "device", "cpu"], default="auto", help="where calibration activations live (default: auto = device if they fit)")
+    g.add_argument("--offload", choices=["auto", "device", "cpu"], default="auto",
+                   help="where calibration activations live (default: auto = device if they fit)")
     g = p.add_argument_group("pruning")
     pat = g.add_mutually_exclusive_group()
     pat.add_argument("--sparsity", type=sparsity, default=None, help="unstructured sparsity in [0, 1) (default: 0.5)")
-    pat.add_argument("--nm", default=None, metavar="N:M", help="keep N weights in every M consecutive inputs of a row, e.g. 2:4")
+    pat.add_argument("--nm", default=None, metavar="N:M",
+                     help="keep N weights in every M consecutive inputs of a row, e.g. 2:4")
     g.add_argument("--method", choices=list(METHODS), default="wanda", help="mask source (default: wanda)")
-    g.add_argument("--scope", choices=["row", "layer"], default=None,
-                   help=f"comparison group for unstructured masks (default: {_defaults(METHODS, 'scope')})")
     g.add_argument("--ignore", default=None, metavar="REGEX", help="skip layers whose full name matches this regex")
-    g.add_argument("--blocksize", type=positive_int, default=None,
-                   help=f"column block of SparseGPT's sweep and of admm's --admm-sweep blocks (default: {_defaults(METHODS, 'blocksize')})")
-    g.add_argument("--percdamp", type=float, default=None,
-                   help=f"SparseGPT damping, fraction of mean diag(H) (default: {_defaults(METHODS, 'percdamp')})")
-    g.add_argument("--admm-iterations", type=positive_int, default=None, help=f"admm: ADMM steps (default: {_defaults(METHODS, 'iterations')})")
-    g.add_argument("--admm-penalty", type=float, default=None,
-                   help=f"admm: first penalty ρ, relative to the unit diagonal of the scaled H (default: {_defaults(METHODS, 'penalty')})")
-    g.add_argument("--admm-penalty-growth", type=float, default=None,
-                   help=f"admm: ρ multiplied by this after every step (default: {_defaults(METHODS, 'penalty_growth')})")
-    g.add_argument("--admm-damping", type=float, default=None,
-                   help=f"admm: ridge λ on the change, relative (default: {_defaults(METHODS, 'damping')})")
-    g.add_argument("--admm-final-damping", type=float, default=None,
-                   help=f"admm: ridge of the exact solve on the final mask, fraction of mean diag(H); larger keeps "
-                        f"the weights nearer the dense ones (default: {_defaults(METHODS, 'final_damping')})")
-    g.add_argument("--admm-gradual", type=int, default=None,
-                   help=f"admm: steps over which the projection's sparsity ramps up cubically, 0 = none (default: {_defaults(METHODS, 'gradual')})")
-    g.add_argument("--admm-score", choices=["scaled", "magnitude"], default=None,
-                   help="admm: projection score, |W|·√diag(H) (scaled, Wanda's) or |W| (default: scaled)")
-    g.add_argument("--admm-sweep", choices=["global", "blocks"], default=None,
-                   help="admm: global (ADMM on the whole matrix, best quality, ~25-30x SparseGPT's time per layer on a CPU) or "
-                        "blocks (SparseGPT's column sweep, each --blocksize block's mask and values by ADMM: 3-5x SparseGPT "
-                        "with --admm-final none, ~8-17x without; docs/admm.md) (default: global)")
-    g.add_argument("--admm-final", choices=["exact", "none"], default=None,
-                   help="admm: exact (solve the final mask's weights exactly, the default) or none (keep the block "
-                        "sweep's weights: --admm-sweep blocks only, saves 3-8 matmuls of in x in per linear)")
+    settings_flags.add_flags(g, METHODS)
     g.add_argument("--allocation", choices=["uniform", "owl", "error"], default="uniform",
                    help="per-layer sparsities at the same total, from a dense scan: uniform (default), owl (outlier "
                         "ratio, Yin et al. 2024), error (measured layer error at trial sparsities); unstructured only")
@@ -112,29 +86,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--allocation-samples", type=int, default=None, metavar="N",
                    help="calibration sequences the allocation's dense scan reads, the first N (0: all; "
                         "default: 16 for error, all for owl)")
-    g.add_argument("--plot", default=None, metavar="FILE.png", help="write the allocation plan's figure (sparsity per block and projection)")
+    g.add_argument("--plot", default=None, metavar="FILE.png",
+                   help="write the allocation plan's figure (sparsity per block and projection)")
     g = p.add_argument_group("correction (see docs/correction.md); a setting the chosen method does not have is an error")
-    g.add_argument("--correction", choices=list(names()), default="none", help="weight correction after pruning (default: none)")
+    g.add_argument("--correction", choices=list(names()), default="none",
+                   help="weight correction after pruning (default: none)")
     g.add_argument("--no-correction", action="store_true", help="same as --correction none")
-    g.add_argument("--selection-strategy", choices=list(STRATEGIES), default=None,
-                   help=f"which survivors to correct (default: {_defaults(entries, 'selection_strategy')})")
-    g.add_argument("--percent-change", type=float, default=None,
-                   help=f"fraction of each row's survivors to correct (default: {_defaults(entries, 'percent_change')})")
-    g.add_argument("--damping", type=float, default=None,
-                   help=f"damping, relative to mean diag(H) (default: {_defaults(entries, 'damping')})")
-    g.add_argument("--max-correction-magnitude", type=float, default=None,
-                   help=f"clamp |δ| <= this × |w_orig| (default: {_defaults(entries, 'max_correction_magnitude')})")
+    settings_flags.add_flags(g, corrections())
     g.add_argument("--no-clamp", action="store_true", help="do not clamp corrections")
-    g.add_argument("--correction-magnitude", type=float, default=None,
-                   help=f"greedy step, fraction of |w_orig| (default: {_defaults(entries, 'correction_magnitude')})")
-    g.add_argument("--max-activation-samples", type=positive_int, default=None,
-                   help="tokens stored per distinct layer input for greedy (and diagonal with --no-exact-errors); "
-                        f"costs this × in × 4 B each, 128 MiB at in=4096 (default: {_defaults(entries, 'max_activation_samples')})")
-    g.add_argument("--patience", type=positive_int, default=None,
-                   help=f"greedy: stop a row after this many rejections in a row (default: {_defaults(entries, 'patience')})")
-    g.add_argument("--optimal-tol", type=float, default=None,
-                   help=f"optimal: relative residual at which a row's solve stops (default: {_defaults(entries, 'tol')}: "
-                        "the same fraction of the optimum as 1e-4 to 3 digits, in 30-40%% less time)")
     g.add_argument("--holdout", type=float, default=None, metavar="SHARE",
                    help="share of the calibration sequences (a seeded draw) held out: masks, the correction and "
                         "--reconstruct are fitted on the rest, and a correction (a tuned block) is kept only if the "
@@ -158,8 +117,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "its dense weights) from its inputs in the pruned model, so it also makes up for the "
                         "layers before it; runs a dense copy of the hidden states beside the pruned one (twice "
                         "the activations and calibration forwards; adds H to the statistics; implies "
-                        "--sequential). Default: on for admm, off for the methods that reproduce a reference "
-                        "implementation (magnitude, wanda, sparsegpt)")
+                        f"--sequential). Default: on for {', '.join(own)}, off for the methods that reproduce a "
+                        f"reference implementation ({', '.join(n for n in METHODS if n not in own)})")
     g.add_argument("--dense-target-damping", type=float, default=1e-2,
                    help="relative ridge λ/mean(diag H) pulling the dense target towards the layer's own weights "
                         "(with --dense-target; default: 0.01)")
@@ -171,7 +130,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cache-budget", type=float, default=None, metavar="GIB",
                    help="GiB that --replay's kept outputs may take (default: a quarter of the free memory where "
                         "activations live); the report's cache_peak_bytes is what they took, part of the peak")
-    g.add_argument("--layer-batch-size", type=int, default=0, help="distinct layer inputs whose statistics are held at once (0 = all of a block); fewer = less memory, one more calibration forward per chunk")
+    g.add_argument("--layer-batch-size", type=int, default=0,
+                   help="distinct layer inputs whose statistics are held at once (0 = all of a block); fewer = less "
+                        "memory, one more calibration forward per chunk")
     g.add_argument("--reconstruct", choices=("none", "block", "sublayer"), default="none",
                    help="after a block is pruned, tune the surviving weights of its pruned linears (masks fixed) so "
                         "its output on the calibration tokens matches the dense model's (block), or its attention's "
@@ -210,7 +171,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "with --sparsity 0 it is plain GPTQ")
     g.add_argument("--groupsize", type=int, default=None, metavar="G",
                    help="inputs per scale (default: 128; -1: one scale per output channel)")
-    g.add_argument("--asym", action="store_true", help="asymmetric grid (an integer zero point per group); default symmetric")
+    g.add_argument("--asym", action="store_true",
+                   help="asymmetric grid (an integer zero point per group); default symmetric")
     g.add_argument("--save-format", choices=("auto", "dense", "compressed"), default="auto",
                    help="--save writes dense weights (zeros stored, quantized values as floats) or, for --wbits, "
                         "compressed-tensors' pack-quantized integers that vLLM and transformers load "
@@ -228,54 +190,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-cache", action="store_true",
                    help="compute the dense perplexity even when the cache has it ($PRAC_CACHE_DIR, else ~/.cache/prac)")
     add_zeroshot_arguments(g)
-    g.add_argument("--save", default=None, metavar="OUT_DIR", help="write the pruned model (safetensors), tokenizer and prac_report.json")
-    g.add_argument("--overwrite", action="store_true", help="replace OUT_DIR when it holds only a previous prac save, and --report/--plot files "
+    g.add_argument("--save", default=None, metavar="OUT_DIR",
+                   help="write the pruned model (safetensors), tokenizer and prac_report.json")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace OUT_DIR when it holds only a previous prac save, and --report/--plot files "
                         "that prac did not write (files prac wrote are replaced anyway)")
     g.add_argument("--report", default=None, metavar="FILE", help="write the JSON report here")
     add_common(p)
-
-
-#: CLI option -> field of a method's settings dataclass (mask source or correction).
-MASK_FLAGS = {"scope": "scope", "blocksize": "blocksize", "percdamp": "percdamp",
-              "admm_iterations": "iterations", "admm_penalty": "penalty", "admm_penalty_growth": "penalty_growth",
-              "admm_damping": "damping", "admm_gradual": "gradual", "admm_score": "score",
-              "admm_sweep": "sweep", "admm_final": "final",
-              "admm_final_damping": "final_damping"}
-CORRECTION_FLAGS = {"selection_strategy": "selection_strategy", "percent_change": "percent_change",
-                    "damping": "damping", "max_correction_magnitude": "max_correction_magnitude",
-                    "correction_magnitude": "correction_magnitude", "max_activation_samples": "max_activation_samples",
-                    "patience": "patience", "optimal_tol": "tol"}
-
-
-def _defaults(registry, field: str) -> str:
-    """``full 0.2, diagonal 0.05`` — each method's own default for ``field`` (from its dataclass)."""
-    import dataclasses
-
-    out = []
-    for name, entry in registry.items():
-        cls = getattr(entry, "settings", entry)
-        for f in dataclasses.fields(cls):
-            if f.name == field:
-                out.append(f"{name} {f.default:g}" if isinstance(f.default, float) else f"{name} {f.default}")
-    return ", ".join(out) or "none"
-
-
-def _given(args: argparse.Namespace, flags: dict[str, str]) -> dict[str, Any]:
-    return {field: getattr(args, flag) for flag, field in flags.items() if getattr(args, flag) is not None}
-
-
-def _settings_for(method: str, cls: type, given: dict[str, Any], flags: dict[str, str]):
-    """The method's settings dataclass from the options the user gave; one that it lacks is an error."""
-    import dataclasses
-
-    from prac.core.errors import PracError
-
-    fields = {f.name for f in dataclasses.fields(cls)}
-    extra = {k: v for k, v in given.items() if k not in fields}
-    if extra:
-        names = ", ".join("--" + next(f for f, fld in flags.items() if fld == k).replace("_", "-") for k in sorted(extra))
-        raise PracError(f"{method!r} has no such setting: {names}")
-    return cls(**given)
 
 
 def _holdout_from_args(args: argparse.Namespace, settings_type: type):
@@ -308,17 +229,17 @@ def _holdout_from_args(args: argparse.Namespace, settings_type: type):
 def prune_job_from_args(args: argparse.Namespace):
     """Fill the job dataclasses from parsed arguments (each method gets only its own settings)."""
     from prac.core.errors import PracError
-    from prac.correction import CorrectionConfig, get_correction
-    from prac.engine.loop import EngineConfig
+    from prac.correction import CorrectionConfig, corrections, get_correction
+    from prac.engine.config import EngineConfig
     from prac.engine.pipeline import PruneConfig
-    from prac.jobs.run import PruneJob
+    from prac.jobs.config import PruneJob
     from prac.methods.patterns import Unstructured, parse_nm
-    from prac.methods.registry import get_method
+    from prac.methods.registry import METHODS
     from prac.model.stats import StatsSpec
 
     pattern = parse_nm(args.nm) if args.nm else Unstructured(0.5 if args.sparsity is None else args.sparsity)
     method = "none" if args.no_correction else args.correction
-    given = _given(args, CORRECTION_FLAGS)
+    given = settings_flags.given(args, corrections())
     if args.no_clamp:
         given["max_correction_magnitude"] = math.inf
     entry = get_correction(method)
@@ -333,11 +254,10 @@ def prune_job_from_args(args: argparse.Namespace):
                             f"{', '.join('--' + k.replace('_', '-') for k in sorted({**given, **held}))}")
         correction = CorrectionConfig(seed=args.seed, exact_errors=args.exact_errors)
     else:
-        correction = CorrectionConfig(method, _settings_for(method, entry.settings, given, CORRECTION_FLAGS),
+        correction = CorrectionConfig(method, settings_flags.settings_for(method, corrections(), given),
                                       args.exact_errors, args.seed, _holdout_from_args(args, entry.settings))
-    mask_source = get_method(args.method)
-    prune = PruneConfig(method=args.method, pattern=pattern,
-                        settings=_settings_for(args.method, mask_source.settings, _given(args, MASK_FLAGS), MASK_FLAGS),
+    settings = settings_flags.settings_for(args.method, METHODS, settings_flags.given(args, METHODS))
+    prune = PruneConfig(method=args.method, pattern=pattern, settings=settings,
                         correction=correction, ignore=args.ignore,
                         engine=EngineConfig(batch_size=args.batch_size, offload=args.offload,
                                             layer_batch_size=args.layer_batch_size, sequential=args.sequential,
@@ -381,7 +301,7 @@ def _quant_from_args(args: argparse.Namespace):
 
 def _save_format(args: argparse.Namespace) -> str:
     """``--save-format``: ``auto`` is settled once the model's layers are known
-    (:func:`prac.jobs.run.resolve_save_format`: compressed for a quantized model the format can hold, dense
+    (:func:`prac.jobs.defaults.resolve_save_format`: compressed for a quantized model the format can hold, dense
     otherwise, e.g. fused MoE experts)."""
     fmt = args.save_format
     if fmt == "auto":
@@ -454,7 +374,8 @@ def format_summary(report: dict[str, Any], save: str | None = None, report_path:
         lines.append(f"mean relative layer error: {number(s['mean_relative_error'], '.6f')}")
     if "reconstruction" in s:
         r = s["reconstruction"]
-        held = (f", held-out {number(r['mean_heldout_error_before'], '.5f')} -> {number(r['mean_heldout_error_after'], '.5f')}"
+        held = (f", held-out {number(r['mean_heldout_error_before'], '.5f')} -> "
+                f"{number(r['mean_heldout_error_after'], '.5f')}"
                 if "mean_heldout_error_before" in r else "")
         tokens = s.get("calibration_tokens")
         judged = (f"; fitted on {tokens['fitted']} tokens, judged on {tokens['held_out']} held out" if tokens else "")
@@ -464,7 +385,8 @@ def format_summary(report: dict[str, Any], save: str | None = None, report_path:
     if "quantization" in s:
         q = s["quantization"]
         before = q.get("mean_relative_error_unquantized")
-        errors = (f"; mean layer error {number(before, '.6f')} before rounding -> {number(q.get('mean_relative_error'), '.6f')}"
+        errors = (f"; mean layer error {number(before, '.6f')} before rounding -> "
+                  f"{number(q.get('mean_relative_error'), '.6f')}"
                   if before is not None else f"; mean layer error {number(q.get('mean_relative_error'), '.6f')}")
         groups = "per channel" if q["group_size"] == -1 else f"groups of {q['group_size']}"
         sweeps = ", ".join(f"{k}: {v}" for k, v in q["sweeps"].items())
@@ -517,7 +439,7 @@ def print_summary(report: dict[str, Any], save: str | None = None, report_path: 
 
 def run(args: argparse.Namespace) -> int:
     """Run the prune job the arguments describe and print its summary."""
-    from prac.jobs.run import run_prune
+    from prac.jobs.prune import run_prune
 
     report = run_prune(prune_job_from_args(args), progress(args))
     return print_summary(report, args.save, args.report)

@@ -53,9 +53,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Load the model and calibration tokens, run every check, print the table."""
     from prac.correction import CorrectionConfig
-    from prac.engine.loop import EngineConfig
+    from prac.engine.config import EngineConfig
     from prac.engine.pipeline import PruneConfig
-    from prac.jobs.run import PruneJob, calibration_tokens, check_bos_token, check_sources, resolve
+    from prac.jobs.checks import check_sources
+    from prac.jobs.config import PruneJob
+    from prac.jobs.defaults import calibration_tokens, check_bos_token, resolve
     from prac.jobs.verify import format_table, run_checks
     from prac.methods.patterns import Unstructured, parse_nm
     from prac.model.loading import check_model_source, load_model, load_tokenizer, resolve_device

@@ -44,12 +44,23 @@ def invalid(what: str) -> PracError:
     return PracError(f"invalid correction setting: {what}")
 
 
+# Flags that the settings of several corrections share, as field metadata (:mod:`prac.cli.settings_flags`):
+# a method that redefines such a field (to give it its own default) passes the same metadata.
+SELECTION_STRATEGY = {"flag": "--selection-strategy", "choices": STRATEGIES, "help": "which survivors to correct"}
+PERCENT_CHANGE = {"flag": "--percent-change", "help": "fraction of each row's survivors to correct"}
+DAMPING = {"flag": "--damping", "help": "damping, relative to mean diag(H)"}
+MAX_CORRECTION_MAGNITUDE = {"flag": "--max-correction-magnitude", "help": "clamp |δ| <= this × |w_orig|"}
+MAX_ACTIVATION_SAMPLES = {"flag": "--max-activation-samples", "min": 1,
+                          "help": "tokens stored per distinct layer input for greedy (and diagonal with --no-exact-errors); "
+                                  "costs this × in × 4 B each, 128 MiB at in=4096"}
+
+
 @dataclass(frozen=True)
 class SelectionSettings:
     """Which survivors of each row a method may change (see ``selection.py``)."""
 
-    selection_strategy: str = "all"
-    percent_change: float = 0.05
+    selection_strategy: str = field(default="all", metadata=SELECTION_STRATEGY)
+    percent_change: float = field(default=0.05, metadata=PERCENT_CHANGE)
 
     def __post_init__(self) -> None:
         if self.selection_strategy not in STRATEGIES:

@@ -13,11 +13,24 @@ features, misleading means); the caller's never-worse check catches that.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from prac.correction.base import Correction, LayerProblem, Proposal, SelectionSettings, check_clamp, check_damping, invalid
+from prac.correction.base import (
+    DAMPING,
+    MAX_ACTIVATION_SAMPLES,
+    MAX_CORRECTION_MAGNITUDE,
+    PERCENT_CHANGE,
+    SELECTION_STRATEGY,
+    Correction,
+    LayerProblem,
+    Proposal,
+    SelectionSettings,
+    check_clamp,
+    check_damping,
+    invalid,
+)
 from prac.correction.objective import clamp_delta, damping_lambda, james_stein_mean, sparse_quadratic_rows
 from prac.model.stats import StatsSpec
 
@@ -47,11 +60,11 @@ class DiagonalSettings(SelectionSettings):
     token; without them the never-worse check uses ``max_activation_samples`` stored tokens.
     """
 
-    selection_strategy: str = "moderate"
-    percent_change: float = 0.05
-    damping: float = 1e-2
-    max_correction_magnitude: float = 0.05
-    max_activation_samples: int = 8192
+    selection_strategy: str = field(default="moderate", metadata=SELECTION_STRATEGY)
+    percent_change: float = field(default=0.05, metadata=PERCENT_CHANGE)
+    damping: float = field(default=1e-2, metadata=DAMPING)
+    max_correction_magnitude: float = field(default=0.05, metadata=MAX_CORRECTION_MAGNITUDE)
+    max_activation_samples: int = field(default=8192, metadata=MAX_ACTIVATION_SAMPLES)
 
     def __post_init__(self) -> None:
         super().__post_init__()

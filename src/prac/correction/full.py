@@ -23,11 +23,23 @@ order 15 s (2.5x); the batched Cholesky 4.3 s. They scale as ``out·k²`` and ``
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from prac.correction.base import Correction, LayerProblem, Proposal, SelectionSettings, check_clamp, check_damping, invalid
+from prac.correction.base import (
+    DAMPING,
+    MAX_CORRECTION_MAGNITUDE,
+    PERCENT_CHANGE,
+    SELECTION_STRATEGY,
+    Correction,
+    LayerProblem,
+    Proposal,
+    SelectionSettings,
+    check_clamp,
+    check_damping,
+    invalid,
+)
 from prac.correction.objective import damping_lambda, require_hessian, sorted_support
 from prac.model.stats import StatsSpec
 
@@ -146,10 +158,10 @@ class FullSettings(SelectionSettings):
     in docs/correction.md. ``solve_memory_mb`` bounds one chunk of the batched K×K systems.
     """
 
-    selection_strategy: str = "top"
-    percent_change: float = 0.2
-    damping: float = 1e-2
-    max_correction_magnitude: float = 0.2
+    selection_strategy: str = field(default="top", metadata=SELECTION_STRATEGY)
+    percent_change: float = field(default=0.2, metadata=PERCENT_CHANGE)
+    damping: float = field(default=1e-2, metadata=DAMPING)
+    max_correction_magnitude: float = field(default=0.2, metadata=MAX_CORRECTION_MAGNITUDE)
     solve_memory_mb: int = 1024
 
     def __post_init__(self) -> None:

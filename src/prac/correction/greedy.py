@@ -15,12 +15,21 @@ All rows advance together: the loop is over the candidate rank, never over rows.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from prac.core.errors import PracError
-from prac.correction.base import Correction, LayerProblem, Proposal, SelectionSettings, invalid
+from prac.correction.base import (
+    MAX_ACTIVATION_SAMPLES,
+    PERCENT_CHANGE,
+    SELECTION_STRATEGY,
+    Correction,
+    LayerProblem,
+    Proposal,
+    SelectionSettings,
+    invalid,
+)
 from prac.correction.objective import sample_hessian, sparse_quadratic_rows
 from prac.correction.selection import candidate_order
 from prac.model.stats import StatsSpec
@@ -116,11 +125,13 @@ class GreedySettings(SelectionSettings):
     positions for all rows at once and ends early only once every row has stopped.
     """
 
-    selection_strategy: str = "weakest"
-    percent_change: float = 0.05
-    correction_magnitude: float = 0.01
-    max_activation_samples: int = 8192
-    patience: int = 8
+    selection_strategy: str = field(default="weakest", metadata=SELECTION_STRATEGY)
+    percent_change: float = field(default=0.05, metadata=PERCENT_CHANGE)
+    correction_magnitude: float = field(default=0.01, metadata={
+        "flag": "--correction-magnitude", "help": "greedy step, fraction of |w_orig|"})
+    max_activation_samples: int = field(default=8192, metadata=MAX_ACTIVATION_SAMPLES)
+    patience: int = field(default=8, metadata={
+        "flag": "--patience", "min": 1, "help": "greedy: stop a row after this many rejections in a row"})
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -20,8 +20,8 @@ one is
 with ``μ`` the multipliers of the constraints ``δ_Q = 0``. When ``d`` vanishes on ``F`` (always for a
 correction: ``d`` lives on the pruned weights, which are never free), ``H d = A d - λ d`` and the
 ``-λ d`` term, supported on ``Q``, only shifts the multipliers, so ``u = d`` gives the same ``δ_F``
-without the product ``G H d``; the general ``u`` is kept for free sets that overlap ``d``. The ``Q x Q`` systems (a different ``Q``
-for every row) are solved together by conjugate gradients on ``μ ↦ Q ⊙ (μ @ G)``: one
+without the product ``G H d``; the general ``u`` is kept for free sets that overlap ``d``. The
+``Q x Q`` systems (a different ``Q`` for every row) are solved together by conjugate gradients on ``μ ↦ Q ⊙ (μ @ G)``: one
 [out, in] x [in, in] matmul per iteration for every row at once, with ``G μ`` accumulated alongside
 so δ costs nothing extra. Preconditioner: Jacobi, ``1 / G_qq`` (the OBS denominators). Start:
 ``μ = 0``, that is, the unconstrained optimum.
@@ -69,12 +69,22 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from prac.core.linalg import DampedFactor, damped_cholesky, symmetric_inverse
-from prac.correction.base import Correction, LayerProblem, Proposal, SelectionSettings, check_damping, invalid
+from prac.correction.base import (
+    DAMPING,
+    PERCENT_CHANGE,
+    SELECTION_STRATEGY,
+    Correction,
+    LayerProblem,
+    Proposal,
+    SelectionSettings,
+    check_damping,
+    invalid,
+)
 from prac.correction.objective import require_hessian
 from prac.model.stats import StatsSpec
 
@@ -354,10 +364,13 @@ class OptimalSettings(SelectionSettings):
     from overfitting (docs/correction.md); tol 1e-2 loses nothing measurable against 1e-4.
     """
 
-    selection_strategy: str = "all"
-    percent_change: float = 0.05
-    damping: float = 1e-2
-    tol: float = 1e-2
+    selection_strategy: str = field(default="all", metadata=SELECTION_STRATEGY)
+    percent_change: float = field(default=0.05, metadata=PERCENT_CHANGE)
+    damping: float = field(default=1e-2, metadata=DAMPING)
+    tol: float = field(default=1e-2, metadata={
+        "flag": "--optimal-tol",
+        "help": "optimal: relative residual at which a row's solve stops (default: {defaults}: the same fraction of "
+                "the optimum as 1e-4 to 3 digits, in 30-40% less time)"})
     max_iter: int = 200
 
     def __post_init__(self) -> None:

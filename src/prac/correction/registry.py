@@ -1,4 +1,5 @@
-"""The correction registry: one entry per method. Adding a method = a module + a line here + its CLI flags."""
+"""The correction registry: one entry per method. Adding a method = a module + a line here: its CLI flags
+come from its settings' field metadata (:mod:`prac.cli.settings_flags`; shared ones in ``base.py``)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Pruning through the block engine: the step that prunes (and corrects) one input group.
 
-The engine (``engine.py``) does the model plumbing: capture, statistics per input group, apply,
+The engine (:mod:`prac.engine.loop`) does the model plumbing: capture, statistics per input group, apply,
 propagate. This module is what a pruning run hands it: for each group, every linear gets its
 mask from the chosen mask source (``methods.py``) and, optionally, a correction
 (``correction/``), both reading the group's shared statistics, H and factorisations.
@@ -23,7 +23,8 @@ from prac.core.records import LayerRecord
 from prac.core.timing import PhaseTimer
 from prac.correction.config import CorrectionConfig
 from prac.correction.objective import relative_error
-from prac.engine.loop import BlockEngine, EngineConfig, StatsReducer, check_pattern_fits
+from prac.engine.config import EngineConfig, StatsReducer
+from prac.engine.loop import BlockEngine, check_pattern_fits
 from prac.methods.masks import MaskResult, wanda_scores
 from prac.methods.patterns import NM, Pattern, Unstructured
 from prac.methods.registry import Method, get_method, shared_factor
@@ -35,7 +36,7 @@ from prac.model.units import Unit
 from prac.quant.gptq import ColumnQuantizer, QuantConfig, check_blocks, gptq_on_mask
 
 if TYPE_CHECKING:
-    from prac.parallel.session import DataParallel
+    from prac.parallel.data_parallel import DataParallel
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +79,7 @@ class PruneConfig:
             object.__setattr__(self, "settings", entry.settings())
         elif not isinstance(self.settings, entry.settings):
             raise PracError(f"method {self.method!r} takes {entry.settings.__name__}, got {type(self.settings).__name__}")
-        sweeps = self.method == "sparsegpt" or getattr(self.settings, "sweep", "") == "blocks"
-        if sweeps and isinstance(self.pattern, NM) and self.settings.blocksize % self.pattern.m:
+        if entry.sweeps_blocks(self.settings) and isinstance(self.pattern, NM) and self.settings.blocksize % self.pattern.m:
             raise PracError(f"--blocksize {self.settings.blocksize} must be a multiple of M={self.pattern.m} "
                             f"for {self.pattern} sparsity")
 
@@ -105,8 +105,8 @@ def check_pattern(model: nn.Module, pattern: Pattern, ignore: str | None = None)
 
 
 def sweep_blocksize(cfg: PruneConfig) -> int:
-    """The column block of the quantizing sweep: SparseGPT's ``--blocksize``, else 128."""
-    return getattr(cfg.settings, "blocksize", None) or 128
+    """The column block of the quantizing sweep: the method's ``--blocksize`` (:meth:`Method.sweep_blocksize`)."""
+    return get_method(cfg.method).sweep_blocksize(cfg.settings)
 
 
 def check_quant(model: nn.Module, quant: QuantConfig, ignore: str | None = None, blocksize: int = 128) -> None:
@@ -215,7 +215,8 @@ class PruneStep:
         self.factorisations[group.names[0]] = group.factorisations
         return staged
 
-    def _sweep_together(self, group: InputGroup, units: dict[str, Unit]) -> dict[str, tuple[torch.Tensor, MaskResult, float]]:
+    def _sweep_together(self, group: InputGroup,
+                        units: dict[str, Unit]) -> dict[str, tuple[torch.Tensor, MaskResult, float]]:
         """Masks of the group's linears from one sweep where the method has one (SparseGPT: the
         same masks and weights as one by one, tests/test_sparsegpt_many.py): name -> (the weight it
         pruned, the result, seconds). Empty where they go one by one: a single linear, no
@@ -359,7 +360,7 @@ def prune_model(
 ) -> PruneOutcome:
     """Prune ``model`` in place, block by block, from calibration token ids ``[n, seqlen]``.
 
-    ``parallel`` (:class:`prac.parallel.session.DataParallel`): one rank of a data-parallel run — ``calib``
+    ``parallel`` (:class:`prac.parallel.data_parallel.DataParallel`): one rank of a data-parallel run — ``calib``
     is the whole calibration set (the rank takes its share), the observer sees only the groups this
     rank owns, ``final_hidden`` is this rank's share, and the records of every rank come back in the
     single-process order."""

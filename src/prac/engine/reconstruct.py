@@ -23,14 +23,16 @@ the dense block), so a block also takes up what the blocks before it lost.
   indexed ``g // minibatches`` (a process's batches of one step are then a contiguous run of leaves);
   the errors and target energies that scale the loss and judge the epochs are leaves indexed ``g``.
   A process pushes its leaves (:func:`prac.core.treesum.push`); ``combine`` hands every process's stack
-  to every process and adds them as one process adds its own (:meth:`prac.parallel.session.DataParallel.sum_tree`).
+  to every process and adds them as one process adds its own (:meth:`prac.parallel.data_parallel.DataParallel.sum_tree`).
 - **Judged on data it did not fit.** The sequences of ``--holdout`` are never fitted. After every
   epoch their output error is measured; tuning stops when it rises, and the best epoch's weights are
   kept. A block whose held-out error did not drop keeps its pre-tuning weights (``kept: false``).
   Without a held-out share the fitted error decides.
 - **Memory.** One block: its fp32 weights, the optimiser's state, their gradients (up to
   ``log2(batches per step) + 1`` at once on the tree's stack; one with the defaults, one batch per
-  step), and one calibration batch's activations for the backward pass.
+  step), and one calibration batch's activations for the backward pass. Estimated before tuning
+  starts (:func:`prac.engine.memory.reconstruct_bytes`, the record's ``estimated_memory_bytes``); on
+  a GPU that has less free the run stops with a one-line error instead of running out midway.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from torch.func import functional_call
 from prac.core.digest import digest
 from prac.core.errors import PracError
 from prac.core.treesum import Node, combine, push
+from prac.engine.memory import check_reconstruct_fits, reconstruct_bytes
 from prac.model.blocks import BlockInputs, _to, block_output
 
 MODES = ("none", "block", "sublayer")
@@ -94,7 +97,8 @@ class ReconstructRecord:
     """What tuning one block did: output errors (relative, see the module docstring) before and after
     tuning (of the best epoch's weights, whether kept or not) on the fitted and the held-out sequences,
     steps, epochs run, seconds, whether the tuned weights were kept (else the block keeps its
-    pre-tuning weights), and the peak memory of the tuning (CUDA allocated; None on the CPU)."""
+    pre-tuning weights), the peak memory of the tuning (CUDA allocated; None on the CPU) and the
+    memory estimated before it (:func:`prac.engine.memory.reconstruct_bytes`)."""
 
     block: str
     mode: str
@@ -114,6 +118,7 @@ class ReconstructRecord:
     #: weights before tuning and after each epoch (:func:`prac.core.digest.digest`), what the judge chose among
     best_epoch: int = 0
     digests: list[str] = field(default_factory=list)
+    estimated_memory_bytes: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -251,6 +256,10 @@ def reconstruct_block(block: nn.Module, name: str, units: dict[str, Any], inputs
     global index of the first batch (data-parallel); ``reduce`` sums counts across processes,
     ``combine_tree`` adds every process's part of a fixed summation tree (gradients, errors)."""
     started = time.perf_counter()
+    tokens = max((h.numel() // h.shape[-1] for h in inputs.hidden), default=0)  # of the largest batch
+    need = reconstruct_bytes(units.values(), tokens, next(block.parameters()).element_size(), cfg.optimizer,
+                             math.ceil(len(inputs) / cfg.minibatches))
+    check_reconstruct_fits(need, device, name)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     prefix = name + "."
@@ -371,12 +380,13 @@ def reconstruct_block(block: nn.Module, name: str, units: dict[str, Any], inputs
                              heldout_before=held_before, heldout_after=held_after,
                              steps=steps, epochs=epochs, seconds=round(time.perf_counter() - started, 3), kept=kept,
                              stopped_early=stopped, masks_kept=masks_kept, peak_memory_bytes=peak, sublayers=heads,
-                             best_epoch=best[2], digests=digests)
+                             best_epoch=best[2], digests=digests, estimated_memory_bytes=need)
 
 
 def summarize(records: list[ReconstructRecord]) -> dict[str, Any]:
     """The summary's ``reconstruction``: blocks tuned and kept, the mean block output error before and
-    after (of the weights the model ends with), steps, seconds and the largest peak memory."""
+    after (of the weights the model ends with), steps, seconds, the largest peak memory and the
+    largest estimate (:func:`prac.engine.memory.reconstruct_bytes`)."""
     final_fit = [r.fit_after if r.kept else r.fit_before for r in records]
     held = [(r.heldout_before, r.heldout_after if r.kept else r.heldout_before) for r in records
             if r.heldout_before is not None]
@@ -391,4 +401,5 @@ def summarize(records: list[ReconstructRecord]) -> dict[str, Any]:
         out["mean_heldout_error_after"] = sum(a for _, a in held) / len(held)
     if peaks:
         out["peak_memory_bytes"] = max(peaks)
+    out["estimated_memory_bytes"] = max((r.estimated_memory_bytes or 0) for r in records)
     return out

@@ -2,9 +2,9 @@
 
 On the CPU nothing moves. On a GPU:
 
-- **resident**: when every block's weights together take under :data:`RESIDENT_SHARE` of the free
-  device memory (a 7B model in bf16, 14 GB, on an 80-141 GB card), all of them are moved once at the
-  start and back once at the end: no transfer between blocks.
+- **resident**: when every block's weights together take under :data:`prac.engine.memory.RESIDENT_SHARE`
+  of the free device memory (a 7B model in bf16, 14 GB, on an 80-141 GB card), all of them are moved
+  once at the start and back once at the end: no transfer between blocks.
 - **streamed**: otherwise one block is on the device at a time (plus the next one arriving). While
   block ``i`` is calibrated, pruned and propagated, a background thread copies block ``i + 1``'s
   weights into pinned host memory and queues their host-to-device copies on a side stream
@@ -30,11 +30,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 from torch import nn
 
-log = logging.getLogger(__name__)
+from prac.engine.memory import resident
 
-RESIDENT_SHARE = 0.5
-"""Every block's weights stay on the device when together they take under this share of its free
-memory (0: always streamed, as ``tests/test_cuda_streaming.py`` forces it)."""
+log = logging.getLogger(__name__)
 
 
 def _tensors(block: nn.Module):
@@ -71,9 +69,8 @@ class BlockMover:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.count = len(blocks) if count is None else count
         self.cuda = self.device.type == "cuda"
-        share = RESIDENT_SHARE if resident_share is None else resident_share
         total = sum(block_bytes(blocks[i]) for i in range(self.count))
-        self.resident = self.cuda and total < share * torch.cuda.mem_get_info(self.device)[0]
+        self.resident = self.cuda and resident(total, self.device, resident_share)
         self.stream = torch.cuda.Stream(self.device) if self.cuda and not self.resident else None
         self._pool: ThreadPoolExecutor | None = None  # the prefetch thread (streamed mode), made on first use
         self._pending: dict[int, Future] = {}  # block -> (side-stream event, moved tensors), once queued

@@ -8,8 +8,8 @@ the tensors as they are in memory (names, dtypes, shapes and bytes), so a change
 dtype or another checkpoint is a different key, never a stale hit. Hashing costs one read of the
 weights (sha256 runs at roughly 1-2 GB/s: seconds for a 7B model, against minutes of evaluation).
 
-``--no-cache`` (or ``PRAC_NO_CACHE=1``) skips it. The cache is best-effort: an unreadable or malformed entry is a miss, and a cache folder that
-cannot be written only costs a warning. Entries are written atomically through
+``--no-cache`` (or ``PRAC_NO_CACHE=1``) skips it. The cache is best-effort: an unreadable or malformed entry is
+a miss, and a cache folder that cannot be written only costs a warning. Entries are written atomically through
 :mod:`prac.io.outputs` (temporary sibling, rename), so concurrent runs never see half a file.
 """
 

@@ -74,27 +74,27 @@ def summarize_layers(layers: list[LayerRecord], block_weights: tuple[int, int] |
     """Sparsity over all pruned weights (weighted by size), row-sparsity range, mean relative layer
     error; with ``block_weights`` (zeros, entries) the share of zeros over *every* weight matrix of the
     blocks (routers, ignored layers and anything not pruned included); the MoE experts' token counts."""
-    total = sum(l.numel for l in layers)
-    pruned = sum(l.sparsity * l.numel for l in layers)
+    total = sum(rec.numel for rec in layers)
+    pruned = sum(rec.sparsity * rec.numel for rec in layers)
     out: dict[str, Any] = {"sparsity": pruned / total if total else 0.0, "pruned_layers": len(layers),
                            "pruned_parameters": int(round(pruned)), "prunable_parameters": total}
     if block_weights is not None and block_weights[1]:
         out["block_weight_sparsity"] = block_weights[0] / block_weights[1]
         out["block_weight_parameters"] = block_weights[1]
-    experts = [l for l in layers if l.expert is not None]
+    experts = [rec for rec in layers if rec.expert is not None]
     if experts:
-        tokens = [l.expert.get("tokens", 0) for l in experts if "tokens" in l.expert]
+        tokens = [rec.expert.get("tokens", 0) for rec in experts if "tokens" in rec.expert]
         out["experts"] = {
             "pruned_projections": len(experts),
             "tokens_min": min(tokens) if tokens else None,
             "tokens_max": max(tokens) if tokens else None,
-            "no_tokens": sorted({l.name.rsplit(".", 1)[0] for l in experts if l.expert.get("tokens") == 0}),
-            "topped_up": [l.name for l in experts if l.expert.get("prior_tokens", 0) > 0],
+            "no_tokens": sorted({rec.name.rsplit(".", 1)[0] for rec in experts if rec.expert.get("tokens") == 0}),
+            "topped_up": [rec.name for rec in experts if rec.expert.get("prior_tokens", 0) > 0],
         }
     if layers:
-        out["row_sparsity_min"] = min(l.row_sparsity[0] for l in layers)
-        out["row_sparsity_max"] = max(l.row_sparsity[1] for l in layers)
-    errors = [l.relative_error for l in layers if l.relative_error is not None]
+        out["row_sparsity_min"] = min(rec.row_sparsity[0] for rec in layers)
+        out["row_sparsity_max"] = max(rec.row_sparsity[1] for rec in layers)
+    errors = [rec.relative_error for rec in layers if rec.relative_error is not None]
     if errors:
         out["mean_relative_error"] = sum(errors) / len(errors)
     return out

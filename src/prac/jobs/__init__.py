@@ -4,16 +4,21 @@ allocation plans, verification. May import: prac.io and everything below it (not
 
 import warnings as _warnings
 
+#: Where the names of the former flat module ``prac.jobs`` live now, searched in this order (a module
+#: before those that import from it, so a name is found where it is defined).
+_MODULES = ("config", "defaults", "results", "checks", "evaluator", "prune", "eval")
+
 
 def __getattr__(name: str):
-    """Names of the former flat module ``prac.jobs`` (deprecated: import from ``prac.jobs.run``)."""
+    """Names of the former flat module ``prac.jobs`` (deprecated: import from the module named in the warning)."""
     import importlib
 
-    module = importlib.import_module("prac.jobs.run")
-    try:
-        value = getattr(module, name)
-    except AttributeError:
-        raise AttributeError(f"module 'prac.jobs' has no attribute {name!r}") from None
-    _warnings.warn(f"prac.jobs.{name} moved to prac.jobs.run.{name}; the old path goes in the next release",
+    for module_name in _MODULES:
+        module = importlib.import_module(f"prac.jobs.{module_name}")
+        if hasattr(module, name):
+            break
+    else:
+        raise AttributeError(f"module 'prac.jobs' has no attribute {name!r}")
+    _warnings.warn(f"prac.jobs.{name} moved to prac.jobs.{module_name}.{name}; the old path goes in the next release",
                    DeprecationWarning, stacklevel=2)
-    return value
+    return getattr(module, name)

@@ -33,7 +33,8 @@ from torch import nn
 
 from prac.core.errors import PracError
 from prac.correction.objective import quadratic_rows
-from prac.engine.loop import BlockEngine, EngineConfig
+from prac.engine.config import EngineConfig
+from prac.engine.loop import BlockEngine
 from prac.engine.reconstruct import ReconstructConfig
 from prac.methods.masks import mask_from_scores, wanda_scores
 from prac.methods.patterns import Unstructured

@@ -63,7 +63,7 @@ def _parallel(session: Session | None):
     """A fresh data-parallel engine hook for one pruning run (None in one process)."""
     if session is None:
         return None
-    from prac.parallel.session import DataParallel
+    from prac.parallel.data_parallel import DataParallel
 
     return DataParallel(session)
 

@@ -35,14 +35,15 @@ least-squares optimum instead of the last projection.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from prac.core.errors import PracError
-from prac.methods.masks import MaskResult, mask_from_scores
+from prac.methods.masks import SCOPE, MaskResult, mask_from_scores
 from prac.methods.patterns import NM, Pattern, Unstructured
+from prac.methods.sparsegpt import BLOCKSIZE
 
 SCORES = ("scaled", "magnitude")
 SWEEPS = ("global", "blocks")
@@ -65,19 +66,32 @@ class ADMMSettings:
     the sweep's weights; ``blocks`` only, whose sweep already compensates every pruned block).
     """
 
-    iterations: int = 20
-    penalty: float = 0.1
-    penalty_growth: float = 1.2
-    damping: float = 0.1
-    gradual: int = 0
-    score: str = "scaled"
-    scope: str = "layer"
-    final_damping: float = 1e-2
+    iterations: int = field(default=20, metadata={"flag": "--admm-iterations", "min": 1, "help": "admm: ADMM steps"})
+    penalty: float = field(default=0.1, metadata={
+        "flag": "--admm-penalty", "help": "admm: first penalty ρ, relative to the unit diagonal of the scaled H"})
+    penalty_growth: float = field(default=1.2, metadata={
+        "flag": "--admm-penalty-growth", "help": "admm: ρ multiplied by this after every step"})
+    damping: float = field(default=0.1, metadata={"flag": "--admm-damping", "help": "admm: ridge λ on the change, relative"})
+    gradual: int = field(default=0, metadata={
+        "flag": "--admm-gradual", "help": "admm: steps over which the projection's sparsity ramps up cubically, 0 = none"})
+    score: str = field(default="scaled", metadata={
+        "flag": "--admm-score", "choices": SCORES, "help": "admm: projection score, |W|·√diag(H) (scaled, Wanda's) or |W|"})
+    scope: str = field(default="layer", metadata=SCOPE)
+    final_damping: float = field(default=1e-2, metadata={
+        "flag": "--admm-final-damping", "help": "admm: ridge of the exact solve on the final mask, fraction of mean "
+                                                "diag(H); larger keeps the weights nearer the dense ones"})
     final_tol: float = 1e-2
     final_max_iter: int = 200
-    sweep: str = "global"
-    blocksize: int = 128
-    final: str = "exact"
+    sweep: str = field(default="global", metadata={
+        "flag": "--admm-sweep", "choices": SWEEPS,
+        "help": "admm: global (ADMM on the whole matrix, best quality, ~25-30x SparseGPT's time per layer on a CPU) or "
+                "blocks (SparseGPT's column sweep, each --blocksize block's mask and values by ADMM: 3-5x SparseGPT "
+                "with --admm-final none, ~8-17x without; docs/admm.md)"})
+    blocksize: int = field(default=128, metadata=BLOCKSIZE)
+    final: str = field(default="exact", metadata={
+        "flag": "--admm-final", "choices": FINALS,
+        "help": "admm: exact (solve the final mask's weights exactly) or none (keep the block sweep's weights: "
+                "--admm-sweep blocks only, saves 3-8 matmuls of in x in per linear)"})
 
     def __post_init__(self) -> None:
         if self.iterations < 1:
@@ -102,6 +116,11 @@ class ADMMSettings:
             raise PracError(f"admm final must be one of {', '.join(FINALS)}, got {self.final!r}")
         if self.final == "none" and self.sweep == "global":
             raise PracError("admm final none needs sweep blocks (the global iterate is only a mask finder)")
+
+    @property
+    def sweeps_blocks(self) -> bool:
+        """``sweep`` blocks: the columns are swept in blocks of ``blocksize``."""
+        return self.sweep == "blocks"
 
 
 @dataclass
@@ -163,7 +182,8 @@ def admm_mask(weight: torch.Tensor, spec: Spectrum, pattern: Pattern, settings: 
     def scores_of(x: torch.Tensor) -> torch.Tensor:
         return x.abs() if settings.score == "scaled" else x.abs() * inv_scale.unsqueeze(0)
 
-    mask = frozen if frozen is not None else project(scores_of(wt), pattern, gradual_sparsity(target, 0, settings.gradual), settings.scope)
+    mask = (frozen if frozen is not None
+            else project(scores_of(wt), pattern, gradual_sparsity(target, 0, settings.gradual), settings.scope))
     z = wt.masked_fill(mask, 0.0)
     u = torch.zeros_like(wt)
     rho = settings.penalty

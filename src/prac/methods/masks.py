@@ -14,6 +14,11 @@ import torch
 
 from prac.methods.patterns import NM, Pattern, Unstructured
 
+SCOPES = ("row", "layer")
+#: The ``--scope`` flag of every method with a ``scope`` setting (field metadata, see
+#: :mod:`prac.cli.settings_flags`): the comparison group of :func:`mask_from_scores`.
+SCOPE = {"flag": "--scope", "choices": SCOPES, "help": "comparison group for unstructured masks"}
+
 
 @dataclass
 class MaskResult:

@@ -53,6 +53,9 @@ from prac.methods.patterns import NM, Pattern, Unstructured
 
 log = logging.getLogger(__name__)
 
+#: The ``--blocksize`` flag of every method with a column sweep (field metadata, see :mod:`prac.cli.settings_flags`).
+BLOCKSIZE = {"flag": "--blocksize", "min": 1, "help": "column block of SparseGPT's sweep and of admm's --admm-sweep blocks"}
+
 
 @dataclass(frozen=True)
 class SparseGPTConfig:
@@ -63,8 +66,9 @@ class SparseGPTConfig:
     multiplied by ``damping_growth``; every retry is reported, and running out raises.
     """
 
-    blocksize: int = 128
-    percdamp: float = 0.01
+    blocksize: int = field(default=128, metadata=BLOCKSIZE)
+    percdamp: float = field(default=0.01, metadata={"flag": "--percdamp",
+                                                     "help": "SparseGPT damping, fraction of mean diag(H)"})
     damping_retries: int = 4
     damping_growth: float = 10.0
 
@@ -75,6 +79,11 @@ class SparseGPTConfig:
             raise PracError(f"percdamp must be >= 0, got {self.percdamp}")
         if self.damping_retries < 0 or self.damping_growth <= 1:
             raise PracError("damping_retries must be >= 0 and damping_growth > 1")
+
+    @property
+    def sweeps_blocks(self) -> bool:
+        """Always: the columns are swept in blocks of ``blocksize``."""
+        return True
 
 
 @dataclass

@@ -181,7 +181,7 @@ def move_outside_blocks(model: nn.Module, blocks: Blocks, device: torch.device) 
     """Move every parameter and buffer that is not inside the blocks (embeddings, rotary, norms, head)."""
     inside = {id(p) for p in blocks.modules.parameters()} | {id(b) for b in blocks.modules.buffers()}
     for module in model.modules():
-        for key, param in module._parameters.items():
+        for param in module._parameters.values():
             if param is not None and id(param) not in inside and param.device != device:
                 param.data = param.data.to(device)
         for key, buf in module._buffers.items():

@@ -1,4 +1,4 @@
-"""Several processes: the data-parallel session (ranks, exact tree sums of statistics), hooks that
-stream blocks through evaluation, and the zero-shot harness.
+"""Several processes: launch, session and failure protocol, the data-parallel engine hooks with exact
+tree sums of statistics, hooks that stream blocks through evaluation, and the zero-shot harness.
 May import: prac.engine and everything below it.
 """

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from prac.core.progress import Progress, no_progress
+from prac.engine.memory import eval_batch_windows, free_memory, placed_whole
 from prac.model.blocks import find_blocks, move_outside_blocks
 
 
@@ -24,12 +25,12 @@ def _param_bytes(model: nn.Module) -> int:
 
 @contextlib.contextmanager
 def placed(model: nn.Module, device: torch.device) -> Iterator[None]:
-    """Run ``model`` on ``device``: whole if it fits in half the free memory, else one block at a time."""
+    """Run ``model`` on ``device``: whole if it fits in half the free memory, else one block at a time
+    (:func:`prac.engine.memory.placed_whole`)."""
     if device.type == "cpu":
         yield
         return
-    free, _ = torch.cuda.mem_get_info(device)
-    if _param_bytes(model) < 0.5 * free:
+    if placed_whole(_param_bytes(model), free_memory(device)):
         model.to(device)
         try:
             yield
@@ -113,8 +114,6 @@ def window_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 CPU_EVAL_TOKENS = 8192
 #: Most memory the CPU default lets one batch's logits and loss take (see :func:`window_bytes`).
 CPU_LOGITS_BUDGET = 1 << 30
-#: Fraction of the free accelerator memory the default batch may plan to use.
-CUDA_MEMORY_FRACTION = 0.6
 #: Upper bound of the CUDA default (beyond it nothing is gained on any current card).
 MAX_EVAL_BATCH = 64
 
@@ -151,7 +150,7 @@ def resident_bytes(model: nn.Module, free_bytes: int) -> int:
     """What :func:`placed` keeps on the accelerator during an evaluation: the whole model when it fits in
     half the free memory, else everything outside the blocks plus one block (they are moved in turn)."""
     total = _param_bytes(model)
-    if total < 0.5 * free_bytes:
+    if placed_whole(total, free_bytes):
         return total
     try:
         blocks = find_blocks(model)
@@ -168,7 +167,7 @@ def default_eval_batch_size(model: nn.Module, seqlen: int, device: torch.device,
     CPU: :data:`CPU_EVAL_TOKENS` tokens per batch, fewer when the logits of that many windows would
     exceed :data:`CPU_LOGITS_BUDGET` (32 windows for the bundled model at 256 tokens; 1 for a 7B model
     with a 32k vocabulary at 2048). CUDA: how many windows of :func:`window_bytes` fit into
-    :data:`CUDA_MEMORY_FRACTION` of the memory left free once :func:`placed` has put the weights on
+    :data:`prac.engine.memory.EVAL_BATCH_SHARE` of the memory left free once :func:`placed` has put the weights on
     the device (``free_bytes``: ``torch.cuda.mem_get_info`` when not given). A 7B model in fp16
     (14.5 GB) on a 24 GB card is evaluated a block at a time (it is more than half the free memory),
     leaving ~22.5 GB: 0.6 × 22.5 / 1.88 ≈ 7 windows at 2048 tokens, ~14 GB planned; on an 80 GB card
@@ -181,10 +180,10 @@ def default_eval_batch_size(model: nn.Module, seqlen: int, device: torch.device,
         by_logits = CPU_LOGITS_BUDGET // (seqlen * vocab * (dtype_bytes + 8))
         return int(max(1, min(MAX_EVAL_BATCH, CPU_EVAL_TOKENS // seqlen, by_logits)))
     if free_bytes is None:
-        free_bytes = int(torch.cuda.mem_get_info(device)[0])
+        free_bytes = free_memory(device)
     left = free_bytes - resident_bytes(model, free_bytes)
     per_window = window_bytes(model.config, seqlen, dtype_bytes)
-    return int(max(1, min(MAX_EVAL_BATCH, (CUDA_MEMORY_FRACTION * left) // per_window)))
+    return int(max(1, min(MAX_EVAL_BATCH, eval_batch_windows(left, per_window))))
 
 
 @torch.no_grad()

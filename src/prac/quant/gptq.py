@@ -188,15 +188,15 @@ def summarize_quantization(layers: list, cfg: QuantConfig) -> dict[str, Any]:
     """The report's ``quantization``: the grid, how many linears took it by which sweep, and the
     mean relative layer error before rounding where it was measured (the GPTQ pass on a mask; a joint
     sweep has no unrounded state of the same weights) next to the mean after it."""
-    quantized = [l for l in layers if l.quant]
+    quantized = [rec for rec in layers if rec.quant]
     sweeps: dict[str, int] = {}
-    for l in quantized:
-        sweeps[l.quant.get("sweep", "?")] = sweeps.get(l.quant.get("sweep", "?"), 0) + 1
+    for rec in quantized:
+        sweeps[rec.quant.get("sweep", "?")] = sweeps.get(rec.quant.get("sweep", "?"), 0) + 1
     out: dict[str, Any] = {**cfg.describe(), "quantized_layers": len(quantized), "sweeps": sweeps}
-    before = [l.quant["error_unquantized"] for l in quantized if l.quant.get("error_unquantized") is not None]
+    before = [rec.quant["error_unquantized"] for rec in quantized if rec.quant.get("error_unquantized") is not None]
     if before:
         out["mean_relative_error_unquantized"] = sum(before) / len(before)
-    after = [l.relative_error for l in quantized if l.relative_error is not None]
+    after = [rec.relative_error for rec in quantized if rec.relative_error is not None]
     if after:
         out["mean_relative_error"] = sum(after) / len(after)
     return out

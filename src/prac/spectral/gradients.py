@@ -16,6 +16,10 @@ Two engines give the same gᵢ = ∇θ ℓᵢ:
   tokens), with the parameters passed through ``functional_call``; one batched backward per chunk.
 - ``loop``: one ``torch.autograd.grad`` per sample; slower, but works for every model, including
   ones with data-dependent control flow that vmap cannot batch (e.g. SDPA masks with padding).
+
+``auto`` (:class:`EngineState`) uses vmap and drops to the loop the first time vmap cannot run.
+
+Gradients the caller computed are taken as they are (:func:`stack_precomputed`).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad, jacrev, vmap
 
 from prac.core.errors import PracError
+from prac.spectral.solvers import _first_line
 
 log = logging.getLogger(__name__)
 
@@ -267,3 +272,51 @@ def is_vmap_unsupported(exc: BaseException) -> bool:
     if isinstance(exc, torch.OutOfMemoryError):
         return False
     return isinstance(exc, (RuntimeError, NotImplementedError, TypeError))
+
+
+class EngineState:
+    """Which gradient engine is in use; ``auto`` drops to the loop the first time vmap cannot run."""
+
+    def __init__(self, requested: str):
+        self.requested = requested
+        self.current = requested
+        self.vmap_ok = False
+        self.reason: str | None = None
+        self.seen: set[str] = set()
+
+    def used(self, name: str) -> None:
+        self.seen.add(name)
+        if name == "vmap":
+            self.vmap_ok = True
+
+    def fall_back(self, exc: BaseException) -> None:
+        self.reason = _first_line(exc)
+        log.warning("vmap cannot differentiate this model (%s): using the per-sample backward loop", self.reason)
+        self.current = "loop"
+
+    def describe(self) -> dict:
+        used = "vmap" if self.seen == {"vmap"} else "loop" if self.seen == {"loop"} else sorted(self.seen)
+        return {"requested": self.requested, "used": used, "fallback_reason": self.reason}
+
+
+def stack_precomputed(grads) -> dict[str, torch.Tensor]:
+    """``{name: [N, *shape]}`` from a list of per-sample dicts or an already stacked dict."""
+    if isinstance(grads, Mapping):
+        out = {n: torch.as_tensor(t) for n, t in grads.items()}
+        lengths = {t.shape[0] if t.dim() else -1 for t in out.values()}
+        if len(lengths) > 1 or -1 in lengths:
+            raise PracError("stacked precomputed_gradients need the same leading sample dimension N in every tensor")
+        if not out or next(iter(lengths)) == 0:
+            return {}
+        return out
+    grads = list(grads)
+    if not grads:
+        return {}
+    names = list(grads[0])
+    for i, g in enumerate(grads):
+        if list(g) != names:
+            raise PracError(f"precomputed_gradients[{i}] has different parameter names from sample 0")
+    try:
+        return {n: torch.stack([torch.as_tensor(g[n]) for g in grads]) for n in names}
+    except RuntimeError as exc:
+        raise PracError(f"precomputed_gradients have inconsistent shapes: {_first_line(exc)}") from exc

@@ -48,7 +48,8 @@ def gram(rows: torch.Tensor) -> torch.Tensor:
     return rows @ rows.T
 
 
-def eigvalsh_descending(K: torch.Tensor, device: torch.device, failure_jitter: float = 0.0) -> tuple[torch.Tensor, SolveInfo]:
+def eigvalsh_descending(K: torch.Tensor, device: torch.device, failure_jitter: float = 0.0
+                        ) -> tuple[torch.Tensor, SolveInfo]:
     """All eigenvalues of the symmetric K (float64, descending, on the CPU).
 
     No regularisation unless the solver fails: first a retry on the CPU in float64, then a diagonal
@@ -97,7 +98,8 @@ def topk_svd(matrix: torch.Tensor, k: int, seed: int, oversample: int, niter: in
     k_used = min(k, rank_cap)
     info.k_used = k_used
     if k_used < 1:
-        log.warning("svd_lowrank: k=%d leaves nothing to compute for a %s matrix; empty spectrum", k_used, tuple(matrix.shape))
+        log.warning("svd_lowrank: k=%d leaves nothing to compute for a %s matrix; empty spectrum", k_used,
+                    tuple(matrix.shape))
         info.attempts.append(f"skipped: k={k_used} < 1")
         return torch.zeros(0, dtype=torch.float64), info
     q = min(k_used + oversample, rank_cap)
