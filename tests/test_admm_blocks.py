@@ -13,7 +13,10 @@ from prac.methods.admm_blocks import block_admm
 from prac.methods.patterns import NM, Unstructured
 from prac.methods.sparsegpt import SparseGPTConfig
 
-from .test_admm import D_IN, D_OUT, group_of, layer, prune  # noqa: F401 - layer is a fixture
+from . import test_admm
+from .test_admm import D_IN, D_OUT, group_of, prune
+
+layer = test_admm.layer  # test_admm's fixture, registered here so the tests below can take `layer`
 
 BLOCKS = ADMMSettings(sweep="blocks", blocksize=16)  # 4 blocks of the 64 inputs
 BLOCKS_NONE = ADMMSettings(sweep="blocks", blocksize=16, final="none")

@@ -31,7 +31,8 @@ def test_quality_smoke(tmp_path):
 
 
 def test_gpu_script_smoke_on_cpu(tmp_path):
-    out = _run([str(ROOT / "bench" / "gpu_prune.py"), "--smoke", "--device", "cpu", "--out", str(tmp_path / "g.json")], tmp_path)
+    out = _run([str(ROOT / "bench" / "gpu_prune.py"), "--smoke", "--device", "cpu", "--out", str(tmp_path / "g.json")],
+               tmp_path)
     rows = json.loads((tmp_path / "g.json").read_text())["rows"]
     assert [r["run"] for r in rows] == ["wanda", "sparsegpt", "wanda+full", "wanda+optimal", "wanda"]
     assert rows[-1]["blocks"] == 2 * rows[0]["blocks"] and "| wanda+optimal |" in out

@@ -169,13 +169,15 @@ def test_argument_error_is_one_line_and_a_pointer_to_help(capsys):
     with pytest.raises(SystemExit):
         main(["prun"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 2 and err[0].startswith("prac: error: argument COMMAND: invalid choice") and err[1] == "see 'prac --help'"
+    assert len(err) == 2 and err[0].startswith("prac: error: argument COMMAND: invalid choice")
+    assert err[1] == "see 'prac --help'"
 
 
 def test_top_level_help_imports_nothing_heavy():
     script = ("import sys\nfrom prac.cli import main\n"
               "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
-              "print(sorted(m for m in ('torch', 'transformers', 'torch.func', 'prac.spectral', 'numpy') if m in sys.modules))")
+              "print(sorted(m for m in ('torch', 'transformers', 'torch.func', 'prac.spectral', 'numpy')"
+              " if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.strip().splitlines()

@@ -61,7 +61,8 @@ def test_matches_float64_exact_solve_in_few_iterations(pattern, damping, tol):
     f0, f_ref = objective(torch.zeros_like(w), w, wp, h), objective(ref, w, wp, h)
     fraction = (f0 - objective(out.delta, w, wp, h)) / (f0 - f_ref)
     assert fraction == pytest.approx(1.0, abs=1e-5)
-    # Few iterations (1e-4 is near fp32's floor for this residual), and far fewer than Jacobi-PCG on the original system needs for the same tolerance.
+    # Few iterations (1e-4 is near fp32's floor for this residual), and far fewer than Jacobi-PCG on the
+    # original system needs for the same tolerance.
     jacobi = masked_pcg(h, (w - wp) @ h, free, lam, tol=tol, max_iter=1000)
     assert out.iterations <= 20 and out.iterations < 0.6 * jacobi.iterations
 

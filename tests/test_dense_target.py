@@ -54,7 +54,8 @@ def test_spec_and_engine_pairing(calib):
     assert spec.drift and spec.hessian
     seen = {}
     prune_model(make_tiny_model("mistral"), calib, cfg, CPU,
-                observer=lambda grp: seen.setdefault(grp.names[0], (grp.stats.drift, grp.stats.drift_out, grp.stats.hessian)))
+                observer=lambda grp: seen.setdefault(grp.names[0],
+                                                     (grp.stats.drift, grp.stats.drift_out, grp.stats.hessian)))
     drift, _, h = seen["model.layers.0.self_attn.q_proj"]
     assert not bool(drift.any())
     for name in ("model.layers.0.self_attn.o_proj", "model.layers.1.self_attn.q_proj"):
@@ -101,12 +102,13 @@ def test_nothing_pruned_leaves_the_model_unchanged(calib):
 def test_dense_target_brings_the_output_closer_to_the_dense_model(calib, method):
     """In-sample, the last block's outputs are closer to the dense model's; reruns are bit-identical."""
     base = make_tiny_model("mistral")
-    dense = prune_model(copy.deepcopy(base), calib, PruneConfig(pattern=Unstructured(0.0), engine=EngineConfig(batch_size=4)), CPU,
-                        return_hidden=True).final_hidden
+    dense_cfg = PruneConfig(pattern=Unstructured(0.0), engine=EngineConfig(batch_size=4))
+    dense = prune_model(copy.deepcopy(base), calib, dense_cfg, CPU, return_hidden=True).final_hidden
 
     def run(dense_target):
         model = copy.deepcopy(base)
-        cfg = PruneConfig(method=method, pattern=Unstructured(0.7), engine=EngineConfig(batch_size=4, dense_target=dense_target))
+        cfg = PruneConfig(method=method, pattern=Unstructured(0.7),
+                          engine=EngineConfig(batch_size=4, dense_target=dense_target))
         out = prune_model(model, calib, cfg, CPU, return_hidden=True)
         err = sum(float((a - b).square().sum()) for a, b in zip(out.final_hidden, dense))
         return err / sum(float(b.square().sum()) for b in dense), state_hash(model), out
@@ -122,7 +124,7 @@ def test_dense_target_brings_the_output_closer_to_the_dense_model(calib, method)
 def test_engine_needs_the_drift_statistics(calib):
     engine = BlockEngine(EngineConfig(dense_target=True), CPU)
     with pytest.raises(RuntimeError, match="drift"):
-        engine.run(make_tiny_model("mistral"), calib, StatsSpec(hessian=True), lambda g, l: None)
+        engine.run(make_tiny_model("mistral"), calib, StatsSpec(hessian=True), lambda group, units: None)
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "opt", "gpt_neox", "gpt2", "bert"])

@@ -182,7 +182,8 @@ def test_sequential_calibrates_each_group_on_the_pruned_groups_before_it(calib, 
 def test_sequential_changes_the_masks_and_reruns_bit_identically(calib):
     def run(sequential):
         model = make_tiny_model("mistral")
-        cfg = PruneConfig(method="sparsegpt", pattern=Unstructured(0.6), engine=EngineConfig(batch_size=3, sequential=sequential))
+        cfg = PruneConfig(method="sparsegpt", pattern=Unstructured(0.6),
+                          engine=EngineConfig(batch_size=3, sequential=sequential))
         outcome = prune_model(model, calib, cfg, CPU)
         return state_hash(model), outcome
 

@@ -108,7 +108,7 @@ def test_split_eval_sets():
 
 def test_c4_protocol_joins_the_first_documents_and_keeps_256_windows(tokenizer):
     """SparseGPT's C4 evaluation: ' '.join of the first 1100 documents, the first 256 x seqlen tokens."""
-    docs = [f"document {i}: " + "def f(x):\n    return x + %d\n" % i for i in range(C4_EVAL_DOCS + 50)]
+    docs = [f"document {i}: " + f"def f(x):\n    return x + {i}\n" for i in range(C4_EVAL_DOCS + 50)]
     seqlen = 8
     ids = c4_eval_tokens(docs, tokenizer, seqlen)
     expected = tokenizer(" ".join(docs[:C4_EVAL_DOCS]), return_tensors="pt").input_ids[0][: C4_EVAL_WINDOWS * seqlen]

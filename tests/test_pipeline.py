@@ -81,7 +81,8 @@ def test_sparsity_zero_reproduces_dense_hidden_states(arch, calib):
             model(input_ids=ids)
     handle.remove()
     before = state_hash(model)
-    outcome = prune_model(model, calib, PruneConfig(pattern=Unstructured(0.0), engine=EngineConfig(batch_size=3)), CPU, return_hidden=True)
+    outcome = prune_model(model, calib, PruneConfig(pattern=Unstructured(0.0), engine=EngineConfig(batch_size=3)), CPU,
+                          return_hidden=True)
     assert state_hash(model) == before
     for ref, got in zip(reference, outcome.final_hidden):
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)

@@ -40,7 +40,9 @@ def weights(model) -> dict[str, torch.Tensor]:
     return {name: unit.read() for _b, _i, units in model_units(model) for name, unit in units.items()}
 
 
-def run(calib, method="sparsegpt", pattern=Unstructured(0.5), quant=Q4, **engine):
+def run(calib, method="sparsegpt", pattern=None, quant=Q4, **engine):
+    if pattern is None:
+        pattern = Unstructured(0.5)
     model = make_tiny_model("mistral")
     outcome = prune_model(model, calib, PruneConfig(method=method, pattern=pattern, quant=quant,
                                                     engine=EngineConfig(batch_size=2, **engine)), CPU)
@@ -209,7 +211,7 @@ def _one_line_error(argv, capsys, root: Path, *needles: str) -> None:
         code = main(argv)
     except SystemExit as exit:  # argparse's own errors (an invalid choice)
         code = exit.code
-    err = [l for l in capsys.readouterr().err.strip().splitlines() if not l.startswith("see 'prac")]
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("see 'prac")]
     assert code == 2 and len(err) == 1, err
     assert all(n in err[0] for n in needles), err[0]
     assert tree_state(root) == before
@@ -266,7 +268,7 @@ def test_cli_quantized_prune_saves_compressed_by_default(work, capsys):
     assert "compressed-tensors pack-quantized" in printed
     report = json.loads((out / "prac_report.json").read_text())
     assert report["summary"]["quantization"]["quantized_layers"] == 14
-    assert all(l["quant"]["bits"] == 4 for l in report["layers"])
+    assert all(layer["quant"]["bits"] == 4 for layer in report["layers"])
     assert report["config"]["save_format"] == "compressed"
     assert json.loads((out / "config.json").read_text())["quantization_config"]["format"] == "pack-quantized"
 

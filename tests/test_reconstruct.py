@@ -36,7 +36,9 @@ def masks(model) -> dict[str, torch.Tensor]:
     return {name: unit.read() == 0 for _b, _i, units in model_units(model) for name, unit in units.items()}
 
 
-def run(arch, calib, mode="block", method="wanda", pattern=Unstructured(0.6), **settings):
+def run(arch, calib, mode="block", method="wanda", pattern=None, **settings):
+    if pattern is None:
+        pattern = Unstructured(0.6)
     settings = {"epochs": 4, "minibatches": 4, **settings}  # fewer steps than the defaults: a tiny model
     model = make_tiny_model(arch)
     cfg = PruneConfig(method=method, pattern=pattern,
@@ -148,3 +150,44 @@ def test_no_more_minibatches_than_calibration_batches(calib):
     (an empty step would still move the weights through the optimiser's momentum)."""
     _, outcome = run("mistral", calib, lr=1e-3, holdout=0.0, epochs=1, minibatches=100)
     assert [r.steps for r in outcome.reconstruction] == [8, 8]
+
+
+def test_the_token_loss_weighs_every_token_alike_and_the_total_loss_does_not():
+    """One token with 1000x the others' scale (a "massive activation", as the first token of every window
+    in SmolLM2's middle blocks): the per-token objective is the mean of the tokens' relative errors,
+    whatever their scales; the total objective is that one token's error."""
+    from prac.engine.reconstruct import _Problem
+
+    torch.manual_seed(0)
+    target = torch.randn(2, 8, 16)
+    pred = target + 0.1 * torch.randn(2, 8, 16)
+    per_token = ((pred - target).square().sum(-1) / target.square().sum(-1))  # [2, 8]
+    big_t, big_p = target.clone(), pred.clone()
+    big_t[:, 0] *= 1000
+    big_p[:, 0] = big_t[:, 0] * 1.001  # a 1e-6 relative error on the massive token
+    token = _Problem.__new__(_Problem)
+    token.tokenwise = True
+    total = _Problem.__new__(_Problem)
+    total.tokenwise = False
+
+    def objective(problem, t, p):
+        err, norm = problem._norms(t, p)
+        return float(err.sum() / norm.sum())
+
+    expected = torch.cat([torch.full((2, 1), 1e-6), per_token[:, 1:]], dim=1).mean()
+    assert objective(token, big_t, big_p) == pytest.approx(float(expected), rel=1e-4)
+    assert objective(token, target, pred) == pytest.approx(float(per_token.mean()), rel=1e-5)
+    # the total objective: the massive token's 1e-6 drowns the other tokens' ~1e-2
+    assert objective(total, big_t, big_p) < 1e-5 < objective(token, big_t, big_p)
+
+
+def test_the_loss_is_recorded_and_total_reproduces_its_own_runs(calib):
+    _m1, token = run("mistral", calib, lr=1e-3, holdout=0.0)
+    m2, total = run("mistral", calib, lr=1e-3, holdout=0.0, loss="total")
+    m3, again = run("mistral", calib, lr=1e-3, holdout=0.0, loss="total")
+    assert {r.loss for r in token.reconstruction} == {"token"} and {r.loss for r in total.reconstruction} == {"total"}
+    assert state_hash(m2) == state_hash(m3)
+    assert [r.fit_after for r in total.reconstruction] == [r.fit_after for r in again.reconstruction]
+    assert [r.fit_before for r in token.reconstruction] != [r.fit_before for r in total.reconstruction]
+    with pytest.raises(PracError, match="reconstruct loss"):
+        ReconstructConfig("block", loss="mean")

@@ -47,9 +47,9 @@ def small_text(tmp_path_factory) -> str:
 
 def test_cli_writes_json_csv_and_figure(tmp_path, capsys, small_text):
     out = tmp_path / "spectrum.json"
-    args = parse(["--data", small_text, "--n-samples", "3", "--seqlen", "16", "--block-structure", "layer_type", "--out", str(out),
-                  "--plot", str(tmp_path / "spectrum.png"), "--max-params-per-block", "4000", "--no-progress",
-                  "--center"])
+    args = parse(["--data", small_text, "--n-samples", "3", "--seqlen", "16", "--block-structure", "layer_type",
+                  "--out", str(out), "--plot", str(tmp_path / "spectrum.png"), "--max-params-per-block", "4000",
+                  "--no-progress", "--center"])
     assert args.func is run and run(args) == 0
     report = json.loads(out.read_text())
     m = report["metadata"]

@@ -491,7 +491,8 @@ def test_n_samples_and_masks_are_recorded():
     assert {"torch", "prac", "numpy"} <= set(m["versions"])
     mask = torch.ones_like(ids)
     mask[0, 4:] = 0
-    masked = FisherSpectral().compute_fisher_spectrum(model, {"input_ids": ids, "attention_mask": mask}, block_structure="model")
+    masked = FisherSpectral().compute_fisher_spectrum(model, {"input_ids": ids, "attention_mask": mask},
+                                                      block_structure="model")
     assert masked.metadata["n_tokens"] == 5 * 6 - 3
 
 

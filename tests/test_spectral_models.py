@@ -120,7 +120,8 @@ def test_padding_mask_with_sdpa_falls_back_to_the_loop_and_agrees(caplog):
     assert engine["used"] == "loop" and engine["fallback_reason"] and "vmap" in caplog.text
     with pytest.raises(PracError, match="vmap cannot"):
         FisherSpectral(SpectralConfig(gradient_engine="vmap")).compute_fisher_spectrum(sdpa, batch, block_structure="layer")
-    vm = FisherSpectral(SpectralConfig(gradient_engine="vmap")).compute_fisher_spectrum(eager, batch, block_structure="layer")
+    vm = FisherSpectral(SpectralConfig(gradient_engine="vmap")).compute_fisher_spectrum(eager, batch,
+                                                                                        block_structure="layer")
     assert vm.metadata["gradient_engine"]["used"] == "vmap"
     # each against its own reference: HF's eager attention takes the softmax in float32, so the two
     # attention implementations differ at ~1e-7 even in a float64 model
@@ -186,7 +187,8 @@ def test_bert_blocks_by_parent_module():
     assert names["bert.encoder.layer.1.output.dense.weight"] == "layer_1.mlp"
     assert names["bert.embeddings.LayerNorm.weight"] == names["bert.embeddings.word_embeddings.weight"] == "embedding"
     assert names["cls.predictions.transform.dense.weight"] == names["cls.predictions.bias"] == "head"
-    res = FisherSpectral(SpectralConfig(shift_labels=False)).compute_fisher_spectrum(mlm, ids_(3), block_structure="layer_type")
+    res = FisherSpectral(SpectralConfig(shift_labels=False)).compute_fisher_spectrum(mlm, ids_(3),
+                                                                                     block_structure="layer_type")
     assert res.metadata["n_tokens"] == 3 * 8 and "unshifted" in res.metadata["loss"]
     torch.manual_seed(4)
     encoder = BertModel(bert_config(), add_pooling_layer=True).double().eval()

@@ -19,7 +19,7 @@ def int_at_least(minimum: int, what: str):
         try:
             value = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
         return value
@@ -37,7 +37,7 @@ def sparsity(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"sparsity must be a number in [0, 1), got {text!r}")
+        raise argparse.ArgumentTypeError(f"sparsity must be a number in [0, 1), got {text!r}") from None
     if not 0.0 <= value < 1.0:
         raise argparse.ArgumentTypeError(f"sparsity must be in [0, 1), got {value}")
     return value
@@ -106,11 +106,15 @@ def add_calibration(g, nsamples: int) -> None:
     """``--model`` and the calibration options shared by ``prune`` and ``verify``."""
     from prac.io import assets
 
-    g.add_argument("--model", default=str(assets.DEFAULT_MODEL), help="model folder or hub id (default: the bundled tiny Mistral)")
-    g.add_argument("--calib", default=None, help="c4 | wikitext2 | FILE.txt | FILE.jsonl (default: bundled text for the bundled model, else c4)")
-    g.add_argument("--calib-tokens", default=None, metavar="FILE", help="safetensors file with integer input_ids [n, seqlen]: use exactly these tokens")
+    g.add_argument("--model", default=str(assets.DEFAULT_MODEL),
+                   help="model folder or hub id (default: the bundled tiny Mistral)")
+    g.add_argument("--calib", default=None,
+                   help="c4 | wikitext2 | FILE.txt | FILE.jsonl (default: bundled text for the bundled model, else c4)")
+    g.add_argument("--calib-tokens", default=None, metavar="FILE",
+                   help="safetensors file with integer input_ids [n, seqlen]: use exactly these tokens")
     g.add_argument("--nsamples", type=positive_int, default=nsamples, help=f"calibration sequences (default: {nsamples})")
-    g.add_argument("--seqlen", type=positive_int, default=None, help="calibration length (default: 2048 capped at the model's context; 256 for the bundled model)")
+    g.add_argument("--seqlen", type=positive_int, default=None,
+                   help="calibration length (default: 2048 capped at the model's context; 256 for the bundled model)")
     g.add_argument("--seed", type=int, default=0, help="seed for calibration sampling and stored-token samples (default: 0)")
     add_bos_option(g, "calibration and evaluation windows")
 

@@ -27,7 +27,7 @@ def limit_value(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a count or a fraction, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a count or a fraction, got {text!r}") from None
     if not value > 0 or value != value or value == float("inf"):
         raise argparse.ArgumentTypeError(f"expected a count >= 1 or a fraction in (0, 1), got {text!r}")
     return value
@@ -38,9 +38,12 @@ def add_zeroshot_arguments(g: Any) -> None:
     g.add_argument("--tasks", default=None,
                    help="zero-shot tasks of lm-evaluation-harness, comma-separated; 'paper7' = boolq, rte, hellaswag, "
                         "winogrande, arc_easy, arc_challenge, openbookqa (needs pip install 'prac[eval]')")
-    g.add_argument("--num-fewshot", type=non_negative_int, default=None, help="few-shot examples per task (default: the task's, else 0)")
-    g.add_argument("--limit", type=limit_value, default=None, help="documents per task (a count, or a fraction < 1); for quick checks")
-    g.add_argument("--include-path", default=None, metavar="DIR", help="folder of local task YAMLs, as lm-eval's --include_path")
+    g.add_argument("--num-fewshot", type=non_negative_int, default=None,
+                   help="few-shot examples per task (default: the task's, else 0)")
+    g.add_argument("--limit", type=limit_value, default=None,
+                   help="documents per task (a count, or a fraction < 1); for quick checks")
+    g.add_argument("--include-path", default=None, metavar="DIR",
+                   help="folder of local task YAMLs, as lm-eval's --include_path")
 
 
 def zeroshot_config(args: argparse.Namespace, batch_size: int | None):

@@ -148,6 +148,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"learning rate (default: {ReconstructConfig.lr})")
     g.add_argument("--reconstruct-optimizer", choices=("adam", "rmsprop", "sgd"), default=None,
                    help=f"first-order optimiser (default: {ReconstructConfig.optimizer})")
+    g.add_argument("--reconstruct-loss", choices=("token", "total"), default=None,
+                   help="token: each token's relative output error, averaged (what the next block's RMSNorm "
+                        "passes on; not swamped by massive activations); total: all tokens' error over all "
+                        f"tokens' energy (default: {ReconstructConfig.loss})")
     g.add_argument("--expert-min-tokens", type=_min_tokens, default=0, metavar="N|width",
                    help="MoE: an expert projection whose input got fewer routed calibration tokens than N has its "
                         "statistics topped up to N with those of all the block's tokens run through that expert; "
@@ -320,7 +324,8 @@ def _reconstruct_from_args(args: argparse.Namespace):
     from prac.engine.reconstruct import ReconstructConfig
 
     given = {k: v for k, v in (("epochs", args.reconstruct_epochs), ("minibatches", args.reconstruct_minibatches),
-                               ("lr", args.reconstruct_lr), ("optimizer", args.reconstruct_optimizer)) if v is not None}
+                               ("lr", args.reconstruct_lr), ("optimizer", args.reconstruct_optimizer),
+                               ("loss", args.reconstruct_loss)) if v is not None}
     if given and args.reconstruct == "none":  # (--holdout alone belongs to a correction too)
         raise PracError(f"{', '.join('--reconstruct-' + k for k in given)} given without --reconstruct block|sublayer")
     if args.holdout is not None:

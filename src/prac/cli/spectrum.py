@@ -45,8 +45,10 @@ PLOT_FORMATS = (".png", ".pdf", ".svg")
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Every option of ``prac spectrum``."""
     g = p.add_argument_group("model and data")
-    g.add_argument("--model", default=str(assets.DEFAULT_MODEL), help="model folder or hub id (default: the bundled tiny Mistral)")
-    g.add_argument("--data", default=str(assets.DEFAULT_EVAL), help="FILE.txt or wikitext2: cut into non-overlapping --seqlen windows (default: the bundled text)")
+    g.add_argument("--model", default=str(assets.DEFAULT_MODEL),
+                   help="model folder or hub id (default: the bundled tiny Mistral)")
+    g.add_argument("--data", default=str(assets.DEFAULT_EVAL),
+                   help="FILE.txt or wikitext2: cut into non-overlapping --seqlen windows (default: the bundled text)")
     g.add_argument("--n-samples", type=positive_int, default=32, help="number of windows (sequences) to use (default: 32)")
     g.add_argument("--seqlen", type=positive_int, default=256, help="tokens per window (default: 256)")
     add_bos_option(g, "the windows", tokens=False)
@@ -59,7 +61,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="token-sum (default) or token-mean loss per sequence")
     g.add_argument("--fisher-type", choices=["empirical", "mc"], default="empirical",
                    help="empirical: observed next tokens; mc: targets sampled from the model (true-Fisher estimate)")
-    g.add_argument("--center", action="store_true", help="spectrum of the gradient covariance (g_i - mean) instead of the second moment")
+    g.add_argument("--center", action="store_true",
+                   help="spectrum of the gradient covariance (g_i - mean) instead of the second moment")
     g.add_argument("--max-params-per-block", type=positive_int, default=None,
                    help="subsample at most this many coordinates per block (eigenvalues of a principal submatrix)")
     g.add_argument("--top-k", type=positive_int, default=None,
@@ -70,8 +73,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="per-sample gradients: torch.func vmap, a backward loop, or auto (vmap, else loop)")
     g.add_argument("--chunk-size", type=positive_int, default=8, help="sequences per vectorised backward (default: 8)")
     g.add_argument("--streaming", action="store_true", help="never hold the whole model's gradients (recomputes per slice)")
-    g.add_argument("--stream-budget-mb", type=float, default=512.0, help="float64 gradient rows held at once when streaming (default: 512)")
-    g.add_argument("--eigensolve-device", choices=["auto", "cpu", "cuda"], default="auto", help="where the Gram eigensolve runs (default: auto)")
+    g.add_argument("--stream-budget-mb", type=float, default=512.0,
+                   help="float64 gradient rows held at once when streaming (default: 512)")
+    g.add_argument("--eigensolve-device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="where the Gram eigensolve runs (default: auto)")
     g.add_argument("--deterministic", action="store_true", help="torch deterministic algorithms and CUBLAS_WORKSPACE_CONFIG")
     g.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:i (default: auto)")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "float64", "bfloat16", "float16"],

@@ -40,7 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_calibration(p, 16)
     pat = p.add_mutually_exclusive_group()
     pat.add_argument("--sparsity", type=sparsity, default=None, help="unstructured sparsity in [0, 1) (default: 0.5)")
-    pat.add_argument("--nm", default=None, metavar="N:M", help="keep N weights in every M consecutive inputs of a row, e.g. 2:4")
+    pat.add_argument("--nm", default=None, metavar="N:M",
+                     help="keep N weights in every M consecutive inputs of a row, e.g. 2:4")
     p.add_argument("--method", choices=list(METHODS), default="wanda", help="mask source (default: wanda)")
     p.add_argument("--batch-size", type=positive_int, default=4, help="sequences per calibration forward (default: 4)")
     p.add_argument("--reconstruct", choices=("block", "sublayer"), default=None,

@@ -39,9 +39,11 @@ class CorrectionConfig:
             raise invalid(f"{self.method!r} takes {entry.settings.__name__}, got {type(self.settings).__name__}")
 
     @classmethod
-    def of(cls, method: str, exact_errors: bool = True, seed: int = 0, holdout: Holdout = Holdout(),
+    def of(cls, method: str, exact_errors: bool = True, seed: int = 0, holdout: Holdout | None = None,
            **settings: Any) -> CorrectionConfig:
         """A config from flat keyword settings, each checked against the method's dataclass."""
+        if holdout is None:
+            holdout = Holdout()
         entry = get_correction(method)
         if entry is None:
             if settings:

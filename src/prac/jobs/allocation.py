@@ -145,9 +145,11 @@ def _owl_ratio(weight: torch.Tensor, l2: torch.Tensor, m: float) -> tuple[int, i
 
 
 def allocate(model: nn.Module, calib: torch.Tensor, target: float, config: AllocationConfig,
-             engine: EngineConfig = EngineConfig(), device: torch.device | str = "cpu", ignore: str | None = None,
+             engine: EngineConfig | None = None, device: torch.device | str = "cpu", ignore: str | None = None,
              progress=None) -> Plan:
     """The plan of ``config.method`` for ``model`` at total sparsity ``target`` (one dense scan)."""
+    if engine is None:
+        engine = EngineConfig()
     numel, block_of = {}, {}
     for _blocks, i, units in model_units(model, ignore):
         for name, unit in units.items():

@@ -159,8 +159,8 @@ def check_corrections_lower_error(model, calib, cfg: PruneConfig, device,
     for method in corrections():
         run_cfg = replace(cfg, correction=CorrectionConfig.of(method, seed=cfg.correction.seed))
         layers = prune_model(copy.deepcopy(model), calib, run_cfg, device, parallel=_parallel(session)).layers
-        diags = [l.correction for l in layers]
-        worse = [l.name for l, d in zip(layers, diags) if not d["error_after"] <= d["error_before"]]
+        diags = [layer.correction for layer in layers]
+        worse = [layer.name for layer, d in zip(layers, diags) if not d["error_after"] <= d["error_before"]]
         accepted = sum(1 for d in diags if d["status"] == "accepted")
         strict = all(d["error_after"] < d["error_before"] for d in diags if d["status"] == "accepted")
         # ... and, where a share was held out, lower error on the tokens the correction did not fit

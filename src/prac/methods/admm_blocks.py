@@ -84,7 +84,8 @@ def block_admm(weight: torch.Tensor, upper: torch.Tensor, dead: torch.Tensor, pa
         b = x0 @ gs + lam * x0
         inv_e = 1.0 / e
 
-        def scores_of(x: torch.Tensor) -> torch.Tensor:
+        # called only within this iteration; the default binds this block's inv_e explicitly (B023)
+        def scores_of(x: torch.Tensor, inv_e: torch.Tensor = inv_e) -> torch.Tensor:
             return x.abs() if settings.score == "scaled" else x.abs() * inv_e.unsqueeze(0)
 
         m = project(scores_of(x0), pattern, gradual_sparsity(target, 0, settings.gradual), settings.scope)

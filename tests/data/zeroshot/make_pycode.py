@@ -33,7 +33,7 @@ def _split(line: str) -> int | None:
 def main() -> None:
     rng = random.Random(12)
     lines = TEXT.read_text(encoding="utf-8").split("\n")
-    usable = [i for i, l in enumerate(lines) if i >= CONTEXT_LINES and 20 <= len(l.strip()) <= 70 and _split(l)]
+    usable = [i for i, line in enumerate(lines) if i >= CONTEXT_LINES and 20 <= len(line.strip()) <= 70 and _split(line)]
     picked = rng.sample(usable, N_ITEMS * N_CHOICES)
     items = []
     for k in range(N_ITEMS):
