@@ -60,7 +60,7 @@ def build(config: dict, layers: int, dtype: torch.dtype, seed: int = 0, device: 
     where = device or torch.device("cpu")
     gen = torch.Generator(device=where).manual_seed(seed)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for _name, p in model.named_parameters():
             if p.dim() == 1:
                 p.fill_(1.0)
             else:

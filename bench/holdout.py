@@ -76,7 +76,8 @@ def table(rows: list[dict]) -> str:
             cells = []
             for variant in VARIANTS:
                 r = next((r for r in rows if (r["size"], r["config"], r["variant"]) == (size, config, variant)), None)
-                cells.append("–" if r is None else f"{r['ppl']:.3f}" + (f" ({r['refused']} refused)" if r["refused"] else ""))
+                cells.append("–" if r is None
+                             else f"{r['ppl']:.3f}" + (f" ({r['refused']} refused)" if r["refused"] else ""))
             lines.append(f"| {size} | {config} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

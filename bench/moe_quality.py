@@ -85,7 +85,7 @@ def timing(methods: list[str], rounds: int, out: Path, smoke: bool) -> list[dict
         dense = dense_twin(Path(tmp) / "dense")
         for method in methods:
             seconds: dict[str, list[float]] = {"moe": [], "dense": []}
-            for r in range(rounds):
+            for _round in range(rounds):
                 for name, model in (("moe", MOE), ("dense", dense)):
                     rep = prune(model, ["--method", method, "--sparsity", "0.5", "--eval", "none"],
                                 Path(tmp) / f"{name}.json", 1, smoke)
@@ -134,7 +134,8 @@ def main(argv=None) -> int:
     fmt = lambda v, f: "–" if v is None else format(v, f)  # noqa: E731
     lines = [f"Measured {stamp['date']} on {stamp['machine']}, one thread per run; `{stamp['command'].strip()}`. "
              f"tiny-mixtral dense ppl {fmt(dense_ppl, '.3f')}.", "",
-             "| pattern | method | statistics | ppl | sparsity (pruned) | all block weights zero | mean expert layer error | topped up | prune s |",
+             "| pattern | method | statistics | ppl | sparsity (pruned) | all block weights zero "
+             "| mean expert layer error | topped up | prune s |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['pattern']} | {r['method']} | {r['variant']} | {fmt(r['ppl'], '.3f')} | {r['sparsity']:.4f} | "

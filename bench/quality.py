@@ -66,10 +66,12 @@ def method_args(method: str) -> list[str]:
     return ["--method", name, *(arg for v in variants.split(",") if v for arg in VARIANTS[v])]
 
 
-def run_one(method, correction, pattern, allocation, out_dir: Path, smoke: bool, threads: int, extra: list[str]) -> dict:
+def run_one(method, correction, pattern, allocation, out_dir: Path, smoke: bool, threads: int,
+            extra: list[str]) -> dict:
     report = out_dir / f"{key(method, correction, pattern, allocation)}.json"
     cmd = [sys.executable, "-m", "prac", "prune", "--no-progress", *method_args(method), "--correction", correction,
-           "--allocation", allocation, "--measure", "--no-dense-eval", "--report", str(report), *pattern_args(pattern), *extra]
+           "--allocation", allocation, "--measure", "--no-dense-eval", "--report", str(report), *pattern_args(pattern),
+           *extra]
     if smoke:
         cmd += ["--nsamples", "4", "--seqlen", "64", "--eval", str(out_dir / "smoke_eval.txt")]
     else:
@@ -87,7 +89,8 @@ def row(method, correction, pattern, allocation, rep) -> dict:
     return {"method": method, "correction": correction, "pattern": pattern, "allocation": allocation, "ppl": s.get("ppl"),
             "sparsity": s["sparsity"], "mean_relative_error": s.get("mean_relative_error"),
             "fraction_of_optimal": c.get("mean_fraction_of_optimal"), "reverted": c.get("reverted"),
-            "refused": c.get("refused"), "escalated": c.get("damping_escalated"), "corrected_layers": c.get("layers"), "prune_seconds": s["prune_seconds"], "peak_memory_mb": s["peak_memory_bytes"] / 2**20}
+            "refused": c.get("refused"), "escalated": c.get("damping_escalated"), "corrected_layers": c.get("layers"),
+            "prune_seconds": s["prune_seconds"], "peak_memory_mb": s["peak_memory_bytes"] / 2**20}
 
 
 def reference_name(method: str) -> str:
@@ -98,14 +101,18 @@ def reference_name(method: str) -> str:
 
 
 def markdown(rows: list[dict], reference: dict) -> str:
-    lines = ["| pattern | method | correction | allocation | ppl | reference ppl | sparsity | mean rel. layer error | of optimum | prune s | peak MiB |",
+    lines = ["| pattern | method | correction | allocation | ppl | reference ppl | sparsity | mean rel. layer error "
+             "| of optimum | prune s | peak MiB |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         uniform = r.get("allocation", "uniform") == "uniform"
-        ref = reference.get(f"{reference_name(r['method'])}_{r['pattern'].replace(':', 'of')}", {}).get("ppl") if r["correction"] == "none" and uniform else None
+        ref = (reference.get(f"{reference_name(r['method'])}_{r['pattern'].replace(':', 'of')}", {}).get("ppl")
+               if r["correction"] == "none" and uniform else None)
         fmt = lambda v, f: "–" if v is None else format(v, f)  # noqa: E731
-        lines.append(f"| {r['pattern']} | {r['method']} | {r['correction']} | {r.get('allocation', 'uniform')} | {fmt(r['ppl'], '.3f')} | {fmt(ref, '.3f')} | "
-                     f"{r['sparsity']:.4f} | {fmt(r['mean_relative_error'], '.5f')} | {fmt(r['fraction_of_optimal'], '.3f')} | "
+        lines.append(f"| {r['pattern']} | {r['method']} | {r['correction']} | {r.get('allocation', 'uniform')} | "
+                     f"{fmt(r['ppl'], '.3f')} | {fmt(ref, '.3f')} | "
+                     f"{r['sparsity']:.4f} | {fmt(r['mean_relative_error'], '.5f')} | "
+                     f"{fmt(r['fraction_of_optimal'], '.3f')} | "
                      f"{r['prune_seconds']:.1f} | {r['peak_memory_mb']:.0f} |")
     return "\n".join(lines)
 
@@ -131,8 +138,8 @@ def plot(rows: list[dict], dense_ppl: float | None, path: Path) -> None:
                         color=colors[(2 * k) % 20 if k < 10 else (2 * k + 1) % 20], label=label)
         for r in rs:
             if ":" in r["pattern"]:
-                ax.scatter([0.5 + (0.01 if r["pattern"] == "4:8" else 0.02)], [r["ppl"]], marker="s" if r["pattern"] == "2:4" else "^",
-                           color=line.get_color())
+                ax.scatter([0.5 + (0.01 if r["pattern"] == "4:8" else 0.02)], [r["ppl"]],
+                           marker="s" if r["pattern"] == "2:4" else "^", color=line.get_color())
     if dense_ppl:
         ax.axhline(dense_ppl, color="black", lw=0.8, ls=":", label="dense")
         ax.set_ylim(bottom=min(dense_ppl, ax.get_ylim()[0]) - 0.5)
@@ -183,13 +190,14 @@ def main(argv=None) -> int:
             rows.append(row(m, c, p, a, fut.result()))
             print(f"done {key(m, c, p, a)}: ppl {rows[-1]['ppl']:.3f}", file=sys.stderr, flush=True)
     order = {p: i for i, p in enumerate(PATTERNS)}
-    rows.sort(key=lambda r: (order.get(r["pattern"], 99), args.methods.index(r["method"]), CORRECTIONS.index(r["correction"]),
-                             ALLOCATIONS.index(r.get("allocation", "uniform"))))
+    rows.sort(key=lambda r: (order.get(r["pattern"], 99), args.methods.index(r["method"]),
+                             CORRECTIONS.index(r["correction"]), ALLOCATIONS.index(r.get("allocation", "uniform"))))
     reference = json.loads((GOLDEN / "reference.json").read_text())["results"]
     table = markdown(rows, reference)
     stamp = {"date": dt.date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, no GPU",
              "command": "python bench/quality.py " + " ".join(argv if argv is not None else sys.argv[1:])}
-    header = f"Measured {stamp['date']} on {stamp['machine']}; `{stamp['command'].strip()}`. Dense ppl {reference['dense']['ppl']:.3f}.\n\n"
+    header = (f"Measured {stamp['date']} on {stamp['machine']}; `{stamp['command'].strip()}`. "
+              f"Dense ppl {reference['dense']['ppl']:.3f}.\n\n")
     (out / "quality.md").write_text(header + table + "\n")
     (out / "quality.json").write_text(json.dumps({**stamp, "rows": rows}, indent=1))
     plot(rows, reference["dense"]["ppl"], out / "quality.png")

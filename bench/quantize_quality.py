@@ -148,8 +148,8 @@ def main() -> None:
             row["wall_seconds"] = round(time.perf_counter() - started, 1)
             rows.append(row)
             print(json.dumps(row), flush=True)
-    meta = {"date": dt.date.today().isoformat(), "threads": args.threads, "machine": platform.processor() or platform.machine(),
-            "smoke": args.smoke}
+    meta = {"date": dt.date.today().isoformat(), "threads": args.threads,
+            "machine": platform.processor() or platform.machine(), "smoke": args.smoke}
     (out / "quantize.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     lines = ["| row | ppl | saved weights (MiB) | prune s | format |", "|---|---|---|---|---|"]
     for r in rows:

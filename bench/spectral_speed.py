@@ -218,8 +218,9 @@ def tables(grads: list[dict], stream: list[dict]) -> str:
                      f"{r['seconds']:.2f} | {r['samples_per_s']:.2f} | {r['peak_mb']:.0f} |")
     model = stream[0]["model"] if stream else ""
     lines += ["", f"Full compute_fisher_spectrum, {model} model, blocks=layer, streaming budget "
-                  f"{stream[0]['budget_mb'] if stream else 0} MB:", "", "| n_samples | G in memory (MB) | in-memory peak MB | in-memory s | streaming peak MB | "
-                  "streaming s | streaming passes |", "|---:|---:|---:|---:|---:|---:|---:|"]
+                  f"{stream[0]['budget_mb'] if stream else 0} MB:", "",
+              "| n_samples | G in memory (MB) | in-memory peak MB | in-memory s | streaming peak MB | "
+              "streaming s | streaming passes |", "|---:|---:|---:|---:|---:|---:|---:|"]
     by_n: dict[int, dict] = {}
     for r in stream:
         by_n.setdefault(r["n"], {})["stream" if r["streaming"] else "mem"] = r

@@ -411,7 +411,8 @@ def summarize(records: list[ReconstructRecord]) -> dict[str, Any]:
     held = [(r.heldout_before, r.heldout_after if r.kept else r.heldout_before) for r in records
             if r.heldout_before is not None]
     peaks = [r.peak_memory_bytes for r in records if r.peak_memory_bytes is not None]
-    out: dict[str, Any] = {"mode": records[0].mode, "loss": records[0].loss, "blocks": len(records), "kept": sum(r.kept for r in records),
+    out: dict[str, Any] = {"mode": records[0].mode, "loss": records[0].loss, "blocks": len(records),
+                           "kept": sum(r.kept for r in records),
                            "mean_fit_error_before": sum(r.fit_before for r in records) / len(records),
                            "mean_fit_error_after": sum(final_fit) / len(records),
                            "steps": sum(r.steps for r in records),

@@ -8,7 +8,7 @@ See ``docs/spectral.md`` for the mathematics, the options and what is exact.
 """
 
 from prac.spectral.config import SpectralConfig
-from prac.spectral.core import FisherSpectral
+from prac.spectral.fisher import FisherSpectral
 from prac.spectral.result import BlockSpectrum, SpectralResult
 
 __all__ = ["SpectralConfig", "FisherSpectral", "SpectralResult", "BlockSpectrum"]
