@@ -282,7 +282,7 @@ def test_lm_eval_bars_are_hidden_for_the_call_only():
 
 
 def test_correction_summary_is_one_short_line():
-    from prac.cli.prune import format_correction
+    from prac.cli.prune_summary import format_correction
 
     c = {"layers": 28, "mean_error_before": 0.0213263, "mean_error_after": 0.00400524, "mean_reduction": 0.0173211,
          "mean_reduction_pct": 83.5553, "total_solve_failures": 0, "mean_clamped_pct": 0.0, "reverted": 0,

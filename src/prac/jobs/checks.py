@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from prac.jobs.config import PruneJob
 from prac.jobs.defaults import check_bos_token, resolve, resolve_save_format
 from prac.jobs.defaults import log as defaults_log
 from prac.model.loading import check_tokenizer_source, model_skeleton
+from prac.model.shrink import check_shrinkable
 from prac.model.units import model_units
 from prac.quant.formats.compressed import check_compressed
 
@@ -28,12 +30,29 @@ def check_prune_inputs(job: PruneJob) -> None:
     the ``--eval`` list, the calibration and evaluation texts given (:func:`check_sources`) and the
     zero-shot tasks (names known, data reachable; see :mod:`prac.parallel.harness`)."""
     check_ignore(job.prune.ignore)
+    check_structure_settings(job)
     split_eval_sets(job.eval)
     check_sources(job.calib, job.calib_tokens, job.eval)
     if job.tasks is not None:
         from prac.parallel.harness import prepare
 
         prepare(job.tasks)
+
+
+def check_structure_settings(job: PruneJob) -> None:
+    """What the structured pass does not combine with yet, refused before the load."""
+    if not job.shape.active:
+        return
+    if job.prune.engine.reconstruct.active:
+        raise PracError("--reconstruct after --intermediate-size/--num-key-value-heads is not supported yet "
+                        "(its target would be the shrunk model, not the dense one)")
+    if os.environ.get("WORLD_SIZE", "1") not in ("", "1"):
+        raise PracError("--intermediate-size/--num-key-value-heads run in one process (not under torchrun) for now")
+    quant = job.prune.quant
+    if quant.active and job.shape.intermediate_size is not None and quant.group_size > 0 \
+            and job.shape.intermediate_size % quant.group_size:
+        raise PracError(f"--groupsize {quant.group_size} does not divide --intermediate-size "
+                        f"{job.shape.intermediate_size} (down_proj's inputs)")
 
 
 def check_sources(calib: str | None, calib_tokens: str | None, ev: str | None, note: str = "") -> None:
@@ -70,6 +89,7 @@ def check_without_weights(job: PruneJob) -> None:
 def check_model_fits(model, job: PruneJob) -> None:
     """The job's pattern, quantization grid, ``--ignore`` and save format against ``model``'s layers
     (its meta-device skeleton before the load, the loaded model after)."""
+    check_shrinkable(model.config, job.shape)
     check_pattern(model, job.prune.pattern, job.prune.ignore)
     check_quant(model, job.prune.quant, job.prune.ignore, sweep_blocksize(job.prune))
     check_something_to_prune(model, job.prune.ignore)

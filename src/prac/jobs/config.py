@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from prac.engine.pipeline import PruneConfig
 from prac.io import assets
 from prac.jobs.allocation import AllocationConfig
+from prac.model.shrink import Shape
 from prac.parallel.harness import ZeroShotConfig
 
 
@@ -23,6 +24,7 @@ class PruneJob:
     seqlen: int | None = None
     seed: int = 0
     prune: PruneConfig = PruneConfig()
+    shape: Shape = Shape()  # structure: fewer MLP neurons / KV groups, before the pruning (prac.engine.structure)
     allocation: AllocationConfig = AllocationConfig()
     plot: str | None = None  # figure of the allocation plan
     # wikitext2 | c4 | FILE.txt | FILE.jsonl | "none", comma-separated; None: bundled text for the bundled model

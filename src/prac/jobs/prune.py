@@ -14,6 +14,7 @@ from typing import Any
 from prac.core.progress import Progress, no_progress
 from prac.core.timing import PhaseMeter
 from prac.engine.pipeline import held_out_sequences, prune_model
+from prac.engine.structure import shrink_model
 from prac.io.outputs import Outputs, StagedFile, check_save_dir, stage_json
 from prac.io.report import jsonable, summarize_layers
 from prac.io.saving import stage_model
@@ -72,6 +73,13 @@ def run_prune(job: PruneJob, progress: Progress = no_progress) -> dict[str, Any]
         log.info("dense evaluation in %.1f s", meter.seconds["dense_eval"])
     plan = None
     held = held_out_sequences(job.prune, calib.input_ids.shape[0])  # judged on, never fitted
+    if job.shape.active:
+        with meter("structure"):
+            fitted = calib.input_ids if held is None else calib.input_ids[~held]
+            structure = shrink_model(model, fitted, job.shape, job.prune.engine, device, progress)
+        summary["structure"] = structure.to_dict()
+        log.info("structure: block parameters %d -> %d in %.1f s", structure.parameters_before,
+                 structure.parameters_after, structure.seconds)
     if job.allocation.active:
         with meter("allocate"):
             fitted = calib.input_ids if held is None else calib.input_ids[~held]
@@ -156,4 +164,6 @@ def _evaluate(evaluator: Evaluator, model, which: str, session: distributed.Sess
 def _config_dict(job: PruneJob) -> dict[str, Any]:
     out = jsonable(job)
     out["prune"]["pattern"] = pattern_to_dict(job.prune.pattern)
+    if not job.shape.active:
+        out.pop("shape", None)  # reports of unstructured runs stay as they were
     return out

@@ -1,0 +1,36 @@
+"""``prac prune``'s structure options: a smaller dense model with fewer MLP neurons or KV groups
+(:mod:`prac.engine.structure`), named after the config fields they change."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from prac.cli.common import positive_int
+
+
+def add_structure_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("structure: a smaller dense model, every block the same shape (docs/structured.md); "
+                             "applied first, then --sparsity/--nm on what remains (none unless given)")
+    g.add_argument("--intermediate-size", type=positive_int, default=None, metavar="N",
+                   help="keep N MLP neurons per block, chosen by the error left after down_proj is refitted on "
+                        "them (structured OBS, greedy in groups)")
+    g.add_argument("--num-key-value-heads", type=positive_int, default=None, metavar="N",
+                   help="keep N KV groups per block, each with its query heads (GQA stays a standard config), "
+                        "chosen by the error left after o_proj is refitted on them")
+
+
+def shape_from_args(args: argparse.Namespace):
+    from prac.model.shrink import Shape
+
+    return Shape(intermediate_size=args.intermediate_size, num_key_value_heads=args.num_key_value_heads)
+
+
+def structure_lines(summary: dict[str, Any]) -> list[str]:
+    """The printed lines of a structured run: block parameters before and after, the config's changes."""
+    s = summary.get("structure")
+    if not s:
+        return []
+    changes = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in s["config_changes"].items())
+    return [f"structure: block parameters {s['parameters_before']:,} -> {s['parameters_after']:,} "
+            f"({s['kept_share']:.1%} kept) in {s['seconds']:.1f}s; config: {changes}"]

@@ -1,0 +1,160 @@
+"""The structured pass: remove MLP neurons and KV groups of attention heads block by block, each block's
+consumer linear (``mlp.down_proj``, ``self_attn.o_proj``) refitted on the channels it keeps.
+
+It runs on the block engine like any pruning run: block ``i`` is calibrated on the outputs of the
+already shrunk blocks ``0..i-1``; the step (:class:`StructureStep`) sees the input group of each
+consumer, chooses the kept channels with :func:`prac.methods.structured.select_channels` (the error
+after the exact refit, greedy in groups) and hands back the consumer with exact zeros on the removed
+columns, so the block propagates exactly what the sliced block will. After the run the zeroed channels
+are sliced out of the weights and the config (:mod:`prac.model.shrink`): every block keeps the same
+shape. ``sequential``: the MLP's statistics are taken with the block's attention already shrunk.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from prac.core.progress import Progress, no_progress
+from prac.core.timing import PhaseTimer
+from prac.engine.config import EngineConfig
+from prac.engine.loop import BlockEngine
+from prac.methods.structured import select_channels
+from prac.model.group import InputGroup
+from prac.model.shrink import (
+    Shape,
+    block_parameters,
+    config_diff,
+    head_dim,
+    shrink_attention,
+    shrink_mlp,
+    text_config,
+)
+from prac.model.stats import StatsSpec
+from prac.model.units import Unit
+
+MLP_CONSUMER = "mlp.down_proj"
+ATTENTION_CONSUMER = "self_attn.o_proj"
+
+
+@dataclass
+class StructureRecord:
+    """One consumer's selection: block index, what (``mlp``/``attention``), channel groups kept of
+    how many, the relative output error after the refit, greedy rounds, seconds."""
+
+    block: int
+    part: str
+    kept: list[int]
+    of: int
+    relative_error: float
+    rounds: int
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"block": self.block, "part": self.part, "kept": len(self.kept), "of": self.of,
+                "kept_indices": self.kept, "relative_error": self.relative_error, "rounds": self.rounds,
+                "seconds": round(self.seconds, 4)}
+
+
+class StructureStep:
+    """The engine's step for the structured pass (see the module docstring)."""
+
+    def __init__(self, shape: Shape, heads_per_group: int, dim: int, damping: float = 1e-2):
+        self.shape, self.heads_per_group, self.dim, self.damping = shape, heads_per_group, dim, damping
+        self.records: list[StructureRecord] = []
+
+    def __call__(self, group: InputGroup, units: dict[str, Unit]) -> dict[str, torch.Tensor]:
+        staged: dict[str, torch.Tensor] = {}
+        for name in group.names:
+            part, keep, width = self._part(name)
+            if part is None:
+                continue
+            started = time.perf_counter()
+            unit = units[name]
+            weight = unit.read()
+            chosen = select_channels(weight, group.hessian(), keep, width=width, damping=self.damping)
+            staged[name] = chosen.weight.to(weight.dtype)
+            block = int(name.split(".layers.")[1].split(".")[0]) if ".layers." in name else len(self.records)
+            self.records.append(StructureRecord(block, part, chosen.kept.tolist(), chosen.info["groups"],
+                                                chosen.relative_error, chosen.rounds, time.perf_counter() - started))
+        return staged
+
+    def _part(self, name: str) -> tuple[str | None, int, int]:
+        if name.endswith(MLP_CONSUMER) and self.shape.intermediate_size is not None:
+            return "mlp", self.shape.intermediate_size, 1
+        if name.endswith(ATTENTION_CONSUMER) and self.shape.num_key_value_heads is not None:
+            return "attention", self.shape.num_key_value_heads, self.heads_per_group * self.dim
+        return None, 0, 0
+
+
+@dataclass
+class StructureOutcome:
+    """What the structured pass did: the records, parameters of the blocks before and after, the
+    config fields changed, seconds."""
+
+    records: list[StructureRecord] = field(default_factory=list)
+    parameters_before: int = 0
+    parameters_after: int = 0
+    config_changes: dict[str, list[Any]] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"parameters_before": self.parameters_before, "parameters_after": self.parameters_after,
+                "kept_share": self.parameters_after / self.parameters_before if self.parameters_before else None,
+                "config_changes": self.config_changes, "seconds": round(self.seconds, 3),
+                "blocks": [r.to_dict() for r in self.records]}
+
+
+def shrink_model(model: nn.Module, calib: torch.Tensor, shape: Shape, engine: EngineConfig, device: torch.device,
+                 progress: Progress = no_progress, damping: float = 1e-2) -> StructureOutcome:
+    """Shrink ``model`` in place to ``shape`` (MLP neurons and KV groups; see the module docstring),
+    calibrated on token ids ``[n, seqlen]``; its config is updated to match."""
+    started = time.perf_counter()
+    cfg = text_config(model.config)
+    before_cfg = cfg.to_dict()
+    outcome = StructureOutcome(parameters_before=block_parameters(model))
+    kv = int(cfg.num_key_value_heads)
+    step = StructureStep(shape, int(cfg.num_attention_heads) // kv, head_dim(cfg), damping)
+    if shape.intermediate_size is not None or shape.num_key_value_heads is not None:
+        ignore = _only(shape)
+        run_cfg = dataclasses.replace(engine, dense_target=False, reconstruct=dataclasses.replace(engine.reconstruct,
+                                                                                                 mode="none"))
+        BlockEngine(run_cfg, device, progress).run(model, calib, StatsSpec(hessian=True), step, ignore=ignore,
+                                                   timer=PhaseTimer(device, {}))
+        _slice(model, step, shape)
+    outcome.records = step.records
+    outcome.parameters_after = block_parameters(model)
+    outcome.config_changes = config_diff(before_cfg, cfg.to_dict())
+    outcome.seconds = time.perf_counter() - started
+    return outcome
+
+
+def _only(shape: Shape) -> str:
+    """The ``ignore`` regex that leaves the engine only the consumers this shape changes."""
+    wanted = [c for c, on in ((MLP_CONSUMER, shape.intermediate_size), (ATTENTION_CONSUMER, shape.num_key_value_heads))
+              if on is not None]
+    return r"^(?!.*(" + "|".join(w.replace(".", r"\.") + "$" for w in wanted) + r")).*"
+
+
+def _slice(model: nn.Module, step: StructureStep, shape: Shape) -> None:
+    """Slice every block to the kept channels of its records, and set the config's fields."""
+    cfg = text_config(model.config)
+    layers = model.get_decoder().layers
+    for record in step.records:
+        block = layers[record.block]
+        kept = torch.tensor(record.kept)
+        if record.part == "mlp":
+            shrink_mlp(block.mlp, kept)
+        else:
+            shrink_attention(block.self_attn, kept, step.heads_per_group, step.dim)
+    if shape.intermediate_size is not None:
+        cfg.intermediate_size = shape.intermediate_size
+    if shape.num_key_value_heads is not None:
+        cfg.head_dim = step.dim  # explicit: hidden_size // heads no longer gives it
+        cfg.num_attention_heads = shape.num_key_value_heads * step.heads_per_group
+        cfg.num_key_value_heads = shape.num_key_value_heads

@@ -1,0 +1,179 @@
+"""Structured shrinking (--intermediate-size, --num-key-value-heads): the selection refits the consumer
+exactly on what it keeps and beats simpler selections; the shrunk model is a standard folder of its
+family that reloads with plain from_pretrained to the very logits, and generates; bad shapes are one line."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from prac.core.errors import PracError
+from prac.engine.config import EngineConfig
+from prac.engine.structure import shrink_model
+from prac.methods.structured import select_channels
+from prac.model.shrink import Shape, check_shrinkable
+from tests.conftest import VOCAB, make_tiny_model
+
+CPU = torch.device("cpu")
+
+
+def problem(seed: int = 0, n: int = 512, width: int = 12, out: int = 6):
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(width, width, generator=g, dtype=torch.float64)
+    x = torch.randn(n, width, generator=g, dtype=torch.float64) @ mix * torch.rand(width, generator=g, dtype=torch.float64)
+    w = torch.randn(out, width, generator=g, dtype=torch.float64)
+    return x, w, x.T @ x / n
+
+
+def refit_error(x: torch.Tensor, w: torch.Tensor, kept: list[int]) -> float:
+    """The output error left by the least-squares refit of ``w`` on the columns ``kept``, from the data."""
+    y = x @ w.T
+    sol = torch.linalg.lstsq(x[:, kept], y).solution
+    return float((x[:, kept] @ sol - y).square().sum() / x.shape[0])
+
+
+def test_the_kept_weight_is_the_exact_refit_and_the_rest_is_zero():
+    x, w, h = problem()
+    chosen = select_channels(w, h, keep=5, damping=0.0)
+    kept = chosen.kept.tolist()
+    assert len(kept) == 5 and kept == sorted(kept)
+    removed = [i for i in range(12) if i not in kept]
+    assert bool((chosen.weight[:, removed] == 0).all())
+    y = x @ w.T
+    sol = torch.linalg.lstsq(x[:, kept], y).solution.T
+    torch.testing.assert_close(chosen.weight[:, kept], sol, rtol=1e-8, atol=1e-9)
+    assert chosen.error == pytest.approx(refit_error(x, w, kept), rel=1e-8)
+
+
+def test_the_greedy_choice_beats_magnitude_and_activation_choices_and_is_near_the_best():
+    worse_than_best = []
+    for seed in range(6):
+        x, w, h = problem(seed)
+        chosen = select_channels(w, h, keep=5, step=1, damping=0.0)
+        mine = refit_error(x, w, chosen.kept.tolist())
+        # Wanda-sp (column norm times input norm) and Minitron (mean activation) choose without the refit
+        wanda_sp = (w.norm(dim=0) * x.norm(dim=0)).argsort(descending=True)[:5].tolist()
+        minitron = x.abs().mean(dim=0).argsort(descending=True)[:5].tolist()
+        assert mine <= refit_error(x, w, wanda_sp) + 1e-12 and mine <= refit_error(x, w, minitron) + 1e-12
+        best = min(refit_error(x, w, list(k)) for k in itertools.combinations(range(12), 5))
+        worse_than_best.append(mine / best)
+    assert max(worse_than_best) < 1.25  # greedy OBS: the exhaustive optimum, or close to it
+
+
+def test_groups_of_columns_are_kept_or_removed_whole():
+    x, w, h = problem(width=12)
+    chosen = select_channels(w, h, keep=2, width=4, damping=0.0)
+    assert chosen.info["groups"] == 3 and len(chosen.kept) == 2
+    cols = [g * 4 + j for g in chosen.kept.tolist() for j in range(4)]
+    assert bool((chosen.weight[:, [c for c in range(12) if c not in cols]] == 0).all())
+    assert chosen.error == pytest.approx(refit_error(x, w, cols), rel=1e-8)
+    best = min(refit_error(x, w, [g * 4 + j for g in k for j in range(4)]) for k in itertools.combinations(range(3), 2))
+    assert chosen.error == pytest.approx(best, rel=1e-8)  # two of three groups: one removal, the cheapest
+
+
+def _configs():
+    from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    return {"llama": LlamaConfig(**common), "mistral": MistralConfig(**common),
+            "qwen2": Qwen2Config(tie_word_embeddings=True, **common), "qwen3": Qwen3Config(head_dim=16, **common),
+            "gemma3": Gemma3TextConfig(head_dim=16, sliding_window=16, **common)}
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3", "gemma3"])
+def test_a_shrunk_model_reloads_with_plain_transformers_to_the_same_logits_and_generates(arch, tmp_path, one_thread):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(_configs()[arch]).eval()
+    calib = torch.randint(0, VOCAB, (8, 32))
+    x = torch.randint(0, VOCAB, (2, 16))
+    outcome = shrink_model(model, calib, Shape(intermediate_size=48, num_key_value_heads=1), EngineConfig(batch_size=4), CPU)
+    changes = outcome.config_changes
+    assert changes["intermediate_size"] == [128, 48] and changes["num_key_value_heads"] == [2, 1]
+    assert changes["num_attention_heads"] == [4, 2]
+    assert outcome.parameters_after < outcome.parameters_before
+    assert [(r.block, r.part) for r in outcome.records] == [(0, "attention"), (0, "mlp"), (1, "attention"), (1, "mlp")]
+    for block in model.model.layers:
+        assert block.mlp.down_proj.in_features == 48 and block.self_attn.o_proj.in_features == 2 * 16
+    with torch.no_grad():
+        shrunk = model(x).logits
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert (config["intermediate_size"], config["num_attention_heads"], config["num_key_value_heads"]) == (48, 2, 1)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(again(x).logits, shrunk)
+    out = again.generate(x[:1, :4], max_new_tokens=4, do_sample=False)
+    assert out.shape == (1, 8)
+
+
+def test_the_block_engine_propagates_what_the_sliced_block_computes(one_thread):
+    """The pass zeroes the removed columns and propagates that; slicing them out afterwards changes
+    nothing but rounding (float64)."""
+    torch.manual_seed(0)
+    model = make_tiny_model("mistral").double()
+    calib = torch.randint(0, VOCAB, (8, 32))
+    x = torch.randint(0, VOCAB, (2, 16))
+    from prac.engine import structure
+
+    zeroed = {}
+    real_slice = structure._slice
+
+    def capture(m, step, shape):
+        with torch.no_grad():
+            zeroed["logits"] = m(x).logits.clone()
+        real_slice(m, step, shape)
+
+    structure._slice = capture
+    try:
+        shrink_model(model, calib, Shape(intermediate_size=40), EngineConfig(batch_size=4), CPU)
+    finally:
+        structure._slice = real_slice
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, zeroed["logits"], rtol=1e-10, atol=1e-10)
+
+
+def test_shapes_a_config_cannot_express_are_one_line_errors():
+    from transformers import MixtralConfig
+
+    cfg = _configs()["mistral"]
+    with pytest.raises(PracError, match="--intermediate-size 129: the model has intermediate_size = 128"):
+        check_shrinkable(cfg, Shape(intermediate_size=129))
+    with pytest.raises(PracError, match="--num-key-value-heads 3"):
+        check_shrinkable(cfg, Shape(num_key_value_heads=3))
+    moe = MixtralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, num_local_experts=4)
+    with pytest.raises(PracError, match="supports llama"):
+        check_shrinkable(moe, Shape(intermediate_size=64))
+    check_shrinkable(moe, Shape())  # nothing asked: nothing to refuse
+
+
+def test_cli_shrinks_saves_a_standard_folder_and_refuses_bad_shapes_before_loading(tiny_model_dir, small_text, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model_dir = tiny_model_dir("qwen2")
+    base = [sys.executable, "-m", "prac", "prune", "--model", str(model_dir), "--calib", str(small_text),
+            "--nsamples", "8", "--seqlen", "32", "--eval", "none", "--no-progress"]
+    out = tmp_path / "small"
+    done = subprocess.run([*base, "--intermediate-size", "64", "--save", str(out), "--report", str(tmp_path / "r.json")],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "structure: block parameters" in done.stdout and "intermediate_size 128 -> 64" in done.stdout
+    report = json.loads((tmp_path / "r.json").read_text())
+    s = report["summary"]["structure"]
+    assert s["config_changes"] == {"intermediate_size": [128, 64]} and s["parameters_after"] < s["parameters_before"]
+    assert report["summary"]["sparsity"] == 0.0  # structure alone: no --sparsity given
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.intermediate_size == 64 and model.model.layers[0].mlp.down_proj.in_features == 64
+    for bad, message in ((["--intermediate-size", "4096"], "keep between 1 and 128"),
+                         (["--num-key-value-heads", "1", "--reconstruct", "block"], "--reconstruct after")):
+        refused = subprocess.run([*base, *bad], capture_output=True, text=True, timeout=600)
+        assert refused.returncode == 2 and message in refused.stderr
+        assert len(refused.stderr.strip().splitlines()) == 1
