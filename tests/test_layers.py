@@ -35,3 +35,27 @@ def test_the_tree_keeps_its_layers_and_an_upward_import_breaks_them(tmp_path):
     assert broken.returncode != 0
     assert "prac.core is not allowed to import prac.engine" in broken.stdout
     assert "prac.core.errors -> prac.engine.loop" in broken.stdout
+
+
+def test_the_old_flat_module_names_still_import_with_a_deprecation_warning():
+    import importlib
+    import warnings
+
+    import prac.methods.sparsegpt as new
+
+    for old, new_name in (("prac.sparsegpt", "prac.methods.sparsegpt"), ("prac.distributed", "prac.parallel.session"),
+                          ("prac.quantize", "prac.quant.gptq")):
+        sys.modules.pop(old, None)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            module = importlib.import_module(old)
+        assert module is importlib.import_module(new_name)
+        assert any(issubclass(w.category, DeprecationWarning) and new_name in str(w.message) for w in caught)
+    assert importlib.import_module("prac.sparsegpt").SparseGPTConfig is new.SparseGPTConfig
+    with pytest.warns(DeprecationWarning, match="prac.jobs.prune.run_prune"):
+        from prac.jobs import run_prune
+    from prac.jobs.prune import run_prune as moved
+
+    assert run_prune is moved
+    with pytest.warns(DeprecationWarning, match="prac.engine.loop.BlockEngine"):
+        from prac.engine import BlockEngine  # noqa: F401
