@@ -429,10 +429,11 @@ def write_json(path: Path, data: Any) -> None:
 def run_row(bench: Bench, row: Row) -> dict[str, Any]:
     """Run one row in its own process; its record (with the machine's load before and after)."""
     bench.reports.mkdir(parents=True, exist_ok=True)
-    report = bench.reports / row_file_name(row.name)
-    report.unlink(missing_ok=True)
+    final = bench.reports / row_file_name(row.name)
+    report = final.with_suffix(".running.json")  # renamed to ``final`` on success: a failed or killed rerun
+    report.unlink(missing_ok=True)               # never removes a row's earlier report
     cmd = bench.command(row, report)
-    log_path = report.with_suffix(".log")
+    log_path = final.with_suffix(".log")
     load_before = os.getloadavg()
     started = time.time()
     with log_path.open("w") as log:
@@ -451,7 +452,9 @@ def run_row(bench: Bench, row: Row) -> dict[str, Any]:
         tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
         record["error"] = tail[0][:300]
         return record
-    data = json.loads(report.read_text())
+    report.replace(final)
+    record["report"] = str(final.relative_to(ROOT)) if final.is_relative_to(ROOT) else str(final)
+    data = json.loads(final.read_text())
     summary = data.get("summary", {})
     record["ppl"] = summary.get("ppl")
     record["dense_ppl"] = summary.get("dense_ppl")
@@ -486,10 +489,15 @@ def locked(path: Path):
 
 
 def record_row(bench: Bench, record: dict[str, Any], header: dict[str, Any]) -> None:
-    """Put ``record`` into the rows file (replacing a row of that name), read afresh under the lock."""
+    """Put ``record`` into the rows file (replacing a row of that name, unless the record is a failure and
+    the row has a success: that is kept, the failure noted beside it), read afresh under the lock."""
     with locked(bench.rows_file):
         data = load_rows(bench.rows_file)
         data.update(header)
+        old = next((r for r in data["rows"] if r["name"] == record["name"]), None)
+        if old is not None and old.get("returncode") == 0 and record.get("returncode") != 0:
+            old["last_failure"] = {k: record.get(k) for k in ("started", "returncode", "error")}
+            record = old
         data["rows"] = [r for r in data["rows"] if r["name"] != record["name"]] + [record]
         write_json(bench.rows_file, data)
 
