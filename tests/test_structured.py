@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import subprocess
 import sys
 
@@ -173,7 +174,160 @@ def test_cli_shrinks_saves_a_standard_folder_and_refuses_bad_shapes_before_loadi
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.config.intermediate_size == 64 and model.model.layers[0].mlp.down_proj.in_features == 64
     for bad, message in ((["--intermediate-size", "4096"], "keep between 1 and 128"),
-                         (["--num-key-value-heads", "1", "--reconstruct", "block"], "--reconstruct after")):
+                         (["--num-key-value-heads", "1", "--reconstruct", "sublayer"], "must be block"),
+                         (["--target-params", "1.5"], "--target-params must be in (0, 1)"),
+                         (["--target-params", "0.5", "--intermediate-size", "64"], "give it alone"),
+                         (["--num-hidden-layers", "3"], "keep between 1 and 2")):
         refused = subprocess.run([*base, *bad], capture_output=True, text=True, timeout=600)
         assert refused.returncode == 2 and message in refused.stderr
         assert len(refused.stderr.strip().splitlines()) == 1
+
+
+def _identity_block(model, i: int) -> None:
+    """Block ``i`` passes its input on unchanged (its attention and MLP add exact zeros)."""
+    with torch.no_grad():
+        model.model.layers[i].self_attn.o_proj.weight.zero_()
+        model.model.layers[i].mlp.down_proj.weight.zero_()
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gemma3"])
+def test_dropping_blocks_removes_the_one_that_changes_the_held_out_output_least(arch, tmp_path, one_thread):
+    """A block made an identity changes nothing when removed: it is the one dropped (score 0), the
+    model then gives the very logits it gave, and the folder reloads with its per-layer lists cut."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    cfg = _configs()[arch]
+    cfg.num_hidden_layers = 4
+    cfg.layer_types = (["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
+                       if arch == "gemma3" else ["full_attention"] * 4)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    _identity_block(model, 2)
+    calib = torch.randint(0, VOCAB, (8, 32))
+    x = torch.randint(0, VOCAB, (2, 16))
+    with torch.no_grad():
+        before = model(x).logits
+    outcome = shrink_model(model, calib, Shape(num_hidden_layers=3), EngineConfig(batch_size=4), CPU, holdout=0.25)
+    assert outcome.dropped == [2] and outcome.config_changes["num_hidden_layers"] == [4, 3]
+    first = outcome.depth[0]
+    assert first.blocks == [0, 1, 2, 3] and first.scores[2] == 0.0 and min(first.scores[:2] + first.scores[3:]) > 0
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, before, rtol=1e-5, atol=1e-5)
+    model.save_pretrained(tmp_path)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert again.config.num_hidden_layers == 3 and len(again.model.layers) == 3
+    if arch == "gemma3":
+        assert again.config.layer_types == ["sliding_attention", "full_attention", "full_attention"]
+    with torch.no_grad():
+        assert torch.equal(again(x).logits, model(x).logits)
+
+
+def test_the_held_out_sequences_never_reach_the_width_selection(one_thread):
+    """Changing only the held-out sequences leaves every kept channel and every refitted weight as it was."""
+    calib = torch.randint(0, VOCAB, (8, 32))
+    from prac.model.stats import holdout_rows
+
+    held = holdout_rows(8, 0.25, 0)
+    other = calib.clone()
+    other[held] = torch.randint(0, VOCAB, (int(held.sum()), 32), generator=torch.Generator().manual_seed(9))
+    runs = []
+    for tokens in (calib, other):
+        model = make_tiny_model("mistral").double()
+        outcome = shrink_model(model, tokens, Shape(intermediate_size=40), EngineConfig(batch_size=4), CPU,
+                               holdout=0.25, seed=0)
+        runs.append(([r.kept for r in outcome.records], [b.mlp.down_proj.weight.clone() for b in model.model.layers]))
+    assert runs[0][0] == runs[1][0]
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
+    model = make_tiny_model("mistral").double()  # while every sequence in the fit changes the choice
+    outcome = shrink_model(model, other, Shape(intermediate_size=40), EngineConfig(batch_size=4), CPU)
+    assert not all(torch.equal(a, b.mlp.down_proj.weight) for a, b in zip(runs[0][1], model.model.layers))
+
+
+def test_tuning_after_the_structured_pass_lowers_the_block_error_and_keeps_the_shape(small_text, tokenizer, one_thread):
+    """On the bundled (trained) model: tuned blocks are kept only with a lower held-out error, and the
+    removed channels stay exact zeros through the tuning, so the slicing leaves the asked shape."""
+    from transformers import AutoModelForCausalLM
+
+    from prac.engine.reconstruct import ReconstructConfig
+    from prac.io import assets
+    from prac.io.data import load_calibration
+
+    calib = load_calibration(str(small_text), tokenizer, nsamples=16, seqlen=64, seed=0).input_ids
+    model = AutoModelForCausalLM.from_pretrained(assets.DEFAULT_MODEL).eval()
+    tuned = EngineConfig(batch_size=4, reconstruct=ReconstructConfig(mode="block", epochs=4, minibatches=4, lr=1e-3))
+    outcome = shrink_model(model, calib, Shape(intermediate_size=192, num_key_value_heads=2), tuned, CPU, holdout=0.25)
+    records = outcome.reconstruction
+    assert len(records) == 4 and sum(r.kept for r in records) >= 2
+    for r in records:
+        assert r.heldout_before is not None
+        if r.kept:
+            assert r.heldout_after < r.heldout_before and r.fit_after < r.fit_before
+    for block in model.model.layers:
+        assert block.mlp.down_proj.weight.shape[1] == 192 and block.self_attn.k_proj.weight.shape[0] == 2 * 32
+    assert outcome.to_dict()["config_changes"]["intermediate_size"] == [768, 192]
+
+
+def test_target_params_tries_shapes_under_the_budget_and_keeps_the_best_scored(one_thread):
+    from prac.engine.structure_search import BlockBudget, candidate_shapes
+
+    model = make_tiny_model("mistral")
+    budget = BlockBudget.of(model)
+    assert budget.dense == sum(p.numel() for p in model.model.layers.parameters())
+    shapes = candidate_shapes(budget, 0.6)
+    assert len(shapes) >= 2 and len(set(shapes)) == len(shapes)
+    for s in shapes:
+        kept = budget.params(s.num_hidden_layers or 2, s.num_key_value_heads or 2, s.intermediate_size or 128)
+        assert kept <= 0.6 * budget.dense
+    calib = torch.randint(0, VOCAB, (16, 32))
+    outcome = shrink_model(model, calib, Shape(target_params=0.6), EngineConfig(batch_size=4), CPU, holdout=0.25)
+    search = outcome.search.to_dict()
+    scores = [c["heldout_change"] for c in search["candidates"]]
+    best = search["candidates"][scores.index(min(scores))]
+    assert search["chosen"] == {k: v for k, v in best.items() if k in ("intermediate_size", "num_key_value_heads",
+                                                                         "num_hidden_layers")}
+    assert outcome.parameters_after == sum(p.numel() for p in model.model.layers.parameters())
+    assert outcome.parameters_after / outcome.parameters_before == pytest.approx(best["kept_share"], abs=1e-6)
+    assert outcome.parameters_after <= 0.6 * outcome.parameters_before
+
+
+def test_verify_checks_the_weights_against_the_config(one_thread):
+    from prac.jobs.verify import check_shapes
+    from prac.model.shrink import shape_mismatches
+
+    model = make_tiny_model("mistral")
+    calib = torch.randint(0, VOCAB, (8, 32))
+    shrink_model(model, calib, Shape(intermediate_size=48, num_hidden_layers=1), EngineConfig(batch_size=4), CPU,
+                 holdout=0.25)
+    assert shape_mismatches(model) == []
+    check = check_shapes(model, calib)
+    assert check.passed and "1 blocks as configured, intermediate 48" in check.detail
+    model.config.intermediate_size = 128  # a folder whose config was not updated
+    model.config.num_hidden_layers = 2
+    found = shape_mismatches(model)
+    assert found[0] == "1 blocks, config num_hidden_layers 2" and "mlp.gate_proj is (48, 64)" in found[1]
+    assert not check_shapes(model, calib).passed
+
+
+def test_cli_drops_blocks_tunes_skips_the_empty_prune_pass_and_verify_passes_on_the_folder(tiny_model_dir, small_text,
+                                                                                          tmp_path):
+    model_dir = tiny_model_dir("mistral")
+    out, report_path = tmp_path / "small", tmp_path / "r.json"
+    done = subprocess.run([sys.executable, "-m", "prac", "prune", "--model", str(model_dir), "--calib", str(small_text),
+                           "--nsamples", "8", "--seqlen", "32", "--eval", "none", "--no-progress",
+                           "--num-hidden-layers", "1", "--intermediate-size", "64", "--reconstruct", "block",
+                           "--reconstruct-epochs", "2", "--save", str(out), "--report", str(report_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(report_path.read_text())
+    summary = report["summary"]
+    s = summary["structure"]
+    assert s["config_changes"] == {"intermediate_size": [128, 64], "num_hidden_layers": [2, 1]}
+    assert len(s["dropped_blocks"]) == 1 and len(s["depth_rounds"][0]["scores"]) == 2
+    assert summary["pruned_layers"] == 0 and summary["prune_seconds"] == 0.0  # no second, empty pass
+    assert "structure" in summary["peak_memory_by_phase"] and "prune" not in summary["peak_memory_by_phase"]
+    assert summary["reconstruction"]["blocks"] == 1  # the one block left was tuned (or kept its weights)
+    assert summary["block_weight_parameters"] == s["parameters_after"] - 2 * 64  # every matrix; not the norms
+    verify = subprocess.run([sys.executable, "-m", "prac", "verify", "--model", str(out), "--calib", str(small_text),
+                             "--nsamples", "4", "--seqlen", "32"], capture_output=True, text=True, timeout=600)
+    assert verify.returncode == 0, verify.stdout[-2000:] + verify.stderr[-2000:]
+    assert re.search(r"shapes match the config +PASS +1 blocks as configured, intermediate 64", verify.stdout)

@@ -24,7 +24,7 @@ def test_all_checks_pass_on_a_tiny_model(calib):
     model = make_tiny_model("mistral")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     checks = run_checks(model, calib, PruneConfig(pattern=Unstructured(0.6), engine=EngineConfig(batch_size=2)), CPU)
-    assert len(checks) == 8 and all(c.passed for c in checks), format_table(checks)
+    assert len(checks) == 9 and all(c.passed for c in checks), format_table(checks)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), "verify must not modify the model"
 
 
@@ -41,7 +41,7 @@ def test_cli_exit_code(tiny_model_dir, small_text, capsys):
     code = main(["verify", "--model", str(tiny_model_dir("mistral")), "--calib", str(small_text), "--nsamples", "4",
                  "--seqlen", "32"])
     out = capsys.readouterr().out
-    assert code == 0 and "FAIL" not in out and "8 passed, 0 failed" in out
+    assert code == 0 and "FAIL" not in out and "9 passed, 0 failed" in out
 
 
 def test_unknown_method_is_refused_at_parse_time(capsys):

@@ -1,4 +1,4 @@
-"""``prac prune``'s structure options: a smaller dense model with fewer MLP neurons or KV groups
+"""``prac prune``'s structure options: a smaller dense model with fewer MLP neurons, KV groups or blocks
 (:mod:`prac.engine.structure`), named after the config fields they change."""
 
 from __future__ import annotations
@@ -18,12 +18,19 @@ def add_structure_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num-key-value-heads", type=positive_int, default=None, metavar="N",
                    help="keep N KV groups per block, each with its query heads (GQA stays a standard config), "
                         "chosen by the error left after o_proj is refitted on them")
+    g.add_argument("--num-hidden-layers", type=positive_int, default=None, metavar="N",
+                   help="keep N decoder blocks: drop those whose removal changes the held-out output least "
+                        "(greedy in rounds), before any width is chosen")
+    g.add_argument("--target-params", type=float, default=None, metavar="F",
+                   help="keep the share F of the block parameters, the mix of the three options above chosen by a "
+                        "small search scored on the held-out sequences (alone: not with those options)")
 
 
 def shape_from_args(args: argparse.Namespace):
     from prac.model.shrink import Shape
 
-    return Shape(intermediate_size=args.intermediate_size, num_key_value_heads=args.num_key_value_heads)
+    return Shape(intermediate_size=args.intermediate_size, num_key_value_heads=args.num_key_value_heads,
+                 num_hidden_layers=args.num_hidden_layers, target_params=args.target_params)
 
 
 def structure_lines(summary: dict[str, Any]) -> list[str]:

@@ -8,6 +8,18 @@ after the exact refit, greedy in groups) and hands back the consumer with exact 
 columns, so the block propagates exactly what the sliced block will. After the run the zeroed channels
 are sliced out of the weights and the config (:mod:`prac.model.shrink`): every block keeps the same
 shape. ``sequential``: the MLP's statistics are taken with the block's attention already shrunk.
+
+Whole blocks go first (``num_hidden_layers``, :mod:`prac.engine.depth`), chosen on the dense model by
+the measured change of the held-out output; the widths are then chosen on the blocks that remain.
+
+Held out: ``holdout`` of the calibration sequences (the draw of :func:`prac.model.stats.holdout_rows`)
+enter no statistic the selection is fitted on; they judge which blocks go, and the tuning.
+
+Repair: with the engine's ``dense_target`` each consumer is first moved to the weight that best gives
+the dense model's output from the shrunk model's inputs (:func:`prac.engine.pipeline.dense_target_weight`),
+then selected; with ``reconstruct`` every linear of the block (its kept channels: the removed ones are
+exact zeros, or meet one) is tuned to the dense model's block output, as for a sparse model
+(:mod:`prac.engine.reconstruct`), before the block's output is passed on.
 """
 
 from __future__ import annotations
@@ -23,19 +35,23 @@ from torch import nn
 from prac.core.progress import Progress, no_progress
 from prac.core.timing import PhaseTimer
 from prac.engine.config import EngineConfig
+from prac.engine.depth import DepthRecord, choose_blocks_to_drop
 from prac.engine.loop import BlockEngine
+from prac.engine.pipeline import dense_target_weight
+from prac.engine.structure_search import SearchOutcome, search_shape
 from prac.methods.structured import select_channels
 from prac.model.group import InputGroup
 from prac.model.shrink import (
     Shape,
     block_parameters,
     config_diff,
+    drop_layers,
     head_dim,
     shrink_attention,
     shrink_mlp,
     text_config,
 )
-from prac.model.stats import StatsSpec
+from prac.model.stats import StatsSpec, holdout_rows
 from prac.model.units import Unit
 
 MLP_CONSUMER = "mlp.down_proj"
@@ -64,8 +80,10 @@ class StructureRecord:
 class StructureStep:
     """The engine's step for the structured pass (see the module docstring)."""
 
-    def __init__(self, shape: Shape, heads_per_group: int, dim: int, damping: float = 1e-2):
+    def __init__(self, shape: Shape, heads_per_group: int, dim: int, damping: float = 1e-2,
+                 dense_target: bool = False):
         self.shape, self.heads_per_group, self.dim, self.damping = shape, heads_per_group, dim, damping
+        self.dense_target = dense_target
         self.records: list[StructureRecord] = []
 
     def __call__(self, group: InputGroup, units: dict[str, Unit]) -> dict[str, torch.Tensor]:
@@ -77,7 +95,8 @@ class StructureStep:
             started = time.perf_counter()
             unit = units[name]
             weight = unit.read()
-            chosen = select_channels(weight, group.hessian(), keep, width=width, damping=self.damping)
+            source = dense_target_weight(weight, group, self.damping, name) if self.dense_target else weight
+            chosen = select_channels(source, group.hessian(), keep, width=width, damping=self.damping)
             staged[name] = chosen.weight.to(weight.dtype)
             block = int(name.split(".layers.")[1].split(".")[0]) if ".layers." in name else len(self.records)
             self.records.append(StructureRecord(block, part, chosen.kept.tolist(), chosen.info["groups"],
@@ -94,10 +113,17 @@ class StructureStep:
 
 @dataclass
 class StructureOutcome:
-    """What the structured pass did: the records, parameters of the blocks before and after, the
-    config fields changed, seconds."""
+    """What the structured pass did: the records, the blocks dropped (one record per greedy round),
+    parameters of the blocks before and after, the config fields changed, seconds, the tuning's records
+    (:class:`prac.engine.reconstruct.ReconstructRecord`, with ``reconstruct``) and the engine's
+    phase seconds."""
 
     records: list[StructureRecord] = field(default_factory=list)
+    depth: list[DepthRecord] = field(default_factory=list)
+    dropped: list[int] = field(default_factory=list)
+    reconstruction: list = field(default_factory=list)
+    search: SearchOutcome | None = None
+    phase_seconds: dict[str, float] = field(default_factory=dict)
     parameters_before: int = 0
     parameters_after: int = 0
     config_changes: dict[str, list[Any]] = field(default_factory=dict)
@@ -107,25 +133,42 @@ class StructureOutcome:
         return {"parameters_before": self.parameters_before, "parameters_after": self.parameters_after,
                 "kept_share": self.parameters_after / self.parameters_before if self.parameters_before else None,
                 "config_changes": self.config_changes, "seconds": round(self.seconds, 3),
+                **({"dropped_blocks": self.dropped, "depth_rounds": [r.to_dict() for r in self.depth]}
+                   if self.depth else {}),
+                **({"search": self.search.to_dict()} if self.search else {}),
                 "blocks": [r.to_dict() for r in self.records]}
 
 
 def shrink_model(model: nn.Module, calib: torch.Tensor, shape: Shape, engine: EngineConfig, device: torch.device,
-                 progress: Progress = no_progress, damping: float = 1e-2) -> StructureOutcome:
-    """Shrink ``model`` in place to ``shape`` (MLP neurons and KV groups; see the module docstring),
-    calibrated on token ids ``[n, seqlen]``; its config is updated to match."""
+                 progress: Progress = no_progress, damping: float = 1e-2, holdout: float = 0.0, seed: int = 0,
+                 ignore: str | None = None) -> StructureOutcome:
+    """Shrink ``model`` in place to ``shape`` (blocks, then MLP neurons and KV groups; see the module
+    docstring), calibrated on token ids ``[n, seqlen]``; its config is updated to match. ``holdout``:
+    the share of sequences held out (``seed`` draws them); ``ignore``: linears the tuning leaves alone."""
     started = time.perf_counter()
     cfg = text_config(model.config)
     before_cfg = cfg.to_dict()
     outcome = StructureOutcome(parameters_before=block_parameters(model))
+    if shape.target_params is not None:
+        outcome.search = search_shape(model, calib, shape.target_params, engine, device, holdout, seed, progress)
+        shape = outcome.search.chosen
+    held = holdout_rows(calib.shape[0], holdout, seed)
+    if shape.num_hidden_layers is not None and shape.num_hidden_layers < int(cfg.num_hidden_layers):
+        judge = calib if held is None else calib[held]
+        outcome.dropped, outcome.depth = choose_blocks_to_drop(model, judge, int(cfg.num_hidden_layers)
+                                                                - shape.num_hidden_layers, engine.batch_size, device)
+        drop_layers(model, [i for i in range(int(cfg.num_hidden_layers)) if i not in outcome.dropped])
     kv = int(cfg.num_key_value_heads)
-    step = StructureStep(shape, int(cfg.num_attention_heads) // kv, head_dim(cfg), damping)
+    step = StructureStep(shape, int(cfg.num_attention_heads) // kv, head_dim(cfg), damping, engine.dense_target)
     if shape.intermediate_size is not None or shape.num_key_value_heads is not None:
-        ignore = _only(shape)
-        run_cfg = dataclasses.replace(engine, dense_target=False, reconstruct=dataclasses.replace(engine.reconstruct,
-                                                                                                 mode="none"))
-        BlockEngine(run_cfg, device, progress).run(model, calib, StatsSpec(hessian=True), step, ignore=ignore,
-                                                   timer=PhaseTimer(device, {}))
+        tuned = engine.reconstruct.active
+        run_cfg = engine if tuned or engine.dense_target else dataclasses.replace(engine, dense_target=False)
+        spec = StatsSpec(hessian=True, seed=seed, holdout=holdout if held is not None else 0.0,
+                         drift=engine.dense_target)
+        run = BlockEngine(run_cfg, device, progress).run(model, calib, spec, step,
+                                                         ignore=ignore if tuned else _only(shape),
+                                                         timer=PhaseTimer(device, outcome.phase_seconds))
+        outcome.reconstruction = run.reconstruction
         _slice(model, step, shape)
     outcome.records = step.records
     outcome.parameters_after = block_parameters(model)

@@ -43,11 +43,12 @@ def check_structure_settings(job: PruneJob) -> None:
     """What the structured pass does not combine with yet, refused before the load."""
     if not job.shape.active:
         return
-    if job.prune.engine.reconstruct.active:
-        raise PracError("--reconstruct after --intermediate-size/--num-key-value-heads is not supported yet "
-                        "(its target would be the shrunk model, not the dense one)")
+    if job.prune.engine.reconstruct.active and job.prune.engine.reconstruct.mode != "block":
+        raise PracError("with --intermediate-size/--num-key-value-heads/--num-hidden-layers, --reconstruct "
+                        "must be block for now (sublayer is not tried with them yet)")
     if os.environ.get("WORLD_SIZE", "1") not in ("", "1"):
-        raise PracError("--intermediate-size/--num-key-value-heads run in one process (not under torchrun) for now")
+        raise PracError("--intermediate-size/--num-key-value-heads/--num-hidden-layers run in one process "
+                        "(not under torchrun) for now")
     quant = job.prune.quant
     if quant.active and job.shape.intermediate_size is not None and quant.group_size > 0 \
             and job.shape.intermediate_size % quant.group_size:

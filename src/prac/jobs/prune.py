@@ -13,7 +13,7 @@ from typing import Any
 
 from prac.core.progress import Progress, no_progress
 from prac.core.timing import PhaseMeter
-from prac.engine.pipeline import held_out_sequences, prune_model
+from prac.engine.pipeline import PruneOutcome, held_out_sequences, prune_model
 from prac.engine.structure import shrink_model
 from prac.io.outputs import Outputs, StagedFile, check_save_dir, stage_json
 from prac.io.report import jsonable, summarize_layers
@@ -33,6 +33,7 @@ from prac.jobs.evaluator import Evaluator, scorer
 from prac.jobs.results import json_report, run_environment, set_status
 from prac.methods.patterns import pattern_to_dict
 from prac.model.loading import check_model_source, load_model, load_tokenizer, resolve_device
+from prac.model.units import block_weight_counts
 from prac.parallel import session as distributed
 from prac.quant.gptq import summarize_quantization
 
@@ -73,10 +74,12 @@ def run_prune(job: PruneJob, progress: Progress = no_progress) -> dict[str, Any]
         log.info("dense evaluation in %.1f s", meter.seconds["dense_eval"])
     plan = None
     held = held_out_sequences(job.prune, calib.input_ids.shape[0])  # judged on, never fitted
+    structure = None
     if job.shape.active:
         with meter("structure"):
-            fitted = calib.input_ids if held is None else calib.input_ids[~held]
-            structure = shrink_model(model, fitted, job.shape, job.prune.engine, device, progress)
+            structure = shrink_model(model, calib.input_ids, job.shape, job.prune.engine, device, progress,
+                                     holdout=structure_holdout(job), seed=job.prune.correction.seed,
+                                     ignore=job.prune.ignore)
         summary["structure"] = structure.to_dict()
         log.info("structure: block parameters %d -> %d in %.1f s", structure.parameters_before,
                  structure.parameters_after, structure.seconds)
@@ -88,11 +91,15 @@ def run_prune(job: PruneJob, progress: Progress = no_progress) -> dict[str, Any]
         job = replace(job, prune=replace(job.prune, plan=plan.sparsity))
         log.info("%s allocation: %d linears, total sparsity %.6f", plan.method, len(plan.sparsity), plan.total())
     started = time.perf_counter()
-    with meter("prune"):
-        outcome = prune_model(model, calib.input_ids, job.prune, device, progress,
-                              parallel=distributed.DataParallel(session) if session else None)
-    summary["prune_seconds"] = round(time.perf_counter() - started, 3)
-    log.info("pruned %d layers in %.1f s", len(outcome.layers), summary["prune_seconds"])
+    if structure is not None and not prunes_after_structure(job):
+        outcome = structure_only_outcome(model, structure)  # nothing left to prune: no second pass
+        summary["prune_seconds"] = 0.0
+    else:
+        with meter("prune"):
+            outcome = prune_model(model, calib.input_ids, job.prune, device, progress,
+                                  parallel=distributed.DataParallel(session) if session else None)
+        summary["prune_seconds"] = round(time.perf_counter() - started, 3)
+        log.info("pruned %d layers in %.1f s", len(outcome.layers), summary["prune_seconds"])
     summary["phase_seconds"] = {k: round(v, 3) for k, v in outcome.phase_seconds.items()}
     if held is not None:  # what the masks, corrections and tuning were fitted on, and what judged them
         seqlen = calib.input_ids.shape[1]
@@ -103,6 +110,10 @@ def run_prune(job: PruneJob, progress: Progress = no_progress) -> dict[str, Any]
         from prac.engine.reconstruct import summarize
 
         summary["reconstruction"] = summarize(outcome.reconstruction)
+    if structure is not None and structure.reconstruction and outcome.reconstruction is not structure.reconstruction:
+        from prac.engine.reconstruct import summarize
+
+        summary["structure"]["reconstruction"] = summarize(structure.reconstruction)
     if job.prune.quant.active:
         summary["quantization"] = summarize_quantization(outcome.layers, job.prune.quant)
     if job.prune.correction.active:
@@ -167,3 +178,31 @@ def _config_dict(job: PruneJob) -> dict[str, Any]:
     if not job.shape.active:
         out.pop("shape", None)  # reports of unstructured runs stay as they were
     return out
+
+
+def structure_holdout(job: PruneJob) -> float:
+    """The share of calibration sequences the structured pass holds out: the tuning's (``--holdout`` of
+    the reconstruction, 0.125 by default) when something judges on them (dropping blocks, the
+    ``--target-params`` search, tuning),
+    else none (the width selection alone fits on every sequence)."""
+    judged = (job.prune.engine.reconstruct.active or job.shape.num_hidden_layers is not None
+              or job.shape.target_params is not None)
+    return job.prune.engine.reconstruct.holdout if judged else 0.0
+
+
+def prunes_after_structure(job: PruneJob) -> bool:
+    """Whether anything is left for the prune pass after the structured one (a sparsity, N:M,
+    quantization or an allocation); without, the pass would calibrate every block for nothing."""
+    p = job.prune
+    return p.pattern.target_sparsity > 0 or p.quant.active or job.allocation.active
+
+
+def structure_only_outcome(model, structure) -> PruneOutcome:
+    """The run's outcome when the structured pass was all of it: no pruned layers; the zeros of every
+    block weight of the shrunk model; the tuning's records and phase seconds of the structured pass."""
+    zeros = entries = 0
+    for block in model.get_decoder().layers:
+        z, n = block_weight_counts(block)
+        zeros, entries = zeros + z, entries + n
+    return PruneOutcome(phase_seconds=dict(structure.phase_seconds), block_weights=(zeros, entries),
+                        reconstruction=structure.reconstruction)

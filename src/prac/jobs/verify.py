@@ -1,5 +1,6 @@
 """The invariants every run relies on, checked on a given model and calibration set (``prac verify``).
 
+0. The weights have the shapes the config gives (blocks, heads, MLP width), and the logits are finite.
 1. Wanda's L2 salience from the running sum of squares equals the one from diag(H) (≤ 1e-5 relative).
 2. Statistics accumulated batch by batch equal those accumulated in one shot (≤ 1e-5 relative).
 3. With correction ``none`` every method's collection mode (Hessian, stored samples) yields the
@@ -30,7 +31,9 @@ from prac import correction
 from prac.correction import CorrectionConfig, corrections
 from prac.engine.loop import calibrate
 from prac.engine.pipeline import PruneConfig, prune_model
+from prac.model import shrink
 from prac.model.group import InputGroup
+from prac.model.shrink import shape_mismatches
 from prac.model.stats import InputStats, StatsSpec
 
 if TYPE_CHECKING:
@@ -191,12 +194,32 @@ def check_reconstruction_keeps_masks(model, calib, cfg: PruneConfig, device, ses
                  + (f"; weights left their mask: {', '.join(short[:3])}" if short else ""))
 
 
+def check_shapes(model: nn.Module, calib: torch.Tensor) -> Check:
+    """The weights have the shapes the config says (a structured folder: :func:`prac.model.shrink.shape_mismatches`),
+    and the model's logits on the first 64 tokens of the first calibration sequence are finite (where
+    the model is: a forward of the whole model, without the block engine)."""
+    found = shape_mismatches(model)
+    if found:
+        return Check("shapes match the config", False, f"{len(found)} mismatches, first: {found[0]}")
+    here = next(model.parameters()).device
+    with torch.no_grad():
+        logits = model(input_ids=calib[:1, :64].to(here)).logits
+    finite = bool(torch.isfinite(logits).all())
+    cfg = shrink.text_config(model.config)
+    return Check("shapes match the config", finite,
+                 f"{len(model.get_decoder().layers)} blocks as configured"
+                 + (f", intermediate {cfg.intermediate_size}, {cfg.num_attention_heads}/{cfg.num_key_value_heads} heads"
+                    if getattr(cfg, "model_type", None) in shrink.SUPPORTED else "")
+                 + ("; logits finite" if finite else "; logits NOT finite"))
+
+
 def run_checks(model: nn.Module, calib: torch.Tensor, cfg: PruneConfig, device: torch.device,
                progress: Callable[[str], None] = lambda name: None, session: Session | None = None,
                reconstruct=None) -> list[Check]:
     """Run every check on copies of ``model`` (the model itself is left untouched); ``session``: one
     rank of a data-parallel run (``calib`` is the whole calibration set on every rank)."""
-    checks = []
+    progress("shapes")
+    checks = [check_shapes(model, calib)]
     for name, fn in (("l2", check_l2_salience), ("incremental", check_incremental), ("none", check_none_identical)):
         progress(name)
         checks.append(fn(model, calib, cfg, device, session))

@@ -31,15 +31,18 @@ PER_LAYER_FIELDS = ("layer_types",)
 
 @dataclass(frozen=True)
 class Shape:
-    """The block shape a run asks for (None: unchanged)."""
+    """The block shape a run asks for (None: unchanged); ``target_params``: the share of block
+    parameters to keep, the three others then chosen by a search (:mod:`prac.engine.structure_search`)."""
 
     intermediate_size: int | None = None
     num_key_value_heads: int | None = None
     num_hidden_layers: int | None = None
+    target_params: float | None = None
 
     @property
     def active(self) -> bool:
-        return any(v is not None for v in (self.intermediate_size, self.num_key_value_heads, self.num_hidden_layers))
+        return any(v is not None for v in (self.intermediate_size, self.num_key_value_heads, self.num_hidden_layers,
+                                           self.target_params))
 
     def to_dict(self) -> dict[str, int]:
         return {k: v for k, v in self.__dict__.items() if v is not None}
@@ -59,6 +62,13 @@ def check_shrinkable(config, shape: Shape) -> None:
     if kind not in SUPPORTED or any(getattr(cfg, f, None) for f in ("num_local_experts", "num_experts")):
         raise PracError(f"structured shrinking supports {', '.join(SUPPORTED)} (dense decoders); "
                         f"this model is {kind!r}" + (" with MoE experts" if kind in SUPPORTED else ""))
+    if shape.target_params is not None:
+        if not 0.0 < shape.target_params < 1.0:
+            raise PracError(f"--target-params must be in (0, 1): the share of block parameters to keep, "
+                            f"got {shape.target_params}")
+        if any(v is not None for v in (shape.intermediate_size, shape.num_key_value_heads, shape.num_hidden_layers)):
+            raise PracError("--target-params chooses --intermediate-size, --num-key-value-heads and "
+                            "--num-hidden-layers itself; give it alone, or those without it")
     checks = (("intermediate_size", shape.intermediate_size, "--intermediate-size"),
               ("num_key_value_heads", shape.num_key_value_heads, "--num-key-value-heads"),
               ("num_hidden_layers", shape.num_hidden_layers, "--num-hidden-layers"))
@@ -147,3 +157,28 @@ def config_diff(before: dict[str, Any], after: dict[str, Any]) -> dict[str, list
 def block_parameters(model: nn.Module) -> int:
     """Parameters of the decoder blocks (embeddings, final norm and head excluded)."""
     return sum(p.numel() for p in model.get_decoder().layers.parameters())
+
+
+def shape_mismatches(model: nn.Module) -> list[str]:
+    """Where the decoder's weights disagree with its config (``prac verify`` on a shrunk folder): the
+    block count, and for the families of :data:`SUPPORTED` every block's q/k/v/o and gate/up/down
+    shapes against ``num_attention_heads``, ``num_key_value_heads``, ``head_dim``, ``intermediate_size``
+    and ``hidden_size``. Empty when they agree."""
+    cfg = text_config(model.config)
+    layers = model.get_decoder().layers
+    found: list[str] = []
+    if getattr(cfg, "num_hidden_layers", None) is not None and len(layers) != int(cfg.num_hidden_layers):
+        found.append(f"{len(layers)} blocks, config num_hidden_layers {cfg.num_hidden_layers}")
+    if getattr(cfg, "model_type", None) not in SUPPORTED:
+        return found
+    h, dim, inter = int(cfg.hidden_size), head_dim(cfg), int(cfg.intermediate_size)
+    heads, kv = int(cfg.num_attention_heads), int(cfg.num_key_value_heads)
+    want = {"self_attn.q_proj": (heads * dim, h), "self_attn.k_proj": (kv * dim, h), "self_attn.v_proj": (kv * dim, h),
+            "self_attn.o_proj": (h, heads * dim), "mlp.gate_proj": (inter, h), "mlp.up_proj": (inter, h),
+            "mlp.down_proj": (h, inter)}
+    for i, block in enumerate(layers):
+        for name, shape in want.items():
+            weight = block.get_submodule(name).weight
+            if tuple(weight.shape) != shape:
+                found.append(f"block {i} {name} is {tuple(weight.shape)}, the config gives {shape}")
+    return found

@@ -1,0 +1,148 @@
+"""``--target-params F``: which homogeneous shape keeps the share ``F`` of the block parameters with the
+least damage, chosen by measured held-out error (a small search, as Minitron's, scored without
+distillation or tuning).
+
+Candidates: up to three depths (none; half and all of what depth alone would need, ``⌊L(1 − F)⌋``
+blocks) times two attention widths (every KV group; one fewer), and for each the MLP width that brings
+the block parameters to at most ``F`` of the dense model's, rounded down to a multiple of 64 (8 for
+MLPs under 1024 neurons). Each candidate shrinks a copy of the model with the structured pass
+(:func:`prac.engine.structure.shrink_model`, the refit but no tuning) on the fitted sequences; its
+score is the mean per-token relative change of the final norm's output on the held-out sequences
+(:func:`prac.engine.depth.output_change`). The lowest score wins; its shape is then run for real (with
+the tuning, when asked).
+
+The parameter count of a shape is exact: per block ``c + kv · a + i · b``, with ``a`` the parameters of
+one KV group and its query heads (their rows of q/k/v, columns of o), ``b`` of one MLP neuron, and
+``c`` the rest (norms), read off the model's first block.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from prac.core.errors import PracError
+from prac.core.progress import Progress, no_progress
+from prac.engine.config import EngineConfig
+from prac.engine.depth import final_outputs, output_change
+from prac.engine.reconstruct import ReconstructConfig
+from prac.model.shrink import Shape, text_config
+from prac.model.stats import holdout_rows
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BlockBudget:
+    """Parameters of one block as ``c + kv · a + i · b`` (module docstring) and the dense shape."""
+
+    per_group: int
+    per_neuron: int
+    rest: int
+    layers: int
+    kv: int
+    intermediate: int
+
+    @classmethod
+    def of(cls, model: nn.Module) -> BlockBudget:
+        cfg = text_config(model.config)
+        block = model.get_decoder().layers[0]
+        kv, inter = int(cfg.num_key_value_heads), int(cfg.intermediate_size)
+        attn = sum(p.numel() for m in ("q_proj", "k_proj", "v_proj", "o_proj")
+                   for p in getattr(block.self_attn, m).parameters())
+        mlp = sum(p.numel() for m in ("gate_proj", "up_proj", "down_proj") for p in getattr(block.mlp, m).parameters())
+        o_bias = block.self_attn.o_proj.bias.numel() if block.self_attn.o_proj.bias is not None else 0
+        d_bias = block.mlp.down_proj.bias.numel() if block.mlp.down_proj.bias is not None else 0
+        total = sum(p.numel() for p in block.parameters())
+        per_group, per_neuron = (attn - o_bias) // kv, (mlp - d_bias) // inter
+        return cls(per_group, per_neuron, total - kv * per_group - inter * per_neuron, int(cfg.num_hidden_layers),
+                   kv, inter)
+
+    def params(self, layers: int, kv: int, intermediate: int) -> int:
+        return layers * (self.rest + kv * self.per_group + intermediate * self.per_neuron)
+
+    @property
+    def dense(self) -> int:
+        return self.params(self.layers, self.kv, self.intermediate)
+
+
+def candidate_shapes(budget: BlockBudget, share: float) -> list[Shape]:
+    """The candidates of the module docstring that keep at most ``share`` of the block parameters."""
+    if not 0.0 < share < 1.0:
+        raise PracError(f"--target-params must be in (0, 1), got {share}")
+    target = share * budget.dense
+    full_depth = math.floor(budget.layers * (1.0 - share) + 1e-9)
+    multiple = 64 if budget.intermediate >= 1024 else 8
+    shapes: list[Shape] = []
+    for drop in sorted({0, full_depth // 2, full_depth}):
+        layers = budget.layers - drop
+        if layers < 1:
+            continue
+        for kv in sorted({budget.kv, max(1, budget.kv - 1)}, reverse=True):
+            room = target / layers - budget.rest - kv * budget.per_group
+            inter = min(budget.intermediate, int(room // budget.per_neuron) // multiple * multiple)
+            if inter < max(1, budget.intermediate // 8) or budget.params(layers, kv, inter) > target:
+                continue
+            shape = Shape(intermediate_size=inter if inter < budget.intermediate else None,
+                          num_key_value_heads=kv if kv < budget.kv else None,
+                          num_hidden_layers=layers if drop else None)
+            if shape.active and shape not in shapes:
+                shapes.append(shape)
+    if not shapes:
+        raise PracError(f"--target-params {share}: no shape of this model keeps that share "
+                        f"(MLP widths under an eighth of {budget.intermediate} are not tried)")
+    return shapes
+
+
+@dataclass
+class SearchOutcome:
+    """The candidates tried (shape, share of block parameters, held-out score, seconds) and the chosen."""
+
+    share: float
+    candidates: list[dict[str, Any]] = field(default_factory=list)
+    chosen: Shape | None = None
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"target_params": self.share, "candidates": self.candidates,
+                "chosen": self.chosen.to_dict() if self.chosen else None, "seconds": round(self.seconds, 3)}
+
+
+def search_shape(model: nn.Module, calib: torch.Tensor, share: float, engine: EngineConfig, device: torch.device,
+                 holdout: float, seed: int, progress: Progress = no_progress) -> SearchOutcome:
+    """Choose the shape for ``--target-params share`` (module docstring); ``model`` is left as it was."""
+    from prac.engine.structure import shrink_model  # the pass this search scores (same layer)
+
+    started = time.perf_counter()
+    budget = BlockBudget.of(model)
+    held = holdout_rows(calib.shape[0], holdout if holdout > 0 else 0.125, seed)
+    judge = calib if held is None else calib[held]
+    ref = final_outputs(model, judge, engine.batch_size, device)
+    plain = dataclasses.replace(engine, dense_target=False, reconstruct=ReconstructConfig())
+    outcome = SearchOutcome(share)
+    best = math.inf
+    for shape in candidate_shapes(budget, share):
+        t0 = time.perf_counter()
+        trial = copy.deepcopy(model)
+        shrink_model(trial, calib, shape, plain, device, progress, holdout=holdout if holdout > 0 else 0.125,
+                     seed=seed)
+        score = output_change(final_outputs(trial, judge, engine.batch_size, device), ref)
+        kept = budget.params(shape.num_hidden_layers or budget.layers, shape.num_key_value_heads or budget.kv,
+                             shape.intermediate_size or budget.intermediate) / budget.dense
+        outcome.candidates.append({**shape.to_dict(), "kept_share": round(kept, 6), "heldout_change": score,
+                                   "seconds": round(time.perf_counter() - t0, 3)})
+        log.info("--target-params %s: candidate %s keeps %.4f, held-out output change %.5g", share, shape.to_dict(),
+                 kept, score)
+        if score < best:
+            best, outcome.chosen = score, shape
+        del trial
+    outcome.seconds = time.perf_counter() - started
+    return outcome
