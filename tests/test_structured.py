@@ -318,6 +318,7 @@ def test_cli_drops_blocks_tunes_skips_the_empty_prune_pass_and_verify_passes_on_
                            "--reconstruct-epochs", "2", "--save", str(out), "--report", str(report_path)],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
+    assert "structured only, no sparsity pass" in done.stdout and "dropped blocks [" in done.stdout
     report = json.loads(report_path.read_text())
     summary = report["summary"]
     s = summary["structure"]

@@ -13,9 +13,12 @@ def format_summary(report: dict[str, Any], save: str | None = None, report_path:
     """The lines printed after a prune; any missing, None or non-finite number shows as ``nan``."""
     s = report["summary"]
     memory = s.get("peak_memory_bytes")
-    lines = [f"pruned {s.get('pruned_layers')} layers in {report.get('config', {}).get('blocks')}: "
-             f"sparsity {number(s.get('sparsity'))} in {number(s.get('prune_seconds'), '.1f')}s "
-             f"(peak memory {number(None if memory is None else memory / 2**20, '.0f')} MiB)"]
+    peak = f"(peak memory {number(None if memory is None else memory / 2**20, '.0f')} MiB)"
+    if s.get("structure") and not s.get("pruned_layers"):  # the structured pass was the whole run
+        lines = [f"structured only, no sparsity pass {peak}"]
+    else:
+        lines = [f"pruned {s.get('pruned_layers')} layers in {report.get('config', {}).get('blocks')}: "
+                 f"sparsity {number(s.get('sparsity'))} in {number(s.get('prune_seconds'), '.1f')}s {peak}"]
     lines += structure_lines(s)
     if "block_weight_sparsity" in s:
         lines.append(f"all weight matrices of the blocks: {number(s['block_weight_sparsity'])} zero "

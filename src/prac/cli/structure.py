@@ -39,5 +39,17 @@ def structure_lines(summary: dict[str, Any]) -> list[str]:
     if not s:
         return []
     changes = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in s["config_changes"].items())
-    return [f"structure: block parameters {s['parameters_before']:,} -> {s['parameters_after']:,} "
-            f"({s['kept_share']:.1%} kept) in {s['seconds']:.1f}s; config: {changes}"]
+    lines = [f"structure: block parameters {s['parameters_before']:,} -> {s['parameters_after']:,} "
+             f"({s['kept_share']:.1%} kept) in {s['seconds']:.1f}s; config: {changes}"]
+    search = s.get("search")
+    if search:
+        best = min(search["candidates"], key=lambda c: c["heldout_change"])
+        lines.append(f"--target-params {search['target_params']}: chose {search['chosen']} of "
+                     f"{len(search['candidates'])} candidates (held-out output change {best['heldout_change']:.4g}) "
+                     f"in {search['seconds']:.1f}s")
+    if s.get("dropped_blocks"):
+        lines.append(f"dropped blocks {s['dropped_blocks']} (by the held-out output's change without them)")
+    if s.get("reconstruction"):
+        r = s["reconstruction"]
+        lines.append(f"structure tuning: kept in {r['kept']}/{r['blocks']} blocks")
+    return lines
