@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU measurement of prac in one call (about 8 minutes on one H200), each part writing its
+# Every GPU measurement of prac in one call (about 11 minutes on one H200), each part writing its
 # JSON as soon as it is done, so a call cut short keeps what finished. Results go to $OUT (the
 # device tool's folder) or bench/results/gpu/. The per-layer comparison with the reference
 # SparseGPT needs a checkout of IST-DASLab/sparsegpt in $PRAC_REFERENCE (never part of prac);
@@ -32,4 +32,9 @@ step moe2 80 python3 bench/gpu_prune.py --device cuda --moe --blocks 2 --no-dept
   --runs wanda sparsegpt
 # 4. the whole 7B model: Wanda and SparseGPT
 step whole7b 200 python3 bench/gpu_prune.py --device cuda --no-depth-check --out "$dest/gpu_7b.json" --runs wanda sparsegpt
+# 5. structured pruning on the bundled model (the GPU machine has no SmolLM2 cache): prac's search and
+# tuning against Wanda-sp, then the saved folders' prefill and decoding against the dense one on the GPU
+step structured 120 python3 bench/structured.py run --protocol bundled --results "$dest/structured" \
+  --rows 'dense,prac@0.75,prac@0.5,wanda-sp@0.75,shortgpt@0.75'
+step structured_speed 60 python3 bench/structured.py speed --protocol bundled --results "$dest/structured" --device cuda
 echo "=== done $(date +%T)"

@@ -328,12 +328,19 @@ def cmd_run(args) -> None:
 def timings(model, ids, decode: int) -> tuple[float, float]:
     import torch
 
+    def sync() -> None:
+        if ids.device.type == "cuda":
+            torch.cuda.synchronize(ids.device)
+
     with torch.no_grad():
+        sync()
         t0 = time.perf_counter()
         model(input_ids=ids)
+        sync()
         prefill = time.perf_counter() - t0
         t0 = time.perf_counter()
         model.generate(ids[:, :8], max_new_tokens=decode, min_new_tokens=decode, do_sample=False)
+        sync()
         gen = time.perf_counter() - t0
     return prefill, gen
 
@@ -344,20 +351,21 @@ def cmd_speed(args) -> None:
     torch.set_num_threads(args.threads)
     proto = protocol(args.protocol, args.cache)
     out = args.results / args.protocol
-    dense = load(proto["model"])
+    device = torch.device(args.device)
+    dense = load(proto["model"]).to(device)
     vocab = int(dense.config.vocab_size)
-    ids = torch.randint(0, vocab, (1, PREFILL), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, vocab, (1, PREFILL), generator=torch.Generator().manual_seed(0)).to(device)
     for row in load_rows(out):
         if not row.get("folder") or (args.rows and not any(fnmatchcase(row["row"], p) for p in args.rows.split(","))):
             continue
-        small = load(Path(row["folder"]))
+        small = load(Path(row["folder"])).to(device)
         best = {"dense": [math.inf, math.inf], "small": [math.inf, math.inf]}
         timings(dense, ids, 4), timings(small, ids, 4)  # warm-up
         for _ in range(args.repeats):  # alternating
             for key, model in (("dense", dense), ("small", small)):
                 p, g = timings(model, ids, DECODE)
                 best[key] = [min(best[key][0], p), min(best[key][1], g)]
-        row["speed"] = {"threads": args.threads, "repeats": args.repeats, "load": os.getloadavg()[0],
+        row["speed"] = {"device": str(device), "threads": args.threads, "repeats": args.repeats, "load": os.getloadavg()[0],
                         "prefill_s": {"dense": best["dense"][0], "small": best["small"][0]},
                         "decode_s": {"dense": best["dense"][1], "small": best["small"][1]},
                         "prefill_speedup": best["dense"][0] / best["small"][0],
@@ -385,9 +393,9 @@ def table(rows: list[dict[str, Any]], protocol_name: str) -> str:
         if not shape and r.get("dropped_blocks"):
             shape = f"dropped blocks {r['dropped_blocks']}"
         sp = r.get("speed") or {}
+        speed = [f"{sp[k]:.2f}x" if k in sp else "" for k in ("prefill_speedup", "decode_speedup")]
         lines.append(f"| {r['row']} | {r.get('kept_share', 1):.3f} | {shape} | {r['ppl']:.2f} | "
-                     f"{(r['ppl'] - dense) if dense else float('nan'):+.2f} | "
-                     f"{sp.get('prefill_speedup', float('nan')):.2f}x | {sp.get('decode_speedup', float('nan')):.2f}x | "
+                     f"{(r['ppl'] - dense) if dense else float('nan'):+.2f} | {speed[0]} | {speed[1]} | "
                      f"{r.get('seconds', '')} |")
     return "\n".join(lines)
 
@@ -404,6 +412,7 @@ def main() -> None:
         p.add_argument("--threads", type=int, default=1)
     sub.choices["run"].add_argument("--resume", action="store_true", help="skip rows already measured")
     sub.choices["speed"].add_argument("--repeats", type=int, default=3)
+    sub.choices["speed"].add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     args = parser.parse_args()
     if args.cmd == "run":
         cmd_run(args)
