@@ -25,8 +25,8 @@ Rows, at a share ``F`` of the block parameters kept (0.75 and 0.5), all on the s
   half-the-MLP row.
 
 The baselines choose on the dense model in one pass over the calibration tokens, as their papers
-do, and use the MLP width (or the depth) that keeps ``F`` of the block parameters (rounded down to a
-multiple of 8). ``speed`` times every saved folder against the dense one, both loaded with plain
+do, and use the MLP width (or the depth) that keeps ``F`` of the block parameters (rounded to the
+nearest multiple of 8). ``speed`` times every saved folder against the dense one, both loaded with plain
 transformers, alternating, best of ``--repeats``: prefill of 512 tokens at batch 1 and greedy decoding
 of 128 tokens.
 
@@ -184,13 +184,13 @@ def block_influence(model, calib, batch: int = 4) -> list[float]:
 
 
 def mlp_width(model, share: float) -> int:
-    """The MLP width that keeps at most ``share`` of the block parameters (multiple of 8)."""
+    """The MLP width that keeps ``share`` of the block parameters (the nearest multiple of 8)."""
     _prac_src()
     from prac.engine.structure_search import BlockBudget
 
     b = BlockBudget.of(model)
     room = share * b.dense / b.layers - b.rest - b.kv * b.per_group
-    return int(room // b.per_neuron) // 8 * 8
+    return round(room / b.per_neuron / 8) * 8
 
 
 def baseline(name: str, share: float, proto: dict[str, Any]) -> tuple[Any, dict[str, Any]]:

@@ -141,16 +141,18 @@ class StructureOutcome:
 
 def shrink_model(model: nn.Module, calib: torch.Tensor, shape: Shape, engine: EngineConfig, device: torch.device,
                  progress: Progress = no_progress, damping: float = 1e-2, holdout: float = 0.0, seed: int = 0,
-                 ignore: str | None = None) -> StructureOutcome:
+                 ignore: str | None = None, width_multiple: int = 1) -> StructureOutcome:
     """Shrink ``model`` in place to ``shape`` (blocks, then MLP neurons and KV groups; see the module
     docstring), calibrated on token ids ``[n, seqlen]``; its config is updated to match. ``holdout``:
-    the share of sequences held out (``seed`` draws them); ``ignore``: linears the tuning leaves alone."""
+    the share of sequences held out (``seed`` draws them); ``ignore``: linears the tuning leaves alone;
+    ``width_multiple``: what ``--target-params``' widths must be a multiple of (a quantization group)."""
     started = time.perf_counter()
     cfg = text_config(model.config)
     before_cfg = cfg.to_dict()
     outcome = StructureOutcome(parameters_before=block_parameters(model))
     if shape.target_params is not None:
-        outcome.search = search_shape(model, calib, shape.target_params, engine, device, holdout, seed, progress)
+        outcome.search = search_shape(model, calib, shape.target_params, engine, device, holdout, seed, progress,
+                                      width_multiple)
         shape = outcome.search.chosen
     held = holdout_rows(calib.shape[0], holdout, seed)
     if shape.num_hidden_layers is not None and shape.num_hidden_layers < int(cfg.num_hidden_layers):

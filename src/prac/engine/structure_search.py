@@ -38,6 +38,8 @@ from prac.model.shrink import Shape, text_config
 from prac.model.stats import holdout_rows
 
 log = logging.getLogger(__name__)
+#: how far over ``F`` a candidate may land when its MLP width is rounded to the nearest multiple
+TOLERANCE = 0.005
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,7 @@ class BlockBudget:
     layers: int
     kv: int
     intermediate: int
+    query_width: int = 1  # o_proj inputs per KV group (query heads per group x head_dim)
 
     @classmethod
     def of(cls, model: nn.Module) -> BlockBudget:
@@ -64,7 +67,7 @@ class BlockBudget:
         total = sum(p.numel() for p in block.parameters())
         per_group, per_neuron = (attn - o_bias) // kv, (mlp - d_bias) // inter
         return cls(per_group, per_neuron, total - kv * per_group - inter * per_neuron, int(cfg.num_hidden_layers),
-                   kv, inter)
+                   kv, inter, block.self_attn.o_proj.in_features // kv)
 
     def params(self, layers: int, kv: int, intermediate: int) -> int:
         return layers * (self.rest + kv * self.per_group + intermediate * self.per_neuron)
@@ -74,22 +77,29 @@ class BlockBudget:
         return self.params(self.layers, self.kv, self.intermediate)
 
 
-def candidate_shapes(budget: BlockBudget, share: float) -> list[Shape]:
-    """The candidates of the module docstring that keep at most ``share`` of the block parameters."""
+def candidate_shapes(budget: BlockBudget, share: float, width_multiple: int = 1) -> list[Shape]:
+    """The candidates of the module docstring that keep ``share`` of the block parameters (within
+    :data:`TOLERANCE` above);
+    ``width_multiple``: the MLP width is also a multiple of it (``--wbits``' group size), and so are
+    the attention widths tried (else that KV count is not tried)."""
     if not 0.0 < share < 1.0:
         raise PracError(f"--target-params must be in (0, 1), got {share}")
     target = share * budget.dense
     full_depth = math.floor(budget.layers * (1.0 - share) + 1e-9)
-    multiple = 64 if budget.intermediate >= 1024 else 8
+    multiple = math.lcm(64 if budget.intermediate >= 1024 else 8, max(1, width_multiple))
     shapes: list[Shape] = []
     for drop in sorted({0, full_depth // 2, full_depth}):
         layers = budget.layers - drop
         if layers < 1:
             continue
         for kv in sorted({budget.kv, max(1, budget.kv - 1)}, reverse=True):
+            if kv < budget.kv and (kv * budget.query_width) % max(1, width_multiple):
+                continue
             room = target / layers - budget.rest - kv * budget.per_group
-            inter = min(budget.intermediate, int(room // budget.per_neuron) // multiple * multiple)
-            if inter < max(1, budget.intermediate // 8) or budget.params(layers, kv, inter) > target:
+            inter = min(budget.intermediate, round(room / budget.per_neuron / multiple) * multiple)
+            if budget.params(layers, kv, inter) > target * (1 + TOLERANCE):  # the nearest is too far over: below
+                inter = min(budget.intermediate, math.floor(room / budget.per_neuron / multiple) * multiple)
+            if inter < max(1, budget.intermediate // 8) or budget.params(layers, kv, inter) > target * (1 + TOLERANCE):
                 continue
             shape = Shape(intermediate_size=inter if inter < budget.intermediate else None,
                           num_key_value_heads=kv if kv < budget.kv else None,
@@ -117,7 +127,7 @@ class SearchOutcome:
 
 
 def search_shape(model: nn.Module, calib: torch.Tensor, share: float, engine: EngineConfig, device: torch.device,
-                 holdout: float, seed: int, progress: Progress = no_progress) -> SearchOutcome:
+                 holdout: float, seed: int, progress: Progress = no_progress, width_multiple: int = 1) -> SearchOutcome:
     """Choose the shape for ``--target-params share`` (module docstring); ``model`` is left as it was."""
     from prac.engine.structure import shrink_model  # the pass this search scores (same layer)
 
@@ -129,7 +139,7 @@ def search_shape(model: nn.Module, calib: torch.Tensor, share: float, engine: En
     plain = dataclasses.replace(engine, dense_target=False, reconstruct=ReconstructConfig())
     outcome = SearchOutcome(share)
     best = math.inf
-    for shape in candidate_shapes(budget, share):
+    for shape in candidate_shapes(budget, share, width_multiple):
         t0 = time.perf_counter()
         trial = copy.deepcopy(model)
         shrink_model(trial, calib, shape, plain, device, progress, holdout=holdout if holdout > 0 else 0.125,

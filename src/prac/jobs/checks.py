@@ -18,7 +18,7 @@ from prac.jobs.config import PruneJob
 from prac.jobs.defaults import check_bos_token, resolve, resolve_save_format
 from prac.jobs.defaults import log as defaults_log
 from prac.model.loading import check_tokenizer_source, model_skeleton
-from prac.model.shrink import check_shrinkable
+from prac.model.shrink import check_shrinkable, head_dim, text_config
 from prac.model.units import model_units
 from prac.quant.formats.compressed import check_compressed
 
@@ -56,6 +56,19 @@ def check_structure_settings(job: PruneJob) -> None:
                         f"{job.shape.intermediate_size} (down_proj's inputs)")
 
 
+def check_structure_grid(config, job: PruneJob) -> None:
+    """With ``--wbits`` and groups, the inputs of ``o_proj`` that ``--num-key-value-heads`` leaves must
+    split into whole groups (``--intermediate-size``'s are checked in :func:`check_structure_settings`)."""
+    quant, kv = job.prune.quant, job.shape.num_key_value_heads
+    if not (quant.active and quant.group_size > 0 and kv is not None):
+        return
+    cfg = text_config(config)
+    width = kv * (int(cfg.num_attention_heads) // int(cfg.num_key_value_heads)) * head_dim(cfg)
+    if width % quant.group_size:
+        raise PracError(f"--groupsize {quant.group_size} does not divide the {width} inputs of o_proj that "
+                        f"--num-key-value-heads {kv} leaves")
+
+
 def check_sources(calib: str | None, calib_tokens: str | None, ev: str | None, note: str = "") -> None:
     """The calibration text (or token file) and the evaluation texts named, read before any model is:
     a missing, unreadable or binary file, a malformed token file or ``.jsonl``, or a hub text the hub
@@ -91,6 +104,7 @@ def check_model_fits(model, job: PruneJob) -> None:
     """The job's pattern, quantization grid, ``--ignore`` and save format against ``model``'s layers
     (its meta-device skeleton before the load, the loaded model after)."""
     check_shrinkable(model.config, job.shape)
+    check_structure_grid(model.config, job)
     check_pattern(model, job.prune.pattern, job.prune.ignore)
     check_quant(model, job.prune.quant, job.prune.ignore, sweep_blocksize(job.prune))
     check_something_to_prune(model, job.prune.ignore)
