@@ -287,8 +287,11 @@ CONFIGS: dict[str, tuple[list[str], tuple[str, ...]]] = {
     "admm+fd0.3": (["--method", "admm", "--admm-final-damping", "0.3"], ("50", "70", "2:4")),
     # the dense target's ridge, and no dense target: its drift correction is fitted on the same 28
     # sequences (held-out block error about 2.75x the fitted one at 50%)
-    "admm+dtd0.1": (["--method", "admm", "--dense-target-damping", "0.1"], ("50",)),
+    "admm+dtd0.1": (["--method", "admm", "--dense-target-damping", "0.1"], ("50", "70", "2:4")),
     "admm+nodt": (["--method", "admm", "--no-dense-target"], ("50",)),
+    "admm+dtd0.3": (["--method", "admm", "--dense-target-damping", "0.3"], ("50",)),
+    "admm+dtd0.1+rbt16": (["--method", "admm", "--dense-target-damping", "0.1", "--reconstruct", "block", "--batch-size",
+                           "2", "--reconstruct-lr", "2e-3"], ("50", "70", "2:4")),
     # groups of 64: prac's default 128 does not divide SmolLM2's 576 inputs (1536 and 576 are both 64k)
     "sparsegpt+w4": (["--method", "sparsegpt", "--wbits", "4", "--groupsize", "64"], ("50",)),
     "admm+w4": (["--method", "admm", "--wbits", "4", "--groupsize", "64"], ("50",)),
