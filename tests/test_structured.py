@@ -176,7 +176,7 @@ def test_cli_shrinks_saves_a_standard_folder_and_refuses_bad_shapes_before_loadi
     for bad, message in ((["--intermediate-size", "4096"], "keep between 1 and 128"),
                          (["--num-key-value-heads", "1", "--reconstruct", "sublayer"], "must be block"),
                          (["--target-params", "1.5"], "--target-params must be in (0, 1)"),
-                         (["--target-params", "0.5", "--intermediate-size", "64"], "give it alone"),
+                         (["--target-params", "0.5", "--intermediate-size", "64"], "give one or the other"),
                          (["--num-hidden-layers", "3"], "keep between 1 and 2")):
         refused = subprocess.run([*base, *bad], capture_output=True, text=True, timeout=600)
         assert refused.returncode == 2 and message in refused.stderr
@@ -288,6 +288,8 @@ def test_target_params_tries_shapes_under_the_budget_and_keeps_the_best_scored(o
     assert outcome.parameters_after == sum(p.numel() for p in model.model.layers.parameters())
     assert outcome.parameters_after / outcome.parameters_before == pytest.approx(best["kept_share"], abs=1e-6)
     assert outcome.parameters_after <= 0.6 * outcome.parameters_before * (1 + TOLERANCE)
+    fixed = candidate_shapes(budget, 0.6, layers_fixed=2, kv_fixed=1)  # what the user gave is kept
+    assert fixed and all(s.num_hidden_layers == 2 and s.num_key_value_heads == 1 for s in fixed)
     # with a quantization group the MLP widths tried are multiples of it
     assert all(s.intermediate_size is None or s.intermediate_size % 32 == 0 for s in candidate_shapes(budget, 0.6, 32))
 

@@ -23,7 +23,8 @@ def add_structure_arguments(p: argparse.ArgumentParser) -> None:
                         "(greedy in rounds), before any width is chosen")
     g.add_argument("--target-params", type=float, default=None, metavar="F",
                    help="keep the share F of the block parameters, the mix of the three options above chosen by a "
-                        "small search scored on the held-out sequences (alone: not with those options)")
+                        "small search scored on the held-out sequences (--num-hidden-layers and "
+                        "--num-key-value-heads given with it are kept; --intermediate-size is refused)")
 
 
 def shape_from_args(args: argparse.Namespace):

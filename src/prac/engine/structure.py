@@ -152,7 +152,7 @@ def shrink_model(model: nn.Module, calib: torch.Tensor, shape: Shape, engine: En
     outcome = StructureOutcome(parameters_before=block_parameters(model))
     if shape.target_params is not None:
         outcome.search = search_shape(model, calib, shape.target_params, engine, device, holdout, seed, progress,
-                                      width_multiple)
+                                      width_multiple, fixed=shape)
         shape = outcome.search.chosen
     held = holdout_rows(calib.shape[0], holdout, seed)
     if shape.num_hidden_layers is not None and shape.num_hidden_layers < int(cfg.num_hidden_layers):

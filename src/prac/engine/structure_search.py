@@ -3,7 +3,8 @@ least damage, chosen by measured held-out error (a small search, as Minitron's, 
 distillation or tuning).
 
 Candidates: up to three depths (none; half and all of what depth alone would need, ``⌊L(1 − F)⌋``
-blocks) times two attention widths (every KV group; one fewer), and for each the MLP width that brings
+blocks) times two attention widths (every KV group; one fewer) — or only the depth and KV count the
+user gave with it —, and for each the MLP width that brings
 the block parameters to at most ``F`` of the dense model's, rounded down to a multiple of 64 (8 for
 MLPs under 1024 neurons). Each candidate shrinks a copy of the model with the structured pass
 (:func:`prac.engine.structure.shrink_model`, the refit but no tuning) on the fitted sequences; its
@@ -77,22 +78,25 @@ class BlockBudget:
         return self.params(self.layers, self.kv, self.intermediate)
 
 
-def candidate_shapes(budget: BlockBudget, share: float, width_multiple: int = 1) -> list[Shape]:
+def candidate_shapes(budget: BlockBudget, share: float, width_multiple: int = 1, layers_fixed: int | None = None,
+                     kv_fixed: int | None = None) -> list[Shape]:
     """The candidates of the module docstring that keep ``share`` of the block parameters (within
-    :data:`TOLERANCE` above);
-    ``width_multiple``: the MLP width is also a multiple of it (``--wbits``' group size), and so are
-    the attention widths tried (else that KV count is not tried)."""
+    :data:`TOLERANCE` above); ``width_multiple``: the MLP width is also a multiple of it (``--wbits``'
+    group size), and so are the attention widths tried (else that KV count is not tried);
+    ``layers_fixed``/``kv_fixed``: the depth or KV count the user gave, the only one tried."""
     if not 0.0 < share < 1.0:
         raise PracError(f"--target-params must be in (0, 1), got {share}")
     target = share * budget.dense
     full_depth = math.floor(budget.layers * (1.0 - share) + 1e-9)
     multiple = math.lcm(64 if budget.intermediate >= 1024 else 8, max(1, width_multiple))
     shapes: list[Shape] = []
-    for drop in sorted({0, full_depth // 2, full_depth}):
+    drops = {0, full_depth // 2, full_depth} if layers_fixed is None else {budget.layers - layers_fixed}
+    kvs = {budget.kv, max(1, budget.kv - 1)} if kv_fixed is None else {kv_fixed}
+    for drop in sorted(drops):
         layers = budget.layers - drop
         if layers < 1:
             continue
-        for kv in sorted({budget.kv, max(1, budget.kv - 1)}, reverse=True):
+        for kv in sorted(kvs, reverse=True):
             if kv < budget.kv and (kv * budget.query_width) % max(1, width_multiple):
                 continue
             room = target / layers - budget.rest - kv * budget.per_group
@@ -102,13 +106,14 @@ def candidate_shapes(budget: BlockBudget, share: float, width_multiple: int = 1)
             if inter < max(1, budget.intermediate // 8) or budget.params(layers, kv, inter) > target * (1 + TOLERANCE):
                 continue
             shape = Shape(intermediate_size=inter if inter < budget.intermediate else None,
-                          num_key_value_heads=kv if kv < budget.kv else None,
-                          num_hidden_layers=layers if drop else None)
+                          num_key_value_heads=kv if kv < budget.kv or kv_fixed is not None else None,
+                          num_hidden_layers=layers if drop or layers_fixed is not None else None)
             if shape.active and shape not in shapes:
                 shapes.append(shape)
     if not shapes:
-        raise PracError(f"--target-params {share}: no shape of this model keeps that share "
-                        f"(MLP widths under an eighth of {budget.intermediate} are not tried)")
+        raise PracError(f"--target-params {share}: no shape of this model keeps that share"
+                        + (" with the blocks or KV groups given" if layers_fixed or kv_fixed else "")
+                        + f" (MLP widths under an eighth of {budget.intermediate} are not tried)")
     return shapes
 
 
@@ -127,8 +132,10 @@ class SearchOutcome:
 
 
 def search_shape(model: nn.Module, calib: torch.Tensor, share: float, engine: EngineConfig, device: torch.device,
-                 holdout: float, seed: int, progress: Progress = no_progress, width_multiple: int = 1) -> SearchOutcome:
-    """Choose the shape for ``--target-params share`` (module docstring); ``model`` is left as it was."""
+                 holdout: float, seed: int, progress: Progress = no_progress, width_multiple: int = 1,
+                 fixed: Shape = Shape()) -> SearchOutcome:  # noqa: B008 (frozen)
+    """Choose the shape for ``--target-params share`` (module docstring), keeping ``fixed``'s
+    ``num_hidden_layers``/``num_key_value_heads`` when given; ``model`` is left as it was."""
     from prac.engine.structure import shrink_model  # the pass this search scores (same layer)
 
     started = time.perf_counter()
@@ -139,7 +146,7 @@ def search_shape(model: nn.Module, calib: torch.Tensor, share: float, engine: En
     plain = dataclasses.replace(engine, dense_target=False, reconstruct=ReconstructConfig())
     outcome = SearchOutcome(share)
     best = math.inf
-    for shape in candidate_shapes(budget, share, width_multiple):
+    for shape in candidate_shapes(budget, share, width_multiple, fixed.num_hidden_layers, fixed.num_key_value_heads):
         t0 = time.perf_counter()
         trial = copy.deepcopy(model)
         shrink_model(trial, calib, shape, plain, device, progress, holdout=holdout if holdout > 0 else 0.125,

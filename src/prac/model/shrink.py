@@ -66,9 +66,9 @@ def check_shrinkable(config, shape: Shape) -> None:
         if not 0.0 < shape.target_params < 1.0:
             raise PracError(f"--target-params must be in (0, 1): the share of block parameters to keep, "
                             f"got {shape.target_params}")
-        if any(v is not None for v in (shape.intermediate_size, shape.num_key_value_heads, shape.num_hidden_layers)):
-            raise PracError("--target-params chooses --intermediate-size, --num-key-value-heads and "
-                            "--num-hidden-layers itself; give it alone, or those without it")
+        if shape.intermediate_size is not None:
+            raise PracError("--target-params chooses --intermediate-size itself: give one or the other "
+                            "(--num-hidden-layers and --num-key-value-heads may go with it)")
     checks = (("intermediate_size", shape.intermediate_size, "--intermediate-size"),
               ("num_key_value_heads", shape.num_key_value_heads, "--num-key-value-heads"),
               ("num_hidden_layers", shape.num_hidden_layers, "--num-hidden-layers"))
