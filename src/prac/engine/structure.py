@@ -81,9 +81,9 @@ class StructureStep:
     """The engine's step for the structured pass (see the module docstring)."""
 
     def __init__(self, shape: Shape, heads_per_group: int, dim: int, damping: float = 1e-2,
-                 dense_target: bool = False):
+                 dense_target: bool = False, dense_target_damping: float = 1e-2):
         self.shape, self.heads_per_group, self.dim, self.damping = shape, heads_per_group, dim, damping
-        self.dense_target = dense_target
+        self.dense_target, self.dense_target_damping = dense_target, dense_target_damping
         self.records: list[StructureRecord] = []
 
     def __call__(self, group: InputGroup, units: dict[str, Unit]) -> dict[str, torch.Tensor]:
@@ -95,7 +95,8 @@ class StructureStep:
             started = time.perf_counter()
             unit = units[name]
             weight = unit.read()
-            source = dense_target_weight(weight, group, self.damping, name) if self.dense_target else weight
+            source = (dense_target_weight(weight, group, self.dense_target_damping, name) if self.dense_target
+                      else weight)
             chosen = select_channels(source, group.hessian(), keep, width=width, damping=self.damping)
             staged[name] = chosen.weight.to(weight.dtype)
             block = int(name.split(".layers.")[1].split(".")[0]) if ".layers." in name else len(self.records)
@@ -141,11 +142,13 @@ class StructureOutcome:
 
 def shrink_model(model: nn.Module, calib: torch.Tensor, shape: Shape, engine: EngineConfig, device: torch.device,
                  progress: Progress = no_progress, damping: float = 1e-2, holdout: float = 0.0, seed: int = 0,
-                 ignore: str | None = None, width_multiple: int = 1) -> StructureOutcome:
+                 ignore: str | None = None, width_multiple: int = 1,
+                 dense_target_damping: float = 1e-2) -> StructureOutcome:
     """Shrink ``model`` in place to ``shape`` (blocks, then MLP neurons and KV groups; see the module
     docstring), calibrated on token ids ``[n, seqlen]``; its config is updated to match. ``holdout``:
     the share of sequences held out (``seed`` draws them); ``ignore``: linears the tuning leaves alone;
-    ``width_multiple``: what ``--target-params``' widths must be a multiple of (a quantization group)."""
+    ``width_multiple``: what ``--target-params``' widths must be a multiple of (a quantization group);
+    ``dense_target_damping``: the ridge of the dense target (``--dense-target-damping``)."""
     started = time.perf_counter()
     cfg = text_config(model.config)
     before_cfg = cfg.to_dict()
@@ -161,7 +164,8 @@ def shrink_model(model: nn.Module, calib: torch.Tensor, shape: Shape, engine: En
                                                                 - shape.num_hidden_layers, engine.batch_size, device)
         drop_layers(model, [i for i in range(int(cfg.num_hidden_layers)) if i not in outcome.dropped])
     kv = int(cfg.num_key_value_heads)
-    step = StructureStep(shape, int(cfg.num_attention_heads) // kv, head_dim(cfg), damping, engine.dense_target)
+    step = StructureStep(shape, int(cfg.num_attention_heads) // kv, head_dim(cfg), damping, engine.dense_target,
+                         dense_target_damping)
     if shape.intermediate_size is not None or shape.num_key_value_heads is not None:
         tuned = engine.reconstruct.active
         run_cfg = engine if tuned or engine.dense_target else dataclasses.replace(engine, dense_target=False)

@@ -80,7 +80,8 @@ def run_prune(job: PruneJob, progress: Progress = no_progress) -> dict[str, Any]
             structure = shrink_model(model, calib.input_ids, job.shape, job.prune.engine, device, progress,
                                      holdout=structure_holdout(job), seed=job.prune.correction.seed,
                                      ignore=job.prune.ignore, width_multiple=max(1, job.prune.quant.group_size)
-                                     if job.prune.quant.active else 1)
+                                     if job.prune.quant.active else 1,
+                                     dense_target_damping=job.prune.dense_target_damping)
         summary["structure"] = structure.to_dict()
         log.info("structure: block parameters %d -> %d in %.1f s", structure.parameters_before,
                  structure.parameters_after, structure.seconds)
