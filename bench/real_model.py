@@ -289,7 +289,8 @@ CONFIGS: dict[str, tuple[list[str], tuple[str, ...]]] = {
     # sequences (held-out block error about 2.75x the fitted one at 50%)
     "admm+dtd0.1": (["--method", "admm", "--dense-target-damping", "0.1"], ("50", "70", "2:4")),
     "admm+nodt": (["--method", "admm", "--no-dense-target"], ("50",)),
-    "admm+dtd0.3": (["--method", "admm", "--dense-target-damping", "0.3"], ("50",)),
+    "admm+dtd0.3": (["--method", "admm", "--dense-target-damping", "0.3"], ("50", "70", "2:4")),
+    "admm+dtd1": (["--method", "admm", "--dense-target-damping", "1"], ("50",)),
     "admm+dtd0.1+rbt16": (["--method", "admm", "--dense-target-damping", "0.1", "--reconstruct", "block", "--batch-size",
                            "2", "--reconstruct-lr", "2e-3"], ("50", "70", "2:4")),
     # groups of 64: prac's default 128 does not divide SmolLM2's 576 inputs (1536 and 576 are both 64k)
