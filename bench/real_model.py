@@ -291,6 +291,8 @@ CONFIGS: dict[str, tuple[list[str], tuple[str, ...]]] = {
     "admm+nodt": (["--method", "admm", "--no-dense-target"], ("50",)),
     "admm+dtd0.3": (["--method", "admm", "--dense-target-damping", "0.3"], ("50", "70", "2:4")),
     "admm+dtd1": (["--method", "admm", "--dense-target-damping", "1"], ("50",)),
+    "admm+dtd0.3+rbt16": (["--method", "admm", "--dense-target-damping", "0.3", "--reconstruct", "block", "--batch-size",
+                           "2", "--reconstruct-lr", "2e-3"], ("50", "70", "2:4")),
     "admm+dtd0.1+rbt16": (["--method", "admm", "--dense-target-damping", "0.1", "--reconstruct", "block", "--batch-size",
                            "2", "--reconstruct-lr", "2e-3"], ("50", "70", "2:4")),
     # groups of 64: prac's default 128 does not divide SmolLM2's 576 inputs (1536 and 576 are both 64k)
