@@ -95,13 +95,26 @@ def test_held_out_sequences_decide_and_are_never_fitted(calib):
         assert r.kept == (r.heldout_after < r.heldout_before)
 
 
+def test_patience_tunes_on_past_a_worse_epoch_and_keeps_the_best(calib):
+    """The same trajectory judged with more patience: the runs agree up to the first stop, the patient
+    one runs on and ends no worse (its best is over more epochs); patience 1 is the former rule."""
+    short = run("mistral", calib, lr=3e-2, holdout=0.25, epochs=6)[1].reconstruction
+    long = run("mistral", calib, lr=3e-2, holdout=0.25, epochs=6, patience=6)[1].reconstruction
+    assert any(r.stopped_early and r.epochs < 6 for r in short)
+    first = short[0], long[0]  # block 0 sees the same inputs in both runs
+    assert first[1].epochs >= first[0].epochs and first[1].digests[:len(first[0].digests)] == first[0].digests
+    assert first[1].heldout_after <= first[0].heldout_after
+    assert any(b.epochs > a.epochs for a, b in zip(short, long))
+
+
 def test_reruns_are_bit_identical(calib):
     hashes = [state_hash(run("qwen2", calib, "sublayer", lr=1e-3)[0]) for _ in range(2)]
     assert hashes[0] == hashes[1]
 
 
 def test_bad_settings_are_one_line_errors():
-    for bad in ({"mode": "layer"}, {"epochs": 0}, {"lr": -1.0}, {"optimizer": "lbfgs"}, {"holdout": 1.0}):
+    for bad in ({"mode": "layer"}, {"epochs": 0}, {"lr": -1.0}, {"optimizer": "lbfgs"}, {"holdout": 1.0},
+                {"patience": 0}):
         with pytest.raises(PracError):
             ReconstructConfig(**{"mode": "block", **bad})
 

@@ -150,6 +150,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"learning rate (default: {ReconstructConfig.lr})")
     g.add_argument("--reconstruct-optimizer", choices=("adam", "rmsprop", "sgd"), default=None,
                    help=f"first-order optimiser (default: {ReconstructConfig.optimizer})")
+    g.add_argument("--reconstruct-patience", type=positive_int, default=None, metavar="N",
+                   help="stop after N epochs in a row without a new best held-out error (the best epoch is kept "
+                        f"whatever N; default: {ReconstructConfig.patience}, stop at the first that is not better)")
     g.add_argument("--reconstruct-loss", choices=("token", "total"), default=None,
                    help="token: each token's relative output error, averaged (what the next block's RMSNorm "
                         "passes on; not swamped by massive activations); total: all tokens' error over all "
@@ -329,7 +332,8 @@ def _reconstruct_from_args(args: argparse.Namespace):
 
     given = {k: v for k, v in (("epochs", args.reconstruct_epochs), ("minibatches", args.reconstruct_minibatches),
                                ("lr", args.reconstruct_lr), ("optimizer", args.reconstruct_optimizer),
-                               ("loss", args.reconstruct_loss)) if v is not None}
+                               ("loss", args.reconstruct_loss), ("patience", args.reconstruct_patience))
+             if v is not None}
     if given and args.reconstruct == "none":  # (--holdout alone belongs to a correction too)
         raise PracError(f"{', '.join('--reconstruct-' + k for k in given)} given without --reconstruct block|sublayer")
     if args.holdout is not None:

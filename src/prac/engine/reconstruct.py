@@ -30,7 +30,8 @@ the dense block), so a block also takes up what the blocks before it lost.
   A process pushes its leaves (:func:`prac.core.treesum.push`); ``combine`` hands every process's stack
   to every process and adds them as one process adds its own (:meth:`prac.parallel.data_parallel.DataParallel.sum_tree`).
 - **Judged on data it did not fit.** The sequences of ``--holdout`` are never fitted. After every
-  epoch their output error is measured; tuning stops when it rises, and the best epoch's weights are
+  epoch their output error is measured; tuning stops when it has not reached a new best for ``patience``
+  epochs in a row (1: at the first that is not better), and the best epoch's weights are
   kept. A block whose held-out error did not drop keeps its pre-tuning weights (``kept: false``).
   Without a held-out share the fitted error decides.
 - **Memory.** One block: its fp32 weights, the optimiser's state, their gradients (up to
@@ -79,10 +80,13 @@ class ReconstructConfig:
     holdout: float = 0.125  # share of the calibration sequences never fitted (prac.model.stats.holdout_rows)
     schedule: str = "cosine"  # constant | cosine: linear warm-up over the first epoch, then cosine to zero
     loss: str = "token"  # token | total: the relative error of each token averaged, or of all tokens at once
+    patience: int = 1  # epochs in a row without a new best held-out error before tuning stops
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise PracError(f"--reconstruct must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.patience < 1:
+            raise PracError(f"reconstruct patience must be >= 1, got {self.patience}")
         if self.epochs < 1 or self.minibatches < 1:
             raise PracError(f"reconstruct epochs and minibatches must be >= 1, got {self.epochs} and {self.minibatches}")
         if not (math.isfinite(self.lr) and self.lr > 0):
@@ -348,7 +352,7 @@ def reconstruct_block(block: nn.Module, name: str, units: dict[str, Any], inputs
     batches = int(float(reduced([torch.tensor(float(len(inputs)), device=device)])[0]))
     minibatches = max(1, min(cfg.minibatches, batches))
     total_steps = cfg.epochs * minibatches
-    steps, stopped, epochs = 0, False, 0
+    steps, stopped, epochs, worse = 0, False, 0, 0
     params = list(weights.values())
     with torch.enable_grad():
         for epoch in range(cfg.epochs):
@@ -381,9 +385,12 @@ def reconstruct_block(block: nn.Module, name: str, units: dict[str, Any], inputs
             now = held_now if has_held else fit_now
             if now < best[0]:
                 best = (now, {k: w.detach().clone() for k, w in weights.items()}, epochs)
+                worse = 0
             elif has_held:
-                stopped = True
-                break
+                worse += 1
+                if worse >= cfg.patience:
+                    stopped = True
+                    break
     with torch.no_grad():
         for key, w in weights.items():
             w.copy_(best[1][key])
