@@ -76,3 +76,34 @@ def test_group_sweep_smoke(tmp_path):
                 "--out", str(tmp_path / "g.json")], tmp_path)
     rows = json.loads((tmp_path / "g.json").read_text())["rows"]
     assert len(rows) == 4 and all(r["bit_identical"] for r in rows), out
+
+
+def test_structured_baselines_keep_the_share_asked_and_give_standard_shapes(tmp_path):
+    """bench/structured.py's baselines on the bundled model: each keeps the share of block parameters
+    asked (within the rounding of the MLP width), and the sliced ones match their config."""
+    import importlib.util
+
+    import torch
+
+    from prac.model.shrink import shape_mismatches
+
+    spec = importlib.util.spec_from_file_location("structured_bench", ROOT / "bench" / "structured.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    torch.set_num_threads(1)
+    proto = bench.protocol("bundled", tmp_path)
+    calib = bench.calibration(proto)
+    proto["calib"] = tmp_path / "few.safetensors"  # 16 of the 128 sequences: enough for a smoke run
+    from safetensors.torch import save_file
+
+    save_file({"input_ids": calib[:16].contiguous()}, str(proto["calib"]))
+    for name in ("minitron", "wanda-sp", "flap", "shortgpt"):
+        model, info = bench.baseline(name, 0.5, proto)
+        assert abs(info["kept_share"] - 0.5) < 0.03, (name, info)
+        if name != "flap":  # FLAP's bias is not in the family's config
+            assert shape_mismatches(model) == []
+        with torch.no_grad():
+            assert torch.isfinite(model(input_ids=calib[:1, :32]).logits).all()
+    table = bench.table([{"row": "dense", "ppl": 61.0}, {"row": "flap@0.5", "ppl": 70.0, "kept_share": 0.5,
+                                                        "intermediate_size": 384}], "bundled")
+    assert "| flap@0.5 | 0.500 | intermediate_size →384 | 70.00 | +9.00 |" in table
