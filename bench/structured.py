@@ -419,7 +419,9 @@ def main() -> None:
     elif args.cmd == "speed":
         cmd_speed(args)
     else:
-        print(table(load_rows(args.results / args.protocol), args.protocol))
+        order = {name: i for i, name in enumerate(rows_for(args.protocol))}
+        rows = sorted(load_rows(args.results / args.protocol), key=lambda r: order.get(r["row"], len(order)))
+        print(table(rows, args.protocol))
 
 
 if __name__ == "__main__":
