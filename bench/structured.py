@@ -1,10 +1,12 @@
 """Structured pruning against the field's retraining-free baselines, quality and speed (the structured-pruning issue).
 
-Two protocols, each on its own calibration tokens and held-out text:
+Three protocols, each on its own calibration tokens and held-out text:
 
 - ``smollm2``: SmolLM2-135M-Instruct on the Brown corpus, the real-model bench's cache
   (``python bench/real_model.py build`` first): 32 x 512 calibration tokens, 8 held-out files in
   512-token windows;
+- ``smollm2-n128``: the same with 128 x 512 calibration tokens (``build`` makes both) for every
+  method, and prac's tuning with ``--reconstruct-patience 3``;
 - ``bundled``: prac's bundled model (``src/prac/assets/tiny-mistral``) on its own calibration text
   (128 x 256 tokens, seed 0) and evaluation text (256-token windows).
 
@@ -66,10 +68,12 @@ def _prac_src() -> None:
 def protocol(name: str, cache: Path) -> dict[str, Any]:
     """Model folder, calibration token file, held-out text and window length of a protocol."""
     _prac_src()
-    if name == "smollm2":
-        paths = {"model": SMOLLM2 / "model", "calib": SMOLLM2 / "calib-n32.safetensors",
-                 "heldout": SMOLLM2 / "heldout.txt", "seqlen": 512, "reconstruct": ["--batch-size", "2",
-                                                                                  "--reconstruct-lr", "2e-3"]}
+    if name.startswith("smollm2"):
+        n128 = name == "smollm2-n128"  # the same model and text, 128 calibration sequences for every method
+        paths = {"model": SMOLLM2 / "model", "calib": SMOLLM2 / f"calib-n{128 if n128 else 32}.safetensors",
+                 "heldout": SMOLLM2 / "heldout.txt", "seqlen": 512,
+                 "reconstruct": ["--batch-size", "2", "--reconstruct-lr", "2e-3",
+                                 *(["--reconstruct-patience", "3"] if n128 else [])]}
         missing = [p for k, p in paths.items() if isinstance(p, Path) and not p.exists()]
         if missing:
             sys.exit(f"{missing[0]} is missing: run python bench/real_model.py build first")
@@ -405,7 +409,7 @@ def main() -> None:
     sub = parser.add_subparsers(dest="cmd", required=True)
     for name in ("run", "speed", "table"):
         p = sub.add_parser(name)
-        p.add_argument("--protocol", choices=("bundled", "smollm2"), default="bundled")
+        p.add_argument("--protocol", choices=("bundled", "smollm2", "smollm2-n128"), default="bundled")
         p.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "prac-bench" / "structured")
         p.add_argument("--results", type=Path, default=RESULTS)
         p.add_argument("--rows", help="comma-separated row patterns (default: all)")

@@ -25,13 +25,18 @@ def add_structure_arguments(p: argparse.ArgumentParser) -> None:
                    help="keep the share F of the block parameters, the mix of the three options above chosen by a "
                         "small search scored on the held-out sequences (--num-hidden-layers and "
                         "--num-key-value-heads given with it are kept; --intermediate-size is refused)")
+    g.add_argument("--search-nsamples", type=positive_int, default=None, metavar="N",
+                   help="with --target-params: fit each candidate shape on at most N of the fitted calibration "
+                        "sequences (default: 32, so the search costs the same whatever --nsamples; every held-out "
+                        "sequence judges, and the chosen shape then runs on every sequence)")
 
 
 def shape_from_args(args: argparse.Namespace):
     from prac.model.shrink import Shape
 
     return Shape(intermediate_size=args.intermediate_size, num_key_value_heads=args.num_key_value_heads,
-                 num_hidden_layers=args.num_hidden_layers, target_params=args.target_params)
+                 num_hidden_layers=args.num_hidden_layers, target_params=args.target_params,
+                 search_nsamples=args.search_nsamples)
 
 
 def structure_lines(summary: dict[str, Any]) -> list[str]:

@@ -48,14 +48,18 @@ def _final_norm(model: nn.Module) -> nn.Module:
 
 def _through(blocks: list[nn.Module], inputs: BlockInputs, hidden: list[torch.Tensor], device: torch.device,
              keep: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
-    """``hidden`` (one tensor per batch) through ``blocks`` in order; ``keep`` gets the input of each."""
+    """``hidden`` (one tensor per batch) through ``blocks`` in order; ``keep`` gets the input of each.
+    One block on ``device`` at a time: each goes back to the CPU once its batches have run (the
+    model may not fit on the accelerator)."""
     h = list(hidden)
     for block in blocks:
         if keep is not None:
             keep.append(h)
+        home = next(block.parameters()).device
         block.to(device)
         h = [run_block(block, BlockInputs([x], [inputs.args[j]], [inputs.kwargs[j]]), 0, device).to(x.device)
              for j, x in enumerate(h)]
+        block.to(home)
     return h
 
 

@@ -82,7 +82,7 @@ from prac.model.blocks import (
 )
 from prac.model.experts import Route, expert_views
 from prac.model.group import InputGroup
-from prac.model.stats import InputStats, StatsSpec, holdout_rows
+from prac.model.stats import InputStats, StatsSpec
 from prac.model.units import Unit, block_units, block_weight_counts, check_block_parameters, model_units
 
 log = logging.getLogger(__name__)
@@ -128,7 +128,7 @@ class BlockEngine:
         inputs: BlockInputs | None = None
         par = self.parallel
         first_batch = 0
-        held = holdout_rows(calib.shape[0], spec.holdout, spec.seed) if spec is not None else None
+        held = spec.held_rows(calib.shape[0]) if spec is not None else None
         if par is not None and (spec is not None or return_hidden):
             rows = par.share(calib.shape[0], calib.shape[1], self.config.batch_size)
             calib, held = calib[rows], (held[rows] if held is not None else None)
@@ -195,7 +195,7 @@ class BlockEngine:
     def _finish(self, run: RunState, state: BlockState) -> None:
         """The finishing pass: statistics of the tuned block (H, no drift; the fit share's rows, the
         held-out sequences are never fitted) and ``finish_step`` on every group, its weights applied."""
-        plain = StatsSpec(hessian=True, seed=run.spec.seed, holdout=run.spec.holdout)
+        plain = StatsSpec(hessian=True, seed=run.spec.seed, holdout=run.spec.holdout, held=run.spec.held)
         staged: dict[str, torch.Tensor] = {}
         self._calibrated_block(run, state, plain, run.finish_step, staged, self._grouping(state, run.inputs))
         if self.parallel is not None:

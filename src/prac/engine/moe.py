@@ -56,7 +56,8 @@ class ExpertTopUp:
                  new_stats: Callable[[int, StatsSpec], InputStats], units: dict[str, Unit]):
         self.poor = poor
         # the fit share's rows alone, like the statistics they top up (the held-out ones are dropped)
-        prior_spec = StatsSpec(hessian=spec.hessian, max_samples=spec.max_samples, seed=spec.seed, holdout=spec.holdout)
+        prior_spec = StatsSpec(hessian=spec.hessian, max_samples=spec.max_samples, seed=spec.seed, holdout=spec.holdout,
+                               held=spec.held)
         self.priors: dict[tuple[str, int | None], InputStats] = {}  # every expert's gate/up reads the same tokens
         for g, slot, _ in poor:
             key = prior_key(slot)

@@ -31,7 +31,7 @@ from prac.methods.registry import Method, get_method, shared_factor
 from prac.methods.sparsegpt import SparseGPTConfig
 from prac.model.blocks import Blocks
 from prac.model.group import InputGroup
-from prac.model.stats import StatsSpec, holdout_rows
+from prac.model.stats import StatsSpec
 from prac.model.units import Unit
 from prac.quant.gptq import ColumnQuantizer, QuantConfig, check_blocks, gptq_on_mask
 
@@ -147,7 +147,7 @@ def held_out_sequences(cfg: PruneConfig, n: int) -> torch.Tensor | None:
     or the reconstruction's share, :func:`prac.model.stats.holdout_rows`; bool ``[n]``), None when none:
     they enter no statistic anything is fitted on (masks, corrections, tuning, the allocation scan)."""
     spec = stats_spec_for(cfg)
-    return holdout_rows(n, spec.holdout, spec.seed) if spec is not None else None
+    return spec.held_rows(n) if spec is not None else None
 
 
 def dense_target_weight(weight: torch.Tensor, group: InputGroup, damping: float = 1e-2,

@@ -38,8 +38,8 @@ from prac.engine.config import EngineConfig
 from prac.engine.depth import DepthRecord, choose_blocks_to_drop
 from prac.engine.loop import BlockEngine
 from prac.engine.pipeline import dense_target_weight
-from prac.engine.structure_search import SearchOutcome, search_shape
-from prac.methods.structured import select_channels
+from prac.engine.structure_search import SEARCH_SEQUENCES, SearchOutcome, search_shape
+from prac.methods.structured import DAMPING, select_channels
 from prac.model.group import InputGroup
 from prac.model.shrink import (
     Shape,
@@ -80,7 +80,7 @@ class StructureRecord:
 class StructureStep:
     """The engine's step for the structured pass (see the module docstring)."""
 
-    def __init__(self, shape: Shape, heads_per_group: int, dim: int, damping: float = 1e-2,
+    def __init__(self, shape: Shape, heads_per_group: int, dim: int, damping: float = DAMPING,
                  dense_target: bool = False, dense_target_damping: float = 1e-2):
         self.shape, self.heads_per_group, self.dim, self.damping = shape, heads_per_group, dim, damping
         self.dense_target, self.dense_target_damping = dense_target, dense_target_damping
@@ -141,23 +141,28 @@ class StructureOutcome:
 
 
 def shrink_model(model: nn.Module, calib: torch.Tensor, shape: Shape, engine: EngineConfig, device: torch.device,
-                 progress: Progress = no_progress, damping: float = 1e-2, holdout: float = 0.0, seed: int = 0,
+                 progress: Progress = no_progress, damping: float = DAMPING, holdout: float = 0.0, seed: int = 0,
                  ignore: str | None = None, width_multiple: int = 1,
-                 dense_target_damping: float = 1e-2) -> StructureOutcome:
+                 dense_target_damping: float = 1e-2, held: torch.Tensor | None = None) -> StructureOutcome:
     """Shrink ``model`` in place to ``shape`` (blocks, then MLP neurons and KV groups; see the module
     docstring), calibrated on token ids ``[n, seqlen]``; its config is updated to match. ``holdout``:
     the share of sequences held out (``seed`` draws them); ``ignore``: linears the tuning leaves alone;
     ``width_multiple``: what ``--target-params``' widths must be a multiple of (a quantization group);
-    ``dense_target_damping``: the ridge of the dense target (``--dense-target-damping``)."""
+    ``dense_target_damping``: the ridge of the dense target (``--dense-target-damping``); ``held``: the
+    held-out sequences given explicitly (bool ``[n]``) instead of drawn."""
     started = time.perf_counter()
     cfg = text_config(model.config)
     before_cfg = cfg.to_dict()
     outcome = StructureOutcome(parameters_before=block_parameters(model))
     if shape.target_params is not None:
         outcome.search = search_shape(model, calib, shape.target_params, engine, device, holdout, seed, progress,
-                                      width_multiple, fixed=shape)
+                                      width_multiple, fixed=shape,
+                                      max_fitted=shape.search_nsamples or SEARCH_SEQUENCES)
         shape = outcome.search.chosen
-    held = holdout_rows(calib.shape[0], holdout, seed)
+    if held is None:
+        held = holdout_rows(calib.shape[0], holdout, seed)
+    elif not bool(held.any()):
+        held = None
     if shape.num_hidden_layers is not None and shape.num_hidden_layers < int(cfg.num_hidden_layers):
         judge = calib if held is None else calib[held]
         outcome.dropped, outcome.depth = choose_blocks_to_drop(model, judge, int(cfg.num_hidden_layers)
@@ -170,7 +175,8 @@ def shrink_model(model: nn.Module, calib: torch.Tensor, shape: Shape, engine: En
         tuned = engine.reconstruct.active
         run_cfg = engine if tuned or engine.dense_target else dataclasses.replace(engine, dense_target=False)
         spec = StatsSpec(hessian=True, seed=seed, holdout=holdout if held is not None else 0.0,
-                         drift=engine.dense_target)
+                         drift=engine.dense_target,
+                         held=tuple(held.tolist()) if held is not None else None)
         run = BlockEngine(run_cfg, device, progress).run(model, calib, spec, step,
                                                          ignore=ignore if tuned else _only(shape),
                                                          timer=PhaseTimer(device, outcome.phase_seconds))

@@ -41,6 +41,9 @@ from prac.model.stats import holdout_rows
 log = logging.getLogger(__name__)
 #: how far over ``F`` a candidate may land when its MLP width is rounded to the nearest multiple
 TOLERANCE = 0.005
+#: the fitted sequences each candidate is fitted on, at most, unless ``--search-nsamples`` says otherwise:
+#: the search then costs the same whatever ``--nsamples`` (the shape chosen is then run on them all)
+SEARCH_SEQUENCES = 32
 
 
 @dataclass(frozen=True)
@@ -119,38 +122,51 @@ def candidate_shapes(budget: BlockBudget, share: float, width_multiple: int = 1,
 
 @dataclass
 class SearchOutcome:
-    """The candidates tried (shape, share of block parameters, held-out score, seconds) and the chosen."""
+    """The candidates tried (shape, share of block parameters, held-out score, seconds), the chosen, and
+    the sequences each candidate was fitted and judged on."""
 
     share: float
     candidates: list[dict[str, Any]] = field(default_factory=list)
     chosen: Shape | None = None
     seconds: float = 0.0
+    fitted_sequences: int = 0  # what each candidate was fitted on
+    held_out_sequences: int = 0  # what each candidate was judged on
 
     def to_dict(self) -> dict[str, Any]:
-        return {"target_params": self.share, "candidates": self.candidates,
+        return {"target_params": self.share, "fitted_sequences": self.fitted_sequences,
+                "held_out_sequences": self.held_out_sequences, "candidates": self.candidates,
                 "chosen": self.chosen.to_dict() if self.chosen else None, "seconds": round(self.seconds, 3)}
 
 
 def search_shape(model: nn.Module, calib: torch.Tensor, share: float, engine: EngineConfig, device: torch.device,
                  holdout: float, seed: int, progress: Progress = no_progress, width_multiple: int = 1,
-                 fixed: Shape = Shape()) -> SearchOutcome:  # noqa: B008 (frozen)
+                 fixed: Shape = Shape(), max_fitted: int | None = None) -> SearchOutcome:  # noqa: B008 (frozen)
     """Choose the shape for ``--target-params share`` (module docstring), keeping ``fixed``'s
-    ``num_hidden_layers``/``num_key_value_heads`` when given; ``model`` is left as it was."""
+    ``num_hidden_layers``/``num_key_value_heads`` when given; ``model`` is left as it was.
+    ``max_fitted``: each candidate is fitted on at most this many of the fitted sequences (the first
+    ones; None: all), and judged on every held-out one."""
     from prac.engine.structure import shrink_model  # the pass this search scores (same layer)
 
     started = time.perf_counter()
     budget = BlockBudget.of(model)
-    held = holdout_rows(calib.shape[0], holdout if holdout > 0 else 0.125, seed)
-    judge = calib if held is None else calib[held]
+    holdout = holdout if holdout > 0 else 0.125  # the search always judges on sequences it did not fit
+    held = holdout_rows(calib.shape[0], holdout, seed)
+    if held is None:  # a single sequence: nothing to hold out, it judges what it fitted
+        held = torch.zeros(calib.shape[0], dtype=torch.bool)
+    judge = calib[held] if bool(held.any()) else calib
+    fitted = (~held).nonzero().flatten()
+    if max_fitted is not None:
+        fitted = fitted[:max(1, max_fitted)]
+    rows = torch.cat([fitted, held.nonzero().flatten()]).sort().values
+    trial_calib, trial_held = calib[rows], held[rows]  # the candidates' sequences: the fitted subset, every held one
     ref = final_outputs(model, judge, engine.batch_size, device)
     plain = dataclasses.replace(engine, dense_target=False, reconstruct=ReconstructConfig())
-    outcome = SearchOutcome(share)
+    outcome = SearchOutcome(share, fitted_sequences=len(fitted), held_out_sequences=int(held.sum()))
     best = math.inf
     for shape in candidate_shapes(budget, share, width_multiple, fixed.num_hidden_layers, fixed.num_key_value_heads):
         t0 = time.perf_counter()
         trial = copy.deepcopy(model)
-        shrink_model(trial, calib, shape, plain, device, progress, holdout=holdout if holdout > 0 else 0.125,
-                     seed=seed)
+        shrink_model(trial, trial_calib, shape, plain, device, progress, holdout=holdout, seed=seed, held=trial_held)
         score = output_change(final_outputs(trial, judge, engine.batch_size, device), ref)
         kept = budget.params(shape.num_hidden_layers or budget.layers, shape.num_key_value_heads or budget.kv,
                              shape.intermediate_size or budget.intermediate) / budget.dense

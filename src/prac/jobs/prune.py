@@ -108,14 +108,14 @@ def run_prune(job: PruneJob, progress: Progress = no_progress) -> dict[str, Any]
         summary["calibration_tokens"] = {"fitted": int((~held).sum()) * seqlen, "held_out": int(held.sum()) * seqlen,
                                          "fitted_sequences": int((~held).sum()), "held_out_sequences": int(held.sum())}
     summary.update(summarize_layers(outcome.layers, outcome.block_weights))
-    if outcome.reconstruction:
+    tuned_structure = structure.reconstruction if structure is not None else []
+    if outcome.reconstruction or tuned_structure:
         from prac.engine.reconstruct import summarize
 
-        summary["reconstruction"] = summarize(outcome.reconstruction)
-    if structure is not None and structure.reconstruction and outcome.reconstruction is not structure.reconstruction:
-        from prac.engine.reconstruct import summarize
-
-        summary["structure"]["reconstruction"] = summarize(structure.reconstruction)
+        if outcome.reconstruction:
+            summary["reconstruction"] = summarize(outcome.reconstruction)
+        if tuned_structure and outcome.reconstruction is not tuned_structure:
+            summary["structure"]["reconstruction"] = summarize(tuned_structure)
     if job.prune.quant.active:
         summary["quantization"] = summarize_quantization(outcome.layers, job.prune.quant)
     if job.prune.correction.active:

@@ -38,6 +38,9 @@ class Shape:
     num_key_value_heads: int | None = None
     num_hidden_layers: int | None = None
     target_params: float | None = None
+    #: ``--search-nsamples``: the fitted sequences each of ``target_params``' candidates is fitted on, at
+    #: most (None: :data:`prac.engine.structure_search.SEARCH_SEQUENCES`)
+    search_nsamples: int | None = None
 
     @property
     def active(self) -> bool:
@@ -55,6 +58,8 @@ def text_config(config):
 
 def check_shrinkable(config, shape: Shape) -> None:
     """One-line errors, before any weight is read, for a shape the config cannot express."""
+    if shape.search_nsamples is not None and shape.target_params is None:
+        raise PracError("--search-nsamples sets --target-params' search: give it with --target-params")
     if not shape.active:
         return
     cfg = text_config(config)

@@ -32,6 +32,10 @@ class StatsSpec:
     #: also Σ (x_dense − x) xᵀ, how the inputs the layer gets in the dense model differ from those it
     #: gets in the model being pruned, against the latter (``InputStats.drift``, for ``--dense-target``)
     drift: bool = False
+    #: which sequences are held out, given explicitly (one flag per calibration sequence) instead of
+    #: drawn from ``holdout`` and ``seed``: a caller that fits on a subset of a run's sequences keeps
+    #: the run's held-out ones (``--target-params``' search)
+    held: tuple[bool, ...] | None = None
 
     def union(self, other: StatsSpec) -> StatsSpec:
         return StatsSpec(
@@ -40,7 +44,17 @@ class StatsSpec:
             seed=self.seed,
             holdout=max(self.holdout, other.holdout),
             drift=self.drift or other.drift,
+            held=self.held if self.held is not None else other.held,
         )
+
+    def held_rows(self, n: int) -> torch.Tensor | None:
+        """The held-out sequences of ``n`` (bool ``[n]``): ``held`` if given, else the draw of
+        :func:`holdout_rows`; None when none."""
+        if self.held is None:
+            return holdout_rows(n, self.holdout, self.seed)
+        if len(self.held) != n:
+            raise ValueError(f"held-out flags for {len(self.held)} sequences, calibration has {n}")
+        return torch.tensor(self.held, dtype=torch.bool) if any(self.held) else None
 
 
 def holdout_rows(n: int, share: float, seed: int) -> torch.Tensor | None:
