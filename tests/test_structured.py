@@ -177,6 +177,7 @@ def test_cli_shrinks_saves_a_standard_folder_and_refuses_bad_shapes_before_loadi
                          (["--num-key-value-heads", "1", "--reconstruct", "sublayer"], "must be block"),
                          (["--target-params", "1.5"], "--target-params must be in (0, 1)"),
                          (["--target-params", "0.5", "--intermediate-size", "64"], "give one or the other"),
+                         (["--intermediate-size", "64", "--search-nsamples", "8"], "give it with --target-params"),
                          (["--num-hidden-layers", "3"], "keep between 1 and 2")):
         refused = subprocess.run([*base, *bad], capture_output=True, text=True, timeout=600)
         assert refused.returncode == 2 and message in refused.stderr
@@ -292,6 +293,60 @@ def test_target_params_tries_shapes_under_the_budget_and_keeps_the_best_scored(o
     assert fixed and all(s.num_hidden_layers == 2 and s.num_key_value_heads == 1 for s in fixed)
     # with a quantization group the MLP widths tried are multiples of it
     assert all(s.intermediate_size is None or s.intermediate_size % 32 == 0 for s in candidate_shapes(budget, 0.6, 32))
+
+
+def test_the_search_fits_each_candidate_on_at_most_search_nsamples_sequences_and_judges_on_every_held_one(one_thread):
+    """Fitted sequences past the cap change no candidate's score; every held-out one judges; a search
+    without the cap fits them all (so it sees the change)."""
+    from prac.engine.structure_search import search_shape
+    from prac.model.stats import holdout_rows
+
+    calib = torch.randint(0, VOCAB, (16, 32))
+    held = holdout_rows(16, 0.25, 0)
+    fitted = (~held).nonzero().flatten()
+    other = calib.clone()  # only the fitted sequences past the first 5 differ
+    other[fitted[5:]] = torch.randint(0, VOCAB, (len(fitted) - 5, 32), generator=torch.Generator().manual_seed(3))
+    model = make_tiny_model("mistral").double()
+
+    def scores(tokens, cap):
+        s = search_shape(model, tokens, 0.6, EngineConfig(batch_size=4), CPU, 0.25, 0, max_fitted=cap)
+        return s, [c["heldout_change"] for c in s.candidates]
+
+    capped, a = scores(calib, 5)
+    assert capped.fitted_sequences == 5 and capped.held_out_sequences == 4 and len(a) >= 2
+    assert a == scores(other, 5)[1]
+    assert scores(calib, None)[0].fitted_sequences == 12
+    assert scores(calib, None)[1] != scores(other, None)[1]
+    before = [p.clone() for p in model.parameters()]  # the search leaves the model as it was
+    scores(calib, 5)
+    assert all(torch.equal(x, y) for x, y in zip(before, model.parameters()))
+
+
+def test_explicit_held_out_rows_are_those_of_the_draw_when_equal_and_must_match_the_calibration():
+    from prac.model.stats import StatsSpec, holdout_rows
+
+    drawn = holdout_rows(10, 0.3, 4)
+    assert torch.equal(StatsSpec(holdout=0.3, seed=4).held_rows(10), drawn)
+    given = StatsSpec(holdout=0.3, seed=4, held=tuple([True] + [False] * 9))
+    assert given.held_rows(10).tolist() == [True] + [False] * 9
+    assert StatsSpec(held=(False,) * 10).held_rows(10) is None
+    assert StatsSpec().union(given).held == given.held
+    with pytest.raises(ValueError, match="held-out flags for 10 sequences, calibration has 8"):
+        given.held_rows(8)
+    calib = torch.randint(0, VOCAB, (8, 32))
+    mine = torch.tensor([True, True] + [False] * 6)
+    assert not torch.equal(mine, holdout_rows(8, 0.25, 0))
+    other = calib.clone()  # only the rows held out explicitly differ
+    other[:2] = torch.randint(0, VOCAB, (2, 32), generator=torch.Generator().manual_seed(5))
+    runs = []
+    for tokens, held in ((calib, None), (calib, holdout_rows(8, 0.25, 0)), (calib, mine), (other, mine)):
+        model = make_tiny_model("mistral").double()
+        shrink_model(model, tokens, Shape(intermediate_size=40), EngineConfig(batch_size=4), CPU, holdout=0.25,
+                     held=held)
+        runs.append([b.mlp.down_proj.weight for b in model.model.layers])
+    assert all(torch.equal(a, b) for a, b in zip(runs[0], runs[1]))  # the draw's rows, given: the same model
+    assert all(torch.equal(a, b) for a, b in zip(runs[2], runs[3]))  # the given rows fit nothing
+    assert not all(torch.equal(a, b) for a, b in zip(runs[0], runs[2]))
 
 
 def test_verify_checks_the_weights_against_the_config(one_thread):
