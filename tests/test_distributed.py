@@ -139,6 +139,33 @@ def test_one_two_and_three_processes_prune_bit_identically(case, inputs, tmp_pat
 
 
 @pytest.mark.slow
+def test_the_structured_pass_in_one_and_three_processes_saves_the_same_model(inputs, tmp_path):
+    """Blocks dropped, KV groups and MLP neurons chosen, every block tuned: sha256-equal folders and the
+    same report (apart from timings and the launch) from 1 and 3 processes (3: an uneven split)."""
+    hashes, reports = {}, {}
+    for world in (1, 3):
+        cwd = tmp_path / f"w{world}"
+        cwd.mkdir()
+        args = ["prune", "--calib-tokens", str(inputs / "calib.safetensors"), "--eval", "none", "--no-progress",
+                "--save", "out", "--report", "report.json", "--num-hidden-layers", "3", "--num-key-value-heads", "1",
+                "--intermediate-size", "384", "--batch-size", "4", "--reconstruct", "block",
+                "--reconstruct-epochs", "2", "--reconstruct-minibatches", "2"]
+        proc = _prac(args, world, cwd)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.stdout.count("structured only, no sparsity pass") == 1, proc.stdout  # rank 0 only
+        hashes[world] = _saved_hash(cwd / "out" / "model.safetensors")
+        reports[world] = json.loads((cwd / "report.json").read_text())
+    assert hashes[1] == hashes[3]
+    s = reports[1]["summary"]["structure"]
+    assert s["config_changes"]["intermediate_size"][1] == 384 and len(s["dropped_blocks"]) == 1
+    assert len(s["blocks"]) == 6 and reports[1]["summary"]["reconstruction"]["kept"] > 0  # 3 x (attention, mlp); tuned
+    for r in reports.values():
+        r["environment"].pop("world_size"), r["environment"].pop("backend")
+        r["summary"]["reconstruction"].pop("estimated_memory_bytes")  # per process: its own batches per step
+    assert _differences(*({k: reports[w][k] for k in ("config", "environment", "summary")} for w in (1, 3))) == []
+
+
+@pytest.mark.slow
 def test_two_processes_prune_and_evaluate_like_one(inputs, tmp_path):
     """The perplexity of a data-parallel prune: the same weights, the NLL summed in another order (1e-12)."""
     ppl = {}

@@ -59,6 +59,10 @@ class BlockParallel(Protocol):
         """The total of every process's part of one fixed summation tree (:mod:`prac.core.treesum`), on every
         process (reconstruction's gradients and errors)."""
 
+    def gather(self, items: list, what: str) -> list:
+        """Every process's ``items`` (picklable), concatenated in process order, on every process
+        (the structured pass's records, each made by the owner of its group)."""
+
 
 @dataclass(frozen=True)
 class EngineConfig:

@@ -34,7 +34,7 @@ from torch import nn
 
 from prac.core.progress import Progress, no_progress
 from prac.core.timing import PhaseTimer
-from prac.engine.config import EngineConfig
+from prac.engine.config import BlockParallel, EngineConfig
 from prac.engine.depth import DepthRecord, choose_blocks_to_drop
 from prac.engine.loop import BlockEngine
 from prac.engine.pipeline import dense_target_weight
@@ -143,13 +143,17 @@ class StructureOutcome:
 def shrink_model(model: nn.Module, calib: torch.Tensor, shape: Shape, engine: EngineConfig, device: torch.device,
                  progress: Progress = no_progress, damping: float = DAMPING, holdout: float = 0.0, seed: int = 0,
                  ignore: str | None = None, width_multiple: int = 1,
-                 dense_target_damping: float = 1e-2, held: torch.Tensor | None = None) -> StructureOutcome:
+                 dense_target_damping: float = 1e-2, held: torch.Tensor | None = None,
+                 parallel: BlockParallel | None = None) -> StructureOutcome:
     """Shrink ``model`` in place to ``shape`` (blocks, then MLP neurons and KV groups; see the module
     docstring), calibrated on token ids ``[n, seqlen]``; its config is updated to match. ``holdout``:
     the share of sequences held out (``seed`` draws them); ``ignore``: linears the tuning leaves alone;
     ``width_multiple``: what ``--target-params``' widths must be a multiple of (a quantization group);
     ``dense_target_damping``: the ridge of the dense target (``--dense-target-damping``); ``held``: the
-    held-out sequences given explicitly (bool ``[n]``) instead of drawn."""
+    held-out sequences given explicitly (bool ``[n]``) instead of drawn; ``parallel``: a data-parallel
+    run's hooks — the widths' statistics, selection and tuning are spread over the processes as in any
+    run (the same weights, bit for bit); the blocks to drop and the search's candidates are computed
+    whole on every process (the same on each: they read every sequence)."""
     started = time.perf_counter()
     cfg = text_config(model.config)
     before_cfg = cfg.to_dict()
@@ -177,10 +181,13 @@ def shrink_model(model: nn.Module, calib: torch.Tensor, shape: Shape, engine: En
         spec = StatsSpec(hessian=True, seed=seed, holdout=holdout if held is not None else 0.0,
                          drift=engine.dense_target,
                          held=tuple(held.tolist()) if held is not None else None)
-        run = BlockEngine(run_cfg, device, progress).run(model, calib, spec, step,
+        run = BlockEngine(run_cfg, device, progress, parallel=parallel).run(model, calib, spec, step,
                                                          ignore=ignore if tuned else _only(shape),
                                                          timer=PhaseTimer(device, outcome.phase_seconds))
         outcome.reconstruction = run.reconstruction
+        if parallel is not None:  # each record was made by its group's owner: every process needs them all
+            step.records = sorted(parallel.gather(step.records, "structure records"),
+                                  key=lambda r: (r.block, r.part != "attention"))
         _slice(model, step, shape)
     outcome.records = step.records
     outcome.parameters_after = block_parameters(model)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import re
 from pathlib import Path
 
@@ -46,9 +45,6 @@ def check_structure_settings(job: PruneJob) -> None:
     if job.prune.engine.reconstruct.active and job.prune.engine.reconstruct.mode != "block":
         raise PracError("with --intermediate-size/--num-key-value-heads/--num-hidden-layers, --reconstruct "
                         "must be block for now (sublayer is not tried with them yet)")
-    if os.environ.get("WORLD_SIZE", "1") not in ("", "1"):
-        raise PracError("--intermediate-size/--num-key-value-heads/--num-hidden-layers run in one process "
-                        "(not under torchrun) for now")
     quant = job.prune.quant
     if quant.active and job.shape.intermediate_size is not None and quant.group_size > 0 \
             and job.shape.intermediate_size % quant.group_size:

@@ -81,7 +81,8 @@ def run_prune(job: PruneJob, progress: Progress = no_progress) -> dict[str, Any]
                                      holdout=structure_holdout(job), seed=job.prune.correction.seed,
                                      ignore=job.prune.ignore, width_multiple=max(1, job.prune.quant.group_size)
                                      if job.prune.quant.active else 1,
-                                     dense_target_damping=job.prune.dense_target_damping)
+                                     dense_target_damping=job.prune.dense_target_damping,
+                                     parallel=distributed.DataParallel(session) if session else None)
         summary["structure"] = structure.to_dict()
         log.info("structure: block parameters %d -> %d in %.1f s", structure.parameters_before,
                  structure.parameters_after, structure.seconds)

@@ -179,6 +179,10 @@ class DataParallel:
         counts = {k: v for _, fs in parts for k, v in fs.items()}
         return merged, {k: counts[k] for k in sorted(counts, key=lambda k: groups.get(k, len(groups)))}
 
+    def gather(self, items: list, what: str) -> list:
+        """Every rank's ``items``, concatenated in rank order, on every rank."""
+        return [item for part in self.session.all_gather_objects(list(items), what) for item in part]
+
     def gather_grids(self, grids: dict[str, Any]) -> dict[str, Any]:
         """Every rank's quantization grids (name -> :class:`prac.quant.gptq.ColumnQuantizer`, on the CPU)."""
         parts = self.session.all_gather_objects({k: v.cpu() for k, v in grids.items()}, "quantization grids")
