@@ -178,6 +178,8 @@ def test_cli_shrinks_saves_a_standard_folder_and_refuses_bad_shapes_before_loadi
                          (["--target-params", "1.5"], "--target-params must be in (0, 1)"),
                          (["--target-params", "0.5", "--intermediate-size", "64"], "give one or the other"),
                          (["--intermediate-size", "64", "--search-nsamples", "8"], "give it with --target-params"),
+                         (["--structure-damping", "0.1"], "give it with --intermediate-size"),
+                         (["--intermediate-size", "64", "--structure-damping", "0"], "must be > 0"),
                          (["--num-hidden-layers", "3"], "keep between 1 and 2")):
         refused = subprocess.run([*base, *bad], capture_output=True, text=True, timeout=600)
         assert refused.returncode == 2 and message in refused.stderr
@@ -347,6 +349,25 @@ def test_explicit_held_out_rows_are_those_of_the_draw_when_equal_and_must_match_
     assert all(torch.equal(a, b) for a, b in zip(runs[0], runs[1]))  # the draw's rows, given: the same model
     assert all(torch.equal(a, b) for a, b in zip(runs[2], runs[3]))  # the given rows fit nothing
     assert not all(torch.equal(a, b) for a, b in zip(runs[0], runs[2]))
+
+
+def test_structure_damping_is_the_ridge_of_the_selection_and_of_the_search(one_thread):
+    from prac.engine.structure_search import search_shape
+
+    calib = torch.randint(0, VOCAB, (8, 32))
+    weights = {}
+    for name, shape, damping in (("flag", Shape(intermediate_size=40, damping=0.5), 1e-2),
+                                 ("argument", Shape(intermediate_size=40), 0.5),
+                                 ("default", Shape(intermediate_size=40), 1e-2)):
+        model = make_tiny_model("mistral").double()
+        shrink_model(model, calib, shape, EngineConfig(batch_size=4), CPU, damping=damping)
+        weights[name] = [b.mlp.down_proj.weight for b in model.model.layers]
+    assert all(torch.equal(a, b) for a, b in zip(weights["flag"], weights["argument"]))
+    assert not all(torch.equal(a, b) for a, b in zip(weights["flag"], weights["default"]))
+    model = make_tiny_model("mistral").double()
+    scores = [[c["heldout_change"] for c in search_shape(model, calib, 0.6, EngineConfig(batch_size=4), CPU, 0.25, 0,
+                                                         damping=d).candidates] for d in (None, 0.5)]
+    assert scores[0] != scores[1]
 
 
 def test_verify_checks_the_weights_against_the_config(one_thread):

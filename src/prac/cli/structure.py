@@ -25,6 +25,10 @@ def add_structure_arguments(p: argparse.ArgumentParser) -> None:
                    help="keep the share F of the block parameters, the mix of the three options above chosen by a "
                         "small search scored on the held-out sequences (--num-hidden-layers and "
                         "--num-key-value-heads given with it are kept; --intermediate-size is refused)")
+    g.add_argument("--structure-damping", type=float, default=None, metavar="D",
+                   help="ridge on the consumer's H in the channel selection and refit, a fraction of its mean "
+                        "diagonal (default: 0.01; lower fits the refit closer, and overfits it when there are "
+                        "about as few fitted tokens as MLP neurons)")
     g.add_argument("--search-nsamples", type=positive_int, default=None, metavar="N",
                    help="with --target-params: fit each candidate shape on at most N of the fitted calibration "
                         "sequences (default: 32, so the search costs the same whatever --nsamples; every held-out "
@@ -36,7 +40,7 @@ def shape_from_args(args: argparse.Namespace):
 
     return Shape(intermediate_size=args.intermediate_size, num_key_value_heads=args.num_key_value_heads,
                  num_hidden_layers=args.num_hidden_layers, target_params=args.target_params,
-                 search_nsamples=args.search_nsamples)
+                 search_nsamples=args.search_nsamples, damping=args.structure_damping)
 
 
 def structure_lines(summary: dict[str, Any]) -> list[str]:

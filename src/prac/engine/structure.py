@@ -158,10 +158,11 @@ def shrink_model(model: nn.Module, calib: torch.Tensor, shape: Shape, engine: En
     cfg = text_config(model.config)
     before_cfg = cfg.to_dict()
     outcome = StructureOutcome(parameters_before=block_parameters(model))
+    damping = shape.damping if shape.damping is not None else damping  # --structure-damping
     if shape.target_params is not None:
         outcome.search = search_shape(model, calib, shape.target_params, engine, device, holdout, seed, progress,
                                       width_multiple, fixed=shape,
-                                      max_fitted=shape.search_nsamples or SEARCH_SEQUENCES)
+                                      max_fitted=shape.search_nsamples or SEARCH_SEQUENCES, damping=damping)
         shape = outcome.search.chosen
     if held is None:
         held = holdout_rows(calib.shape[0], holdout, seed)

@@ -140,11 +140,12 @@ class SearchOutcome:
 
 def search_shape(model: nn.Module, calib: torch.Tensor, share: float, engine: EngineConfig, device: torch.device,
                  holdout: float, seed: int, progress: Progress = no_progress, width_multiple: int = 1,
-                 fixed: Shape = Shape(), max_fitted: int | None = None) -> SearchOutcome:  # noqa: B008 (frozen)
+                 fixed: Shape = Shape(), max_fitted: int | None = None,  # noqa: B008 (frozen)
+                 damping: float | None = None) -> SearchOutcome:
     """Choose the shape for ``--target-params share`` (module docstring), keeping ``fixed``'s
     ``num_hidden_layers``/``num_key_value_heads`` when given; ``model`` is left as it was.
     ``max_fitted``: each candidate is fitted on at most this many of the fitted sequences (the first
-    ones; None: all), and judged on every held-out one."""
+    ones; None: all), and judged on every held-out one; ``damping``: the selection's ridge (None: its default)."""
     from prac.engine.structure import shrink_model  # the pass this search scores (same layer)
 
     started = time.perf_counter()
@@ -166,7 +167,8 @@ def search_shape(model: nn.Module, calib: torch.Tensor, share: float, engine: En
     for shape in candidate_shapes(budget, share, width_multiple, fixed.num_hidden_layers, fixed.num_key_value_heads):
         t0 = time.perf_counter()
         trial = copy.deepcopy(model)
-        shrink_model(trial, trial_calib, shape, plain, device, progress, holdout=holdout, seed=seed, held=trial_held)
+        shrink_model(trial, trial_calib, dataclasses.replace(shape, damping=damping), plain, device, progress,
+                     holdout=holdout, seed=seed, held=trial_held)
         score = output_change(final_outputs(trial, judge, engine.batch_size, device), ref)
         kept = budget.params(shape.num_hidden_layers or budget.layers, shape.num_key_value_heads or budget.kv,
                              shape.intermediate_size or budget.intermediate) / budget.dense

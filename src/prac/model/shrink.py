@@ -15,6 +15,7 @@ whatever ``gate``/``up`` compute for it.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +42,9 @@ class Shape:
     #: ``--search-nsamples``: the fitted sequences each of ``target_params``' candidates is fitted on, at
     #: most (None: :data:`prac.engine.structure_search.SEARCH_SEQUENCES`)
     search_nsamples: int | None = None
+    #: ``--structure-damping``: the ridge of the selection and refit, a fraction of H's mean diagonal
+    #: (None: :data:`prac.methods.structured.DAMPING`)
+    damping: float | None = None
 
     @property
     def active(self) -> bool:
@@ -60,6 +64,12 @@ def check_shrinkable(config, shape: Shape) -> None:
     """One-line errors, before any weight is read, for a shape the config cannot express."""
     if shape.search_nsamples is not None and shape.target_params is None:
         raise PracError("--search-nsamples sets --target-params' search: give it with --target-params")
+    if shape.damping is not None:
+        if not (math.isfinite(shape.damping) and shape.damping > 0):
+            raise PracError(f"--structure-damping must be > 0, got {shape.damping}")
+        if not shape.active:
+            raise PracError("--structure-damping sets the structured selection's ridge: give it with "
+                            "--intermediate-size, --num-key-value-heads or --target-params")
     if not shape.active:
         return
     cfg = text_config(config)
